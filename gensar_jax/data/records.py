@@ -1,0 +1,133 @@
+"""The prepared dataset as a TFDS dataset: readable by `tfds.load`, by SeqIO's
+`TfdsDataSource`, and straight from a bucket (gs://) on TPU VMs.
+
+One example per sample; the splits are `train`, `validation` and `test`, each holding both
+task kinds (filter on `kind`). Feature spec (also in features.json beside the shards):
+
+  user_id            text
+  kind               text, "rec" or "search" -- the target's kind
+  timestamp          int64, the target's time
+  target_item        text, item id of the target
+  target_index       int64, its row in items.jsonl
+  query              text, the search query ("" for rec targets)
+  query_id           int64, its row in queries.jsonl (-1 for rec targets)
+  history_kind       [h] text: "rec" or "search", one entry per history event; the history
+  history_item       [h] text: item id    is the last 5 rec items and last 5 search
+  history_item_index [h] int64            sessions before the target, oldest first
+  history_query      [h] text ("" for rec events)
+  history_query_id   [h] int64 (-1 for rec events)
+  history_timestamp  [h] int64
+  candidates         [c] text: item ids, target FIRST, then the negatives (c = 0 in train)
+  candidate_indices  [c] int64: the same as rows of items.jsonl
+
+The shards are plain TFRecord files of `tf.train.Example`s written here directly (TFDS's own
+per-example encoder runs at ~1k examples/s; this at tens of thousands), with TFDS metadata
+written beside them (`tfds.folder_dataset.write_metadata`), so any of these reads them:
+  tfds.builder_from_directory(f"{dir}/tfds/gensar_search_rec/1.0.0").as_dataset(split=...)
+  seqio.TfdsDataSource(tfds_name="gensar_search_rec:1.0.0", tfds_data_dir=f"{dir}/tfds")
+  seqio.TFExampleDataSource(split_to_filepattern(dir), FEATURE_DESCRIPTION)
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Dict, Iterable, List
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from tqdm import tqdm
+
+TFDS_NAME = "gensar_search_rec"
+TFDS_VERSION = "1.0.0"
+EXAMPLES_PER_SHARD = 50_000
+
+SCALAR_STRINGS = ("user_id", "kind", "target_item", "query")
+SCALAR_INTS = ("timestamp", "target_index", "query_id")
+LIST_STRINGS = ("history_kind", "history_item", "history_query", "candidates")
+LIST_INTS = ("history_item_index", "history_query_id", "history_timestamp",
+             "candidate_indices")
+
+# What `tf.io.parse_single_example` needs; lists parse to dense 1-D tensors.
+FEATURE_DESCRIPTION = {
+    **{k: tf.io.FixedLenFeature([], tf.string) for k in SCALAR_STRINGS},
+    **{k: tf.io.FixedLenFeature([], tf.int64) for k in SCALAR_INTS},
+    **{k: tf.io.RaggedFeature(tf.string) for k in LIST_STRINGS},
+    **{k: tf.io.RaggedFeature(tf.int64) for k in LIST_INTS},
+}
+
+
+def feature_spec() -> tfds.features.FeaturesDict:
+  """The same features as TFDS connectors (for dataset_info/features.json)."""
+  text = tfds.features.Text()
+  strings = tfds.features.Tensor(shape=(None,), dtype=np.str_)
+  ints = tfds.features.Tensor(shape=(None,), dtype=np.int64)
+  return tfds.features.FeaturesDict({
+      **{k: text for k in SCALAR_STRINGS},
+      **{k: np.int64 for k in SCALAR_INTS},
+      **{k: strings for k in LIST_STRINGS},
+      **{k: ints for k in LIST_INTS},
+  })
+
+
+def dataset_dir(prepared_dir: str) -> str:
+  return os.path.join(prepared_dir, "tfds", TFDS_NAME, TFDS_VERSION)
+
+
+def split_to_filepattern(prepared_dir: str, splits: Iterable[str] = ("train", "validation",
+                                                                        "test")):
+  return {s: os.path.join(dataset_dir(prepared_dir), f"{TFDS_NAME}-{s}.tfrecord-*")
+          for s in splits}
+
+
+def _bytes(values) -> tf.train.Feature:
+  return tf.train.Feature(bytes_list=tf.train.BytesList(
+      value=[v.encode("utf-8") if isinstance(v, str) else v for v in values]))
+
+
+def _ints(values) -> tf.train.Feature:
+  return tf.train.Feature(int64_list=tf.train.Int64List(value=values))
+
+
+def serialize(example: Dict) -> bytes:
+  feature = {}
+  for k in SCALAR_STRINGS:
+    feature[k] = _bytes([example[k]])
+  for k in SCALAR_INTS:
+    feature[k] = _ints([int(example[k])])
+  for k in LIST_STRINGS:
+    feature[k] = _bytes(list(example[k]))
+  for k in LIST_INTS:
+    feature[k] = _ints(np.asarray(example[k], dtype=np.int64).tolist())
+  return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+
+def write_split_shards(prepared_dir: str, split_examples: Dict[str, List[Dict]]) -> None:
+  """Writes every split as TFRecord shards plus the TFDS metadata that describes them."""
+  out = dataset_dir(prepared_dir)
+  os.makedirs(out, exist_ok=True)
+  split_infos = []
+  for split, examples in split_examples.items():
+    num_shards = max(1, math.ceil(len(examples) / EXAMPLES_PER_SHARD))
+    lengths, num_bytes = [], 0
+    bar = tqdm(total=len(examples), desc=f"writing {split}", unit=" examples",
+               mininterval=2.0, leave=False)
+    for shard in range(num_shards):
+      chunk = examples[shard * len(examples) // num_shards:
+                       (shard + 1) * len(examples) // num_shards]
+      path = os.path.join(
+          out, f"{TFDS_NAME}-{split}.tfrecord-{shard:05d}-of-{num_shards:05d}")
+      with tf.io.TFRecordWriter(path) as writer:
+        for example in chunk:
+          record = serialize(example)
+          num_bytes += len(record)
+          writer.write(record)
+          bar.update()
+      lengths.append(len(chunk))
+    bar.close()
+    split_infos.append(tfds.core.SplitInfo(name=split, shard_lengths=lengths,
+                                           num_bytes=num_bytes))
+  tfds.folder_dataset.write_metadata(
+      data_dir=out, features=feature_spec(), split_infos=split_infos,
+      description="GenSAR search-and-recommendation samples; see gensar_jax/data/records.py.",
+      check_data=False)

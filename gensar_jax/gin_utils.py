@@ -1,0 +1,67 @@
+"""The T5X command-line convention for every entry point.
+
+  python -m gensar_jax.<stage> --gin_file=gin/runs/x.gin --gin_file=gin/models/tiny.gin \
+      --gin.MODEL_DIR="'runs/tiny'" --gin.TRAIN_STEPS=100
+
+`--gin.NAME=value` is shorthand for the binding `NAME = value` (values are gin literals, so
+strings need inner quotes); `--gin_bindings=...` is accepted too. Gin files may `include`
+others by paths relative to the repository root or the current directory.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import gin
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def parse_gin_flags(argv: Sequence[str]) -> Tuple[List[str], List[str]]:
+  """(gin files, bindings) from T5X-style flags; anything else is an error."""
+  files, bindings = [], []
+  args = list(argv)
+  i = 0
+  while i < len(args):
+    arg = args[i]
+    name, eq, value = arg.partition("=")
+    if not eq and i + 1 < len(args) and name in ("--gin_file", "--gin_bindings"):
+      value, i = args[i + 1], i + 1
+    elif not eq:
+      raise SystemExit(f"unrecognised argument {arg!r}: expected --gin_file=PATH, "
+                       "--gin.NAME=VALUE or --gin_bindings=BINDING")
+    if name == "--gin_file":
+      files.append(value)
+    elif name == "--gin_bindings":
+      bindings.append(value)
+    elif name.startswith("--gin."):
+      bindings.append(f"{name[len('--gin.'):]} = {value}")
+    else:
+      raise SystemExit(f"unrecognised flag {name!r}: expected --gin_file, --gin.NAME or "
+                       "--gin_bindings")
+    i += 1
+  return files, bindings
+
+
+def parse_gin(argv: Sequence[str], skip_unknown: bool = False) -> None:
+  """Parses gin files and bindings given on the command line (after importing modules)."""
+  files, bindings = parse_gin_flags(argv)
+  for path in (os.getcwd(), REPO_ROOT):
+    gin.add_config_file_search_path(path)
+  for f in files:
+    if not any(os.path.exists(os.path.join(p, f)) for p in ("", os.getcwd(), REPO_ROOT)):
+      raise SystemExit(f"--gin_file={f}: file not found (looked in . and {REPO_ROOT})")
+  gin.parse_config_files_and_bindings(files, bindings, skip_unknown=skip_unknown)
+
+
+def run(main: Callable[[], object], argv: Optional[Sequence[str]] = None) -> None:
+  """Parses gin flags, calls `main`, and turns data errors into a message and exit code 2."""
+  from gensar_jax.data.schema import DataError
+  argv = sys.argv[1:] if argv is None else argv
+  try:
+    parse_gin(argv)
+    main()
+  except DataError as e:
+    print(f"error: {e}", file=sys.stderr)
+    raise SystemExit(2) from None

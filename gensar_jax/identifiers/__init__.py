@@ -1,0 +1,1 @@
+"""Dual-purpose item identifiers: embeddings in, semantic and collaborative IDs out."""
