@@ -1,0 +1,1 @@
+"""SeqIO Task and Mixture registrations for GenSAR (search, recommendation, alignment)."""
