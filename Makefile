@@ -27,8 +27,7 @@ $(STAMP): $(VENV)/bin/python setup.py
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m gensar_jax.prepare --gin_file=gin/runs/prepare.gin --gin_file=gin/data/ml100k.gin \
-		--gin.PREPARED_DIR="'runs/ml100k/data'" --gin.prepare.overwrite=True
+	$(PY) -m gensar_jax.pipeline --gin_file=gin/experiments/ml100k_quickstart.gin
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -90,6 +90,11 @@ def _ints(values) -> tf.train.Feature:
 
 
 def serialize(example: Dict) -> bytes:
+  """One `tf.train.Example`, serialised deterministically (map entries sorted by key).
+
+  Without `deterministic=True` the feature map's order follows a per-process hash seed, so
+  two runs with the same seed would write different shard bytes.
+  """
   feature = {}
   for k in SCALAR_STRINGS:
     feature[k] = _bytes([example[k]])
@@ -99,7 +104,8 @@ def serialize(example: Dict) -> bytes:
     feature[k] = _bytes(list(example[k]))
   for k in LIST_INTS:
     feature[k] = _ints(np.asarray(example[k], dtype=np.int64).tolist())
-  return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+  return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString(
+      deterministic=True)
 
 
 def write_split_shards(prepared_dir: str, split_examples: Dict[str, List[Dict]]) -> None:

@@ -12,10 +12,13 @@ Filtering and split, per user and per task kind (rec, search):
   * a sample needs at least one earlier rec item and one earlier search session;
   * a user with fewer than `min_samples` samples of a kind contributes none of that kind;
   * leave-one-out: the last sample -> test, the second-to-last -> validation, rest -> train;
-  * `drop_train_after_heldout`: a train sample whose target comes after any held-out target
-    of the same user (either kind) is dropped, so no training history contains a validation
-    or test target. With semi-synthetic search both kinds end on the same interactions and
-    nothing is dropped; with real logs it prevents a cross-task leak.
+  * `drop_train_after_heldout`: a train sample whose target is not from an interaction
+    strictly before every held-out target of the same user (either kind) is dropped, so no
+    training history contains a validation or test target, and no training target is the
+    other half of a held-out target's own interaction (the same item after the same history:
+    the held-out label itself). With semi-synthetic search both kinds usually end on the same
+    interactions and nothing is dropped; when a user's last items carry no query, or with
+    real logs, it prevents a cross-task leak.
 Users left with no samples are skipped and counted, not an error.
 """
 from __future__ import annotations
@@ -86,6 +89,7 @@ def build_samples(log: SearchRecLog, rec_history: int = 5, search_history: int =
                          mininterval=2.0, leave=False):
     recent_rec: List[int] = []
     recent_search: List[int] = []
+    # Per kind: (target row, history rows, first row of the target's interaction).
     user_samples: Dict[bool, List[tuple]] = {False: [], True: []}
     row = start
     while row < end:
@@ -94,9 +98,11 @@ def build_samples(log: SearchRecLog, rec_history: int = 5, search_history: int =
         group_end += 1
       for target in range(row, group_end):
         if recent_rec and recent_search:
-          history = np.array(sorted(recent_rec[-rec_history:] + recent_search[-search_history:]),
-                             dtype=np.int64)
-          user_samples[bool(is_search[target])].append((target, history))
+          # Slicing from len - n, not -n: `[-0:]` would be the whole list.
+          history = np.array(sorted(
+              recent_rec[max(0, len(recent_rec) - rec_history):]
+              + recent_search[max(0, len(recent_search) - search_history):]), dtype=np.int64)
+          user_samples[bool(is_search[target])].append((target, history, row))
         else:
           counts["samples_without_history"] += 1
       for r in range(row, group_end):
@@ -108,10 +114,13 @@ def build_samples(log: SearchRecLog, rec_history: int = 5, search_history: int =
       if len(samples) < min_samples:
         counts["samples_user_below_min"] += len(samples)
         continue
-      labels = ["train"] * (len(samples) - 2) + ["validation", "test"]
-      kept.extend((search_kind, t, h, s) for (t, h), s in zip(samples, labels))
+      # The last labels, so a kind with one sample (min_samples=1) puts it in test.
+      labels = (["train"] * max(0, len(samples) - 2) + ["validation", "test"])[-len(samples):]
+      kept.extend((search_kind, t, h, s, g) for (t, h, g), s in zip(samples, labels))
     if drop_train_after_heldout and kept:
-      first_heldout = min((t for _, t, _, s in kept if s != "train"), default=end)
+      # First row of the earliest held-out target's interaction: a train target from that
+      # interaction (its other half) or later is dropped.
+      first_heldout = min((g for _, _, _, s, g in kept if s != "train"), default=end)
       before = len(kept)
       kept = [k for k in kept if k[3] != "train" or k[1] < first_heldout]
       counts["train_samples_after_heldout"] += before - len(kept)
@@ -119,7 +128,7 @@ def build_samples(log: SearchRecLog, rec_history: int = 5, search_history: int =
       counts["users_skipped"] += 1
       continue
     kept.sort(key=lambda k: k[1])
-    for search_kind, target, history, split in kept:
+    for search_kind, target, history, split, _ in kept:
       kinds.append(SEARCH if search_kind else REC)
       targets.append(target)
       histories.append(history)

@@ -94,6 +94,10 @@ class SearchRecLog:
     events = self.events
     if len(events) == 0:
       raise DataError(f"{self.events_path}: no events")
+    no_user = events["user_id"].astype(str).str.strip() == ""
+    if no_user.any():
+      row = events[no_user].iloc[0]
+      raise DataError(f"{where(self.events_path, int(row['line']), 'user_id')}: empty user id")
     bad_kind = ~events["kind"].isin(KINDS)
     if bad_kind.any():
       row = events[bad_kind].iloc[0]

@@ -45,7 +45,8 @@ def read_json_lines(path: str, desc: str) -> Iterator[Tuple[int, dict]]:
         except json.JSONDecodeError:
           try:
             obj = ast.literal_eval(text)
-          except (ValueError, SyntaxError) as e:
+          except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError) as e:
+            # TypeError: an unhashable dict key ("{['a']: 1}"); the last two: absurd nesting.
             raise DataError(f"{where(path, line_no)}: malformed line (neither JSON nor a "
                             f"Python literal): {e}") from None
         if not isinstance(obj, dict):
@@ -59,6 +60,8 @@ def read_json_lines(path: str, desc: str) -> Iterator[Tuple[int, dict]]:
 def _require(obj: dict, key: str, path: str, line: int):
   if key not in obj:
     raise DataError(f"{where(path, line, key)}: missing key")
+  if obj[key] is None or str(obj[key]).strip() == "":
+    raise DataError(f"{where(path, line, key)}: empty value")
   return obj[key]
 
 
@@ -86,6 +89,10 @@ def load_amazon_2014(reviews_path: str = gin.REQUIRED, meta_path: str = gin.REQU
       raise DataError(f"{where(reviews_path, line, 'unixReviewTime')}: not an integer: "
                       f"{t!r}") from None
     lines.append(line)
+  if not users:
+    # Checked here: the catalogue is restricted to reviewed items, so without this the error
+    # would blame the metadata file ("empty catalogue") for an empty reviews file.
+    raise DataError(f"{reviews_path}: no reviews")
   reviewed = set(asins)
 
   meta: Dict[str, Tuple[int, dict]] = {}

@@ -6,8 +6,9 @@ items (`.csv` / `.parquet`):
   ("Electronics > Audio > Headphones | Gifts > For Him"); in parquet the same string or a
   list of lists of strings.
 events (`.csv` / `.parquet`):
-  user_id, timestamp, item_id (required); timestamp is integer seconds or an ISO-8601 date;
-  kind (optional, "rec" or "search", default "rec"); query (required when kind is "search").
+  user_id, timestamp, item_id (required); timestamp is integer seconds or an ISO-8601 date
+  (naive dates are UTC), or a parquet timestamp column; kind (optional, "rec" or "search",
+  default "rec", also for empty cells); query (required when kind is "search").
 Row numbers in error messages are 1-based data rows (CSV line = row + 1 for the header).
 """
 from __future__ import annotations
@@ -43,6 +44,16 @@ def _read_table(path: str, required: List[str]) -> pd.DataFrame:
   return frame.reset_index(drop=True)
 
 
+def _check_filled(frame: pd.DataFrame, columns: List[str], path: str) -> None:
+  """Required cells must be filled: an empty CSV cell or a parquet null would otherwise
+  become the id "", "None" or "nan" and pass as data."""
+  for column in columns:
+    values = frame[column]
+    empty = (values.isna() | (values.astype(str).str.strip() == "")).to_numpy()
+    if empty.any():
+      raise DataError(f"{where(path, int(np.argmax(empty)) + 1, column)}: empty value")
+
+
 def parse_categories(value, path: str, row: int) -> List[List[str]]:
   """Category paths from "A > B | C > D" or a list of lists."""
   if value is None or (isinstance(value, float) and np.isnan(value)):
@@ -59,17 +70,36 @@ def parse_categories(value, path: str, row: int) -> List[List[str]]:
 
 
 def _timestamps(values: pd.Series, path: str) -> np.ndarray:
+  """Epoch seconds from integer seconds or ISO-8601 dates, mixed freely in one column.
+
+  Dates are parsed as "ISO8601", not by pandas' format inference: inference fixes the format
+  of the first value and turns every differently written date ("2020-01-01" then
+  "2020-01-01T10:00") into a spurious error. Only the non-numeric values are parsed as
+  dates, so integer seconds never reach the date parser.
+  """
+  if pd.api.types.is_datetime64_any_dtype(values):
+    # A parquet timestamp column: to_numeric would silently give nanoseconds.
+    if values.isna().any():
+      row = int(np.argmax(values.isna().to_numpy()))
+      raise DataError(f"{where(path, row + 1, 'timestamp')}: missing date")
+    utc = values.dt.tz_localize("UTC") if values.dt.tz is None else values
+    return ((utc - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1)).to_numpy(np.int64)
   as_int = pd.to_numeric(values, errors="coerce")
-  if not as_int.isna().any():
+  is_date = as_int.isna().to_numpy()
+  if not is_date.any():
     return as_int.astype(np.int64).to_numpy()
-  as_date = pd.to_datetime(values, errors="coerce", utc=True)
-  bad = as_date.isna() & as_int.isna()
+  seconds = as_int.fillna(0).astype(np.int64).to_numpy()
+  dates = pd.to_datetime(values[is_date].astype(str), errors="coerce", utc=True,
+                         format="ISO8601")
+  bad = dates.isna().to_numpy()
   if bad.any():
-    row = int(np.argmax(bad.to_numpy()))
+    row = int(np.flatnonzero(is_date)[np.argmax(bad)])
     raise DataError(f"{where(path, row + 1, 'timestamp')}: neither integer seconds nor an "
                     f"ISO-8601 date: {values.iloc[row]!r}")
-  seconds = as_date.astype("int64") // 10**9
-  return np.where(as_int.isna(), seconds, as_int.fillna(0)).astype(np.int64)
+  # Through a Timedelta, so the result does not depend on the datetime resolution.
+  seconds[is_date] = ((dates - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1)
+                      ).to_numpy(dtype=np.int64)
+  return seconds
 
 
 @gin.configurable
@@ -77,6 +107,7 @@ def load_generic(items_path: str = gin.REQUIRED, events_path: str = gin.REQUIRED
                  ) -> SearchRecLog:
   """Loads a user's own catalogue and event log (see the module docstring for columns)."""
   items_frame = _read_table(items_path, ["item_id", "title"])
+  _check_filled(items_frame, ["item_id"], items_path)
   descriptions = (items_frame["description"] if "description" in items_frame
                   else pd.Series([""] * len(items_frame)))
   categories = ([parse_categories(v, items_path, i + 1)
@@ -87,9 +118,12 @@ def load_generic(items_path: str = gin.REQUIRED, events_path: str = gin.REQUIRED
                      descriptions.fillna("").astype(str), categories)
 
   events_frame = _read_table(events_path, ["user_id", "timestamp", "item_id"])
+  _check_filled(events_frame, ["user_id", "timestamp", "item_id"], events_path)
   n = len(events_frame)
-  kinds = (events_frame["kind"].fillna(REC).astype(str).str.strip().str.lower()
-           if "kind" in events_frame else pd.Series([REC] * n))
+  # An empty cell means the default, "rec": CSV cells are read as "" (keep_default_na=False),
+  # parquet nulls as None.
+  kinds = (events_frame["kind"].fillna("").astype(str).str.strip().str.lower()
+           .replace("", REC) if "kind" in events_frame else pd.Series([REC] * n))
   bad = ~kinds.isin(KINDS)
   if bad.any():
     row = int(np.argmax(bad.to_numpy()))

@@ -1,0 +1,151 @@
+"""Stage 2: the prepared dataset -> dual-purpose identifiers (GENSAR_METHOD.md section 2).
+
+  python -m gensar_jax.identify --gin_file=gin/runs/identify.gin \
+      --gin.PREPARED_DIR="'runs/ml100k/data'" --gin.IDENTIFIERS_DIR="'runs/ml100k/ids'"
+
+1. semantic embeddings v_s: the sentence encoder over "title. description" of every item;
+2. collaborative embeddings v_c: the item table of a SASRec trained on the training rec
+   histories (its validation HR/NDCG is the SASRec baseline, saved as sasrec_metrics.json);
+3. the joint RQ-VAE, Sinkhorn collision handling and the final de-duplication.
+
+Output directory (renamed into place only when complete):
+  identifiers.jsonl, identifier_stats.json, code_usage.png   the identifier table
+  semantic_embeddings.npy, collaborative_embeddings.npy      [items, d] float32 inputs
+  sasrec_metrics.json                                          SASRec on validation/test
+"""
+from __future__ import annotations
+
+import collections
+import os
+from typing import Dict, List, Optional, Tuple
+
+import gin
+import numpy as np
+
+from gensar_jax import gin_utils
+from gensar_jax.data.columns import read_columns
+from gensar_jax.data.prepared import load_prepared
+from gensar_jax.data.schema import REC
+from gensar_jax.identifiers import assignment as assignment_lib
+from gensar_jax.identifiers import rqvae as rqvae_lib
+from gensar_jax.identifiers import sasrec as sasrec_lib
+from gensar_jax.identifiers import table as table_lib
+from gensar_jax.identifiers.text_encoder import SentenceEncoder
+from gensar_jax.io_utils import atomic_output_dir, write_json
+
+
+def rec_sequences(prepared_dir: str) -> Tuple[List[np.ndarray], Dict[str, Tuple]]:
+  """Per-user training rec item sequences, and the held-out rec samples to score.
+
+  A user's sequence is the rec items in the history of their first training sample
+  followed by every training rec target, oldest first: exactly the rec items before their
+  validation target. Returns (train sequences, {split: (histories, candidates)}).
+  """
+  cols = read_columns(prepared_dir, "train", ["user_id", "kind", "target_index",
+                                              "history_item_index", "history_kind"])
+  sequences: Dict[str, List[int]] = collections.OrderedDict()
+  for user, kind, target, hist_items, hist_kinds in zip(
+      cols["user_id"], cols["kind"], cols["target_index"], cols["history_item_index"],
+      cols["history_kind"]):
+    if kind != REC:
+      continue
+    if user not in sequences:
+      sequences[user] = [int(i) for i, k in zip(hist_items, hist_kinds) if k == b"rec"]
+    sequences[user].append(int(target))
+  heldout = {}
+  validation_targets: Dict[str, int] = {}
+  for split in ("validation", "test"):
+    c = read_columns(prepared_dir, split, ["user_id", "kind", "target_index",
+                                           "candidate_indices"])
+    rows = [i for i, k in enumerate(c["kind"]) if k == REC and c["user_id"][i] in sequences]
+    histories = []
+    for i in rows:
+      seq = list(sequences[c["user_id"][i]])
+      if split == "test":  # the validation target comes before the test target
+        seq.append(int(validation_targets[c["user_id"][i]]))
+      histories.append(np.asarray(seq, np.int64))
+    candidates = np.stack([c["candidate_indices"][i] for i in rows]).astype(np.int64)
+    heldout[split] = (histories, candidates)
+    if split == "validation":
+      validation_targets = {c["user_id"][i]: c["target_index"][i] for i in rows}
+  return [np.asarray(s, np.int64) for s in sequences.values()], heldout
+
+
+@gin.configurable
+def identify(prepared_dir: str = gin.REQUIRED, output_dir: str = gin.REQUIRED,
+             rqvae_config: Optional[rqvae_lib.RQVAEConfig] = None,
+             sasrec_config: Optional[sasrec_lib.SASRecConfig] = None,
+             overwrite: bool = False) -> Dict:
+  """Runs the identifiers stage; returns the identifier statistics."""
+  if os.path.exists(output_dir) and not overwrite:
+    raise FileExistsError(f"{output_dir}: output exists; bind identify.overwrite=True")
+  prepared = load_prepared(prepared_dir)
+  rqvae_config = rqvae_config or rqvae_lib.RQVAEConfig()
+  mode = rqvae_config.mode
+  item_ids = list(prepared.items["item_id"])
+
+  semantic = collaborative = None
+  sasrec_metrics = {}
+  if mode != "cid_only":
+    semantic = SentenceEncoder().encode(prepared.item_texts())  # [items, d_s]
+  if mode != "sid_only":
+    sequences, heldout = rec_sequences(prepared_dir)
+    result = sasrec_lib.train_sasrec(sequences, len(item_ids), sasrec_config,
+                                     validation=heldout["validation"])
+    collaborative = result.item_embeddings  # [items, d_c]
+    sasrec_metrics = {split: sasrec_lib.evaluate_sasrec(result, *heldout[split])
+                      for split in heldout}
+  rqvae_lib.validate_embeddings(semantic, collaborative, rqvae_config)
+
+  trained = rqvae_lib.train_rqvae(semantic, collaborative, rqvae_config)
+  assignment = assignment_lib.assign_identifiers(trained, semantic, collaborative,
+                                                 rqvae_config)
+  with atomic_output_dir(output_dir, overwrite=overwrite) as tmp:
+    staged = os.path.join(tmp, "table")
+    table_lib.write_identifier_table(
+        staged, item_ids, assignment,
+        {"rqvae_history": trained.history, "sasrec": sasrec_metrics,
+         "prepared_dir": os.path.abspath(prepared_dir)})
+    for name in os.listdir(staged):
+      os.replace(os.path.join(staged, name), os.path.join(tmp, name))
+    os.rmdir(staged)
+    if semantic is not None:
+      np.save(os.path.join(tmp, "semantic_embeddings.npy"), semantic.astype(np.float32))
+    if collaborative is not None:
+      np.save(os.path.join(tmp, "collaborative_embeddings.npy"),
+              collaborative.astype(np.float32))
+    write_json(os.path.join(tmp, "sasrec_metrics.json"), sasrec_metrics)
+    with open(os.path.join(tmp, "config.gin"), "w", encoding="utf-8") as f:
+      f.write(gin.operative_config_str())
+  return {**assignment.stats, "sasrec": sasrec_metrics}
+
+
+def format_identifier_stats(stats: Dict) -> str:
+  """The headline numbers of an identifier table, for the terminal and README."""
+  lines = [f"identifiers: mode {stats['mode']}, {stats['num_items']:,} items, "
+           f"{stats['codebook_size']} codes per level", "-" * 64]
+  for space, phases in stats.get("collisions", {}).items():
+    rates = ", ".join(f"{phase} {v['collision_rate']:.2%} ({v['colliding_items']} items)"
+                      for phase, v in phases.items())
+    lines.append(f"{space.upper()} collisions: {rates}")
+  moved = stats.get("dedup_moved_items", {})
+  if moved:
+    lines.append(f"moved by final de-duplication: {moved.get('total', 0)} items")
+  share = stats.get("sid_cid_shared_prefix_share")
+  if share is not None:  # None when the mode has only one identifier space
+    lines.append(f"items whose SID and CID share the prefix: {share:.1%}")
+  lines.append("code usage per level (codes used / perplexity):")
+  for level, usage in stats.get("code_usage", {}).items():
+    lines.append(f"  {level:<4} {usage['codes_used']:>4} / {usage['perplexity']:7.1f}")
+  for split, metrics in stats.get("sasrec", {}).items():
+    lines.append(f"SASRec {split}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+  return "\n".join(lines)
+
+
+def main() -> None:
+  stats = identify()
+  print(format_identifier_stats(stats))
+
+
+if __name__ == "__main__":
+  gin_utils.run(main)
