@@ -37,6 +37,11 @@ INSTALL_REQUIRES = [
     # Sentence-encoder weights and tokenizers without PyTorch.
     "safetensors>=0.4.5,<0.9",
     "tokenizers>=0.20,<0.24",
+    # The search/recommend HTTP server: an ASGI app (FastAPI, pydantic request validation)
+    # on uvicorn; httpx is the client of the load test and the server tests.
+    "fastapi>=0.115,<1",
+    "uvicorn>=0.30,<1",
+    "httpx>=0.27,<1",
     # Progress bars and plots of results.
     "tqdm>=4.66",
     "matplotlib>=3.8",

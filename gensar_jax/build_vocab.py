@@ -81,13 +81,16 @@ def build_vocab(prepared_dir: str = gin.REQUIRED,
   }
 
 
-def main() -> None:
-  summary = build_vocab()
-  print("vocabulary")
-  print("-" * 48)
+def format_summary(summary: Dict) -> str:
+  lines = ["vocabulary", "-" * 48]
   for key, value in summary.items():
     value = f"{value:.2f}" if isinstance(value, float) else value
-    print(f"{key:<28} {value}")
+    lines.append(f"{key:<28} {value}")
+  return "\n".join(lines)
+
+
+def main() -> None:
+  print(format_summary(build_vocab()))
 
 
 if __name__ == "__main__":

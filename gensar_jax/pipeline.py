@@ -3,7 +3,7 @@ same configuration.
 
   python -m gensar_jax.pipeline --gin_file=gin/experiments/ml100k_quickstart.gin
 
-Stages so far: prepare -> identify. A stage's output directory is written atomically by
+Stages so far: prepare -> identify -> vocab. A stage's output directory is written atomically by
 the stage itself; after it lands, the pipeline records a fingerprint of the gin bindings
 the stage depends on in `<run_dir>/stages/<stage>.json`. A stage is skipped when its
 output exists and the fingerprint matches, and re-run (overwriting) otherwise, so a run
@@ -15,10 +15,11 @@ import hashlib
 import json
 import os
 import time
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import gin
 
+from gensar_jax import build_vocab as build_vocab_lib
 from gensar_jax import gin_utils
 from gensar_jax import identify as identify_lib
 from gensar_jax import prepare as prepare_lib
@@ -30,6 +31,7 @@ STAGE_CONFIGURABLES: Dict[str, Tuple[str, ...]] = {
     "prepare": ("prepare", "build_samples", "make_candidates", "add_semi_synthetic_search",
                 "load_movielens_100k", "load_amazon_2014", "load_generic"),
     "identify": ("identify", "RQVAEConfig", "SASRecConfig", "SentenceEncoder"),
+    "vocab": ("build_vocab",),
 }
 
 
@@ -57,21 +59,24 @@ def is_complete(run_dir: str, stage: str, output_dir: str, fingerprint: str) -> 
       marker = json.load(f)
   except (OSError, json.JSONDecodeError):
     return False
-  return os.path.isdir(output_dir) and marker.get("fingerprint") == fingerprint
+  return os.path.exists(output_dir) and marker.get("fingerprint") == fingerprint
 
 
 @gin.configurable
 def pipeline(run_dir: str = gin.REQUIRED, prepared_dir: str = gin.REQUIRED,
-             identifiers_dir: str = gin.REQUIRED, stages: Sequence[str] = ("prepare",
-                                                                           "identify")
-             ) -> List[str]:
+             identifiers_dir: str = gin.REQUIRED, vocab_path: Optional[str] = None,
+             stages: Sequence[str] = ("prepare", "identify", "vocab")) -> List[str]:
   """Runs the stages in order; returns the report lines it printed."""
+  if "vocab" in stages and not vocab_path:
+    raise ValueError("pipeline.vocab_path is required for the vocab stage")
   os.makedirs(os.path.join(run_dir, "stages"), exist_ok=True)
   steps: List[Tuple[str, str, Callable[[], Dict], Callable[[Dict], str]]] = [
       ("prepare", prepared_dir, lambda: prepare_lib.prepare(overwrite=True),
        format_stats_table),
       ("identify", identifiers_dir, lambda: identify_lib.identify(overwrite=True),
        identify_lib.format_identifier_stats),
+      ("vocab", vocab_path, lambda: build_vocab_lib.build_vocab(overwrite=True),
+       build_vocab_lib.format_summary),
   ]
   report, upstream = [], ""
   for stage, output_dir, run_stage, fmt in steps:

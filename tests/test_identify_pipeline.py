@@ -47,6 +47,7 @@ def parse(run_dir, items_path, events_path, extra=()):
       f"--gin.PREPARED_DIR='{run_dir}/data'", f"--gin.IDENTIFIERS_DIR='{run_dir}/ids'",
       f"--gin.pipeline.run_dir='{run_dir}'", f"--gin.pipeline.prepared_dir='{run_dir}/data'",
       f"--gin.pipeline.identifiers_dir='{run_dir}/ids'",
+      "--gin.pipeline.stages=('prepare', 'identify')",
       *[f"--gin_bindings={b}" for b in SMALL], *[f"--gin_bindings={b}" for b in extra]])
 
 

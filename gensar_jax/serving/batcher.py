@@ -1,0 +1,93 @@
+"""Request batching for the server: many concurrent HTTP requests, one device call.
+
+A compiled decode costs about the same for 1 example as for a full bucket, so the server
+queues requests for up to `max_wait_ms` (or until `max_batch_size` are waiting) and runs
+them together. Device calls run on one worker thread: the event loop stays free to accept
+and validate requests while the accelerator works, and calls never interleave.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import time
+from typing import Any, Callable, Generic, List, Optional, Sequence, Tuple, TypeVar
+
+Request = TypeVar("Request")
+Result = TypeVar("Result")
+
+
+class Batcher(Generic[Request, Result]):
+  """Groups requests into batches for `run_batch(requests) -> results` (same order)."""
+
+  def __init__(self, run_batch: Callable[[Sequence[Request]], Sequence[Result]],
+               max_batch_size: int, max_wait_ms: float = 5.0,
+               executor: Optional[concurrent.futures.Executor] = None):
+    if max_batch_size < 1:
+      raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+    self._run_batch = run_batch
+    self.max_batch_size = max_batch_size
+    self.max_wait_s = max_wait_ms / 1000.0
+    self._executor = executor or concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    self._queue: Optional[asyncio.Queue] = None
+    self._task: Optional[asyncio.Task] = None
+    self.batches_run = 0
+    self.requests_run = 0
+
+  def start(self) -> None:
+    self._queue = asyncio.Queue()
+    self._task = asyncio.get_running_loop().create_task(self._loop())
+
+  async def stop(self) -> None:
+    if self._task is not None:
+      self._task.cancel()
+      try:
+        await self._task
+      except asyncio.CancelledError:
+        pass
+      self._task = None
+
+  async def submit(self, request: Request) -> Result:
+    """Queues one request and waits for its result (exceptions propagate to the caller)."""
+    if self._queue is None:
+      raise RuntimeError("Batcher.start() was not called")
+    future = asyncio.get_running_loop().create_future()
+    await self._queue.put((request, future))
+    return await future
+
+  async def _next_batch(self) -> List[Tuple[Request, asyncio.Future]]:
+    batch = [await self._queue.get()]
+    deadline = time.monotonic() + self.max_wait_s
+    while len(batch) < self.max_batch_size:
+      remaining = deadline - time.monotonic()
+      if remaining <= 0:
+        break
+      try:
+        batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+      except asyncio.TimeoutError:
+        break
+    return batch
+
+  async def _loop(self) -> None:
+    loop = asyncio.get_running_loop()
+    while True:
+      batch = await self._next_batch()
+      live = [(r, f) for r, f in batch if not f.cancelled()]
+      if not live:
+        continue
+      try:
+        results = await loop.run_in_executor(self._executor, self._run_batch,
+                                              [r for r, _ in live])
+        if len(results) != len(live):
+          raise RuntimeError(f"run_batch returned {len(results)} results for "
+                             f"{len(live)} requests")
+      except Exception as e:  # pylint: disable=broad-except
+        # One bad batch fails its own requests, never the server.
+        for _, future in live:
+          if not future.done():
+            future.set_exception(e)
+        continue
+      self.batches_run += 1
+      self.requests_run += len(live)
+      for (_, future), result in zip(live, results):
+        if not future.done():
+          future.set_result(result)
