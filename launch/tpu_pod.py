@@ -1,0 +1,481 @@
+#!/usr/bin/env python3
+"""Train gensar-jax on a Cloud TPU VM slice with one command, or print what that would run.
+
+  python launch/tpu_pod.py --name=gensar-v5p --accelerator_type=v5p-64 --zone=us-east5-a \
+      --project=my-project --spot --watch \
+      --gin_file=gin/runs/train.gin --gin_file=gin/models/t5_small.gin \
+      --gin.MODEL_DIR="'gs://my-bucket/gensar/t5_small'" --dry_run
+
+It describes the slice and creates it if missing, ships a `git archive` of this repository to
+every worker and installs it there (with `jax[tpu]`), then starts the same training command
+on all workers at once; jax.distributed.initialize() on each of them finds the pod. With
+--watch, a spot/preemptible slice that was preempted is deleted, recreated and the same
+command rerun: the trainer resumes from the latest checkpoint in MODEL_DIR. Every command
+goes through one runner, so --dry_run prints exactly what a real launch runs (one
+copy-pasteable line each) and runs nothing. Only the standard library is used: this runs on
+a laptop that has gcloud, not the training dependencies.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Dict, List, Optional, Sequence, Tuple
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GIN_FLAG_PREFIXES = ("--gin_file", "--gin_bindings", "--gin.")
+# States in which a slice will never run again: it must be deleted and created anew.
+DEAD_STATES = ("PREEMPTED", "TERMINATED")
+# States that turn into READY (or DEAD) by themselves if we wait.
+TRANSIENT_STATES = ("CREATING", "STARTING", "RESTARTING", "REPAIRING")
+SSH_FAILURE_EXIT_CODE = 255  # ssh itself lost the connection: rerun if the slice is READY
+
+
+class LaunchError(Exception):
+  """A bad flag or an unusable slice; printed as one line, exit code 2."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+  cores_per_chip_in_name: int  # v4/v5p names count TensorCores (2 per chip); v5e/v6e chips
+  chips_per_worker: int        # chips on each TPU VM of a multi-host slice
+  single_host_max_chips: int   # slices up to this many chips are one TPU VM
+  sizes: Tuple[int, ...]       # the number in the accelerator type, as documented
+  runtime: str                 # default --version (TPU VM software image)
+
+
+# From the Cloud TPU system-architecture pages (v4, v5e, v5p, v6e). v4-8 is 4 chips on one
+# VM and v5p-64 is 32 chips on 8 VMs (topology 2x4x4). v5e/v6e slices of up to 8 chips are
+# one VM; larger ones are made of 4-chip VMs, so v5litepod-16 has 4 workers (the "hosts"
+# column of the v5e page counts 8-chip machines, not the TPU VMs that gcloud ssh reaches).
+GENERATIONS: Dict[str, Generation] = {
+    "v4": Generation(2, 4, 4, (8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096),
+                     "tpu-ubuntu2204-base"),
+    "v5p": Generation(2, 4, 4, (8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192,
+                                12288), "v2-alpha-tpuv5"),
+    "v5litepod": Generation(1, 4, 8, (1, 4, 8, 16, 32, 64, 128, 256), "v2-alpha-tpuv5-lite"),
+    "v6e": Generation(1, 4, 8, (1, 4, 8, 16, 32, 64, 128, 256), "v2-alpha-tpuv6e"),
+}
+GENERATION_ALIASES = {"v5e": "v5litepod"}  # what people say -> what gcloud accepts
+# Mesh files shipped for the common slices; any other type needs --mesh_gin.
+MESH_GIN_FILES = {
+    "v4-8": "gin/mesh/v4_8.gin",
+    "v5litepod-16": "gin/mesh/v5e_16.gin",
+    "v5p-64": "gin/mesh/v5p_64.gin",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class SliceShape:
+  accelerator_type: str  # normalised, as gcloud wants it
+  chips: int
+  workers: int
+  runtime: str
+
+
+def slice_shape(accelerator_type: str) -> SliceShape:
+  """Chips and TPU VM workers of an accelerator type such as v5p-64 or v5e-16."""
+  match = re.fullmatch(r"(v\d+[a-z]*)-(\d+)", accelerator_type.strip())
+  known = ", ".join(f"{g}-N" for g in GENERATIONS)
+  if not match:
+    raise LaunchError(f"--accelerator_type={accelerator_type!r}: expected GENERATION-SIZE "
+                      f"such as v4-8, v5litepod-16 or v5p-64 (known: {known})")
+  name = GENERATION_ALIASES.get(match.group(1), match.group(1))
+  size = int(match.group(2))
+  if name not in GENERATIONS:
+    raise LaunchError(f"--accelerator_type={accelerator_type!r}: unknown TPU generation "
+                      f"{match.group(1)!r} (known: {known}, and v5e-N for v5litepod-N)")
+  gen = GENERATIONS[name]
+  if size not in gen.sizes:
+    raise LaunchError(f"--accelerator_type={accelerator_type!r}: {name} comes in sizes "
+                      f"{', '.join(map(str, gen.sizes))}")
+  chips = size // gen.cores_per_chip_in_name
+  workers = 1 if chips <= gen.single_host_max_chips else chips // gen.chips_per_worker
+  return SliceShape(f"{name}-{size}", chips, workers, gen.runtime)
+
+
+@dataclasses.dataclass
+class Result:
+  returncode: int
+  stdout: str = ""
+  stderr: str = ""
+
+
+class CommandRunner:
+  """Runs (or, dry, only prints) commands; the single place where anything is executed."""
+
+  def __init__(self, dry_run: bool, out=None, poll_seconds: float = 60.0):
+    self.dry_run = dry_run
+    self.out = out or sys.stdout
+    self.poll_seconds = poll_seconds
+
+  def note(self, text: str) -> None:
+    print(f"# {text}", file=self.out if self.dry_run else sys.stderr, flush=True)
+
+  def run(self, argv: Sequence[str], capture: bool = False) -> Result:
+    line = shlex.join(argv)
+    if self.dry_run:
+      print(line, file=self.out, flush=True)
+      return Result(0)
+    print(f"+ {line}", file=sys.stderr, flush=True)
+    try:
+      done = subprocess.run(list(argv), capture_output=capture, text=True, check=False)
+    except FileNotFoundError:
+      raise LaunchError(f"{argv[0]}: command not found (install the Google Cloud CLI and "
+                        "run `gcloud auth login`)") from None
+    return Result(done.returncode, done.stdout or "", done.stderr or "")
+
+  def wait(self) -> None:
+    if not self.dry_run:
+      time.sleep(self.poll_seconds)
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchSpec:
+  name: str
+  zone: str
+  project: Optional[str]
+  shape: SliceShape
+  runtime: str
+  spot: bool
+  preemptible: bool
+  train_flags: Tuple[str, ...]  # gin flags, verbatim, mesh file included
+  train_module: str
+  remote_dir: str
+  python: str
+  jax_requirement: str
+  archive_path: str
+  git_ref: str
+  install: bool
+  watch: bool
+  max_restarts: int
+  max_wait_polls: int
+
+
+def gcloud_tpu(spec: LaunchSpec, verb: str, *args: str) -> List[str]:
+  where = [f"--zone={spec.zone}"] + ([f"--project={spec.project}"] if spec.project else [])
+  return ["gcloud", "compute", "tpus", "tpu-vm", verb, *args, *where]
+
+
+def create_command(spec: LaunchSpec) -> List[str]:
+  argv = gcloud_tpu(spec, "create", spec.name, f"--accelerator-type={spec.shape.accelerator_type}",
+                    f"--version={spec.runtime}")
+  return argv + (["--spot"] if spec.spot else []) + (["--preemptible"] if spec.preemptible else [])
+
+
+def ssh_all(spec: LaunchSpec, remote_command: str) -> List[str]:
+  return gcloud_tpu(spec, "ssh", spec.name, "--worker=all", f"--command={remote_command}")
+
+
+def install_script(spec: LaunchSpec) -> str:
+  """Unpacks the archive over the old checkout (keeping its .venv) and pip-installs it."""
+  d, py, archive = shlex.quote(spec.remote_dir), shlex.quote(spec.python), shlex.quote(
+      os.path.basename(spec.archive_path))
+  return " && ".join([
+      "set -e",
+      f"(command -v {py} >/dev/null || (sudo apt-get update -q && "
+      f"sudo apt-get install -y -q {py} {py}-venv))",
+      f"mkdir -p {d}",
+      f"find {d} -mindepth 1 -maxdepth 1 ! -name .venv -exec rm -rf {{}} +",
+      f"tar -xzf {archive} -C {d}",
+      f"cd {d}",
+      f"([ -x .venv/bin/python ] || {py} -m venv .venv)",
+      ".venv/bin/pip install -q --upgrade pip",
+      f".venv/bin/pip install -q -e . {shlex.quote(spec.jax_requirement)}",
+  ])
+
+
+def train_script(spec: LaunchSpec) -> str:
+  """The command every worker runs; a stale run from an earlier attempt is stopped first."""
+  env = [f"GENSAR_EXPECTED_PROCESSES={spec.shape.workers}"]
+  if spec.shape.workers > 1:
+    env.insert(0, "GENSAR_DISTRIBUTED=1")
+  train = ["exec", "env", *env, ".venv/bin/python", "-m", spec.train_module, *spec.train_flags]
+  stale = ('if [ -f .train.pid ] && ps -p "$(cat .train.pid)" -o args= | grep -q '
+           f'{shlex.quote(spec.train_module)}; then kill "$(cat .train.pid)"; sleep 5; fi')
+  return (f"cd {shlex.quote(spec.remote_dir)} && {{ {stale}; }} && echo $$ > .train.pid && "
+          + shlex.join(train))
+
+
+def describe_state(spec: LaunchSpec, runner: CommandRunner) -> Optional[str]:
+  """The slice's state (READY, PREEMPTED, ...), None when it does not exist."""
+  result = runner.run(gcloud_tpu(spec, "describe", spec.name, "--format=value(state)"),
+                      capture=True)
+  if runner.dry_run:
+    return "UNKNOWN"
+  if result.returncode == 0:
+    return result.stdout.strip() or "UNKNOWN"
+  if "NOT_FOUND" in result.stderr or "not found" in result.stderr.lower():
+    return None
+  raise LaunchError(f"describing TPU {spec.name!r} failed (exit {result.returncode}): "
+                    f"{result.stderr.strip()}")
+
+
+def _checked(runner: CommandRunner, argv: Sequence[str], what: str) -> None:
+  result = runner.run(argv)
+  if result.returncode != 0:
+    raise LaunchError(f"{what} failed with exit code {result.returncode}: {shlex.join(argv)}")
+
+
+def wait_until_ready(spec: LaunchSpec, runner: CommandRunner) -> None:
+  for _ in range(spec.max_wait_polls):
+    state = describe_state(spec, runner)
+    if state == "READY":
+      return
+    if state is None or state in DEAD_STATES or state not in TRANSIENT_STATES:
+      raise LaunchError(f"TPU {spec.name!r} is {state or 'gone'} while waiting for READY")
+    runner.wait()
+  raise LaunchError(f"TPU {spec.name!r} not READY after {spec.max_wait_polls} polls")
+
+
+def recreate(spec: LaunchSpec, runner: CommandRunner, state: Optional[str]) -> None:
+  if state is not None:
+    _checked(runner, gcloud_tpu(spec, "delete", spec.name, "--quiet"), "deleting the slice")
+  _checked(runner, create_command(spec), "creating the slice")
+  if not runner.dry_run:
+    wait_until_ready(spec, runner)
+
+
+def ensure_slice(spec: LaunchSpec, runner: CommandRunner) -> bool:
+  """Makes the slice READY; True when it was (re)created and so has no code on it."""
+  state = describe_state(spec, runner)
+  if runner.dry_run:
+    runner.note("if describe says NOT_FOUND, create the slice:")
+    runner.run(create_command(spec))
+    runner.note(f"if it says {' or '.join(DEAD_STATES)}, delete it, then create it as above:")
+    runner.run(gcloud_tpu(spec, "delete", spec.name, "--quiet"))
+    return True
+  if state == "READY":
+    return False
+  if state in TRANSIENT_STATES:
+    wait_until_ready(spec, runner)
+    return False
+  if state is None or state in DEAD_STATES:
+    recreate(spec, runner, state)
+    return True
+  raise LaunchError(f"TPU {spec.name!r} is {state}; expected READY, a preempted slice or "
+                    "none (start or delete it by hand)")
+
+
+def warn_if_uncommitted() -> None:
+  """`git archive` ships commits only; an edited gin file would silently not take effect."""
+  status = subprocess.run(["git", "-C", REPO_ROOT, "status", "--porcelain", "--", "gin",
+                           "gensar_jax", "tasks", "setup.py"],
+                          capture_output=True, text=True, check=False)
+  if status.returncode == 0 and status.stdout.strip():
+    print("warning: uncommitted changes under gin/, gensar_jax/, tasks/ or setup.py are "
+          "not shipped to the workers (git archive of --git_ref)", file=sys.stderr)
+
+
+def install_code(spec: LaunchSpec, runner: CommandRunner) -> None:
+  if not runner.dry_run:
+    os.makedirs(os.path.dirname(spec.archive_path) or ".", exist_ok=True)
+    warn_if_uncommitted()
+  _checked(runner, ["git", "-C", REPO_ROOT, "archive", "--format=tar.gz",
+                    f"--output={spec.archive_path}", spec.git_ref], "git archive")
+  _checked(runner, gcloud_tpu(spec, "scp", spec.archive_path,
+                              f"{spec.name}:{os.path.basename(spec.archive_path)}",
+                              "--worker=all"), "copying the code to the workers")
+  _checked(runner, ssh_all(spec, install_script(spec)), "installing on the workers")
+
+
+def launch(spec: LaunchSpec, runner: CommandRunner) -> int:
+  """Slice, code, training; with --watch, again after every preemption. Exit code."""
+  created = ensure_slice(spec, runner)
+  restarts = 0
+  install = spec.install  # once per launch; afterwards only onto a fresh slice
+  while True:
+    if install or created:
+      install_code(spec, runner)
+    install = False
+    rc = runner.run(ssh_all(spec, train_script(spec))).returncode
+    if runner.dry_run and spec.watch:
+      runner.note("--watch: if training exits non-zero and describe says PREEMPTED, "
+                  "TERMINATED or NOT_FOUND, recreate, reinstall and rerun (it resumes from "
+                  "MODEL_DIR):")
+      describe_state(spec, runner)
+      recreate(spec, runner, "PREEMPTED")
+      install_code(spec, runner)
+      runner.run(ssh_all(spec, train_script(spec)))
+      return 0
+    if rc == 0 or not spec.watch:
+      return rc
+    state = describe_state(spec, runner)
+    if state == "READY" and rc != SSH_FAILURE_EXIT_CODE:
+      print(f"training failed (exit {rc}) on a READY slice: not a preemption, not retrying",
+            file=sys.stderr)
+      return rc
+    restarts += 1
+    if restarts > spec.max_restarts:
+      print(f"giving up after {spec.max_restarts} restarts", file=sys.stderr)
+      return rc
+    runner.note(f"slice {state or 'gone'} after exit {rc}: restart {restarts} of "
+                f"{spec.max_restarts}, resuming from the latest checkpoint in MODEL_DIR")
+    if state == "READY":
+      created = False
+    elif state in TRANSIENT_STATES:
+      wait_until_ready(spec, runner)
+      created = False
+    elif state is None or state in DEAD_STATES:
+      recreate(spec, runner, state)
+      created = True
+    else:
+      raise LaunchError(f"TPU {spec.name!r} is {state} after training exited {rc}; "
+                        "not touching it (start or delete it by hand)")
+
+
+# --- flags ------------------------------------------------------------------------------
+
+
+def split_gin_flags(argv: Sequence[str]) -> Tuple[List[str], List[str]]:
+  """(gin flags for the trainer, verbatim, in order; the launcher's own flags)."""
+  gin_flags, own = [], []
+  i = 0
+  while i < len(argv):
+    arg = argv[i]
+    if arg.startswith(GIN_FLAG_PREFIXES):
+      if arg in ("--gin_file", "--gin_bindings"):  # space-separated value
+        if i + 1 >= len(argv):
+          raise LaunchError(f"{arg} needs a value")
+        arg, i = f"{arg}={argv[i + 1]}", i + 1
+      elif "=" not in arg:
+        raise LaunchError(f"{arg!r}: gin flags take a value (--gin.NAME=VALUE)")
+      gin_flags.append(arg)
+    else:
+      own.append(arg)
+    i += 1
+  return gin_flags, own
+
+
+def _gin_string(value: str) -> str:
+  value = value.strip()
+  if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+    return value[1:-1]
+  return value
+
+
+def gin_macro_values(gin_flags: Sequence[str]) -> Dict[str, str]:
+  """Macro values the trainer will see: gin files first, then bindings (later ones win)."""
+  values: Dict[str, str] = {}
+  for flag in gin_flags:
+    if flag.startswith("--gin_file="):
+      path = flag.split("=", 1)[1]
+      full = os.path.normpath(os.path.join(REPO_ROOT, path))
+      if os.path.relpath(full, REPO_ROOT).startswith(os.pardir) or os.path.isabs(path):
+        raise LaunchError(f"--gin_file={path}: must be a path inside the repository, "
+                          f"relative to {REPO_ROOT} (that is all the workers receive)")
+      if not os.path.isfile(full):
+        raise LaunchError(f"--gin_file={path}: not found under {REPO_ROOT} (workers get a "
+                          "git archive of this repository, so gin files must be committed)")
+      with open(full, encoding="utf-8") as f:
+        for line in f:
+          m = re.match(r"\s*([A-Z][A-Z0-9_]*)\s*=\s*(.+?)\s*(#.*)?$", line)
+          if m and "gin.REQUIRED" not in m.group(2):
+            values[m.group(1)] = _gin_string(m.group(2))
+  for flag in gin_flags:
+    if flag.startswith("--gin."):
+      name, value = flag[len("--gin."):].split("=", 1)
+    elif flag.startswith("--gin_bindings="):
+      name, _, value = flag.split("=", 1)[1].partition("=")
+    else:
+      continue
+    values[name.strip()] = _gin_string(value)
+  return values
+
+
+def check_storage(values: Dict[str, str], workers: int, watch: bool) -> None:
+  """MODEL_DIR must be a bucket whenever a local disk would lose or split the checkpoints."""
+  model_dir = values.get("MODEL_DIR")
+  if workers > 1 or watch:
+    why = (f"the slice has {workers} workers and local paths are not shared between them"
+           if workers > 1 else "--watch recreates the VM, which loses its local disk")
+    if not model_dir:
+      raise LaunchError(f"MODEL_DIR is not set: pass --gin.MODEL_DIR=\"'gs://BUCKET/PATH'\" "
+                        f"({why})")
+    if not model_dir.startswith("gs://"):
+      raise LaunchError(f"MODEL_DIR={model_dir!r} is not a gs:// path: {why}; use "
+                        "--gin.MODEL_DIR=\"'gs://BUCKET/PATH'\"")
+  for name, value in values.items():
+    if (workers > 1 and name.endswith("_DIR") and name != "MODEL_DIR" and value
+        and "://" not in value):
+      print(f"warning: {name}={value!r} is a local path; each worker reads its own copy "
+            "(put data on gs:// unless it is in the repository)", file=sys.stderr)
+
+
+def parse_args(argv: Sequence[str]) -> Tuple[LaunchSpec, bool, float]:
+  gin_flags, own = split_gin_flags(argv)
+  p = argparse.ArgumentParser(
+      description="Launch gensar-jax training on a Cloud TPU VM slice. Gin flags "
+      "(--gin_file=..., --gin.NAME=VALUE, --gin_bindings=...) go to the trainer verbatim.")
+  p.add_argument("--name", required=True, help="TPU VM (slice) name")
+  p.add_argument("--zone", required=True)
+  p.add_argument("--project", default=None, help="default: gcloud's configured project")
+  p.add_argument("--accelerator_type", required=True, help="v4-8, v5litepod-16 (v5e-16), ...")
+  p.add_argument("--version", default=None, help="TPU VM runtime; default per generation")
+  capacity = p.add_mutually_exclusive_group()
+  capacity.add_argument("--spot", action="store_true")
+  capacity.add_argument("--preemptible", action="store_true")
+  p.add_argument("--mesh_gin", default=None,
+                 help="mesh gin file; default chosen from the accelerator type; 'none' to skip")
+  p.add_argument("--watch", "--resume_loop", dest="watch", action="store_true",
+                 help="recreate a preempted slice and rerun until training succeeds")
+  p.add_argument("--max_restarts", type=int, default=20)
+  p.add_argument("--poll_seconds", type=float, default=60.0)
+  p.add_argument("--max_wait_polls", type=int, default=60)
+  p.add_argument("--skip_install", action="store_true",
+                 help="reuse the code already on a READY slice (a new slice always gets it)")
+  p.add_argument("--git_ref", default="HEAD", help="what to ship (committed code only)")
+  p.add_argument("--remote_dir", default="gensar-jax", help="checkout dir under worker $HOME")
+  p.add_argument("--python", default="python3.11", help="interpreter on the workers")
+  p.add_argument("--jax_requirement", default="jax[tpu]>=0.10,<0.12")
+  p.add_argument("--train_module", default="gensar_jax.train")
+  p.add_argument("--archive_dir", default=tempfile.gettempdir())
+  p.add_argument("--dry_run", action="store_true", help="print the commands, run nothing")
+  args = p.parse_args(own)
+  shape = slice_shape(args.accelerator_type)
+  if args.mesh_gin is None:
+    if shape.accelerator_type not in MESH_GIN_FILES:
+      raise LaunchError(f"no mesh gin file for {shape.accelerator_type} ({shape.chips} chips);"
+                        f" pass --mesh_gin=PATH, or --mesh_gin=none for data parallelism over "
+                        f"all chips (shipped: {', '.join(MESH_GIN_FILES)})")
+    args.mesh_gin = MESH_GIN_FILES[shape.accelerator_type]
+  if args.mesh_gin.lower() != "none":
+    # After the user's gin files, so the slice's mesh wins over one set by an experiment.
+    last_file = max((i for i, f in enumerate(gin_flags) if f.startswith("--gin_file=")),
+                    default=-1)
+    gin_flags.insert(last_file + 1, f"--gin_file={args.mesh_gin}")
+  check_storage(gin_macro_values(gin_flags), shape.workers, args.watch)
+  if not any(f.startswith("--gin_file=") for f in gin_flags):
+    raise LaunchError("no --gin_file given: pass the run and model gin files, e.g. "
+                      "--gin_file=gin/runs/train.gin --gin_file=gin/models/t5_small.gin")
+  spec = LaunchSpec(
+      name=args.name, zone=args.zone, project=args.project, shape=shape,
+      runtime=args.version or shape.runtime, spot=args.spot, preemptible=args.preemptible,
+      train_flags=tuple(gin_flags), train_module=args.train_module,
+      remote_dir=args.remote_dir, python=args.python, jax_requirement=args.jax_requirement,
+      archive_path=os.path.join(args.archive_dir, f"gensar-jax-{args.name}.tar.gz"),
+      git_ref=args.git_ref, install=not args.skip_install, watch=args.watch,
+      max_restarts=args.max_restarts, max_wait_polls=args.max_wait_polls)
+  return spec, args.dry_run, args.poll_seconds
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  try:
+    spec, dry_run, poll_seconds = parse_args(sys.argv[1:] if argv is None else argv)
+    runner = CommandRunner(dry_run, poll_seconds=poll_seconds)
+    runner.note(f"{spec.shape.accelerator_type}: {spec.shape.chips} chips on "
+                f"{spec.shape.workers} worker(s), runtime {spec.runtime}")
+    return launch(spec, runner)
+  except LaunchError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,345 @@
+"""The Cloud TPU launcher (dry run and a real run against a fake gcloud), the mesh gin files,
+and joining processes with gensar_jax.distributed (two real CPU processes on loopback)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shlex
+import socket
+import subprocess
+import sys
+import textwrap
+
+import gin
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAUNCHER = os.path.join(REPO, "launch", "tpu_pod.py")
+
+
+def _load_launcher():
+  spec = importlib.util.spec_from_file_location("tpu_pod", LAUNCHER)
+  module = importlib.util.module_from_spec(spec)
+  sys.modules["tpu_pod"] = module  # dataclasses look their module up by name
+  spec.loader.exec_module(module)
+  return module
+
+
+tpu_pod = _load_launcher()
+
+MODEL_DIR_FLAG = "--gin.MODEL_DIR='gs://my-bucket/runs/t5 small'"  # a space inside quotes
+QUOTED_FLAG = "--gin.RUN_NOTE=\"it's a \\\"test\\\" $HOME\""         # both quote kinds, a $
+GIN_FLAGS = ["--gin_file=gin/tasks.gin", "--gin_file", "gin/runs/identify.gin",
+             MODEL_DIR_FLAG, QUOTED_FLAG, "--gin_bindings=TRAIN_STEPS = 100"]
+V5P_ARGS = ["--name=gensar-v5p", "--accelerator_type=v5p-64", "--zone=us-east5-a",
+            "--project=my-project", "--spot"]
+
+
+def _run_launcher(args, env=None, cwd=REPO):
+  return subprocess.run([sys.executable, LAUNCHER, *args], capture_output=True, text=True,
+                        env=env, cwd=cwd, timeout=120)
+
+
+def _commands(stdout):
+  """Printed command lines (comments dropped), each split the way a shell would."""
+  return [shlex.split(line) for line in stdout.splitlines()
+          if line.strip() and not line.startswith("#")]
+
+
+def _remote_command(argv):
+  [flag] = [a for a in argv if a.startswith("--command=")]
+  return flag[len("--command="):]
+
+
+# --- slice table ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("accelerator_type, normalised, chips, workers, runtime", [
+    ("v4-8", "v4-8", 4, 1, "tpu-ubuntu2204-base"),
+    ("v4-32", "v4-32", 16, 4, "tpu-ubuntu2204-base"),
+    ("v5litepod-8", "v5litepod-8", 8, 1, "v2-alpha-tpuv5-lite"),
+    ("v5litepod-16", "v5litepod-16", 16, 4, "v2-alpha-tpuv5-lite"),
+    ("v5e-16", "v5litepod-16", 16, 4, "v2-alpha-tpuv5-lite"),
+    ("v5p-8", "v5p-8", 4, 1, "v2-alpha-tpuv5"),
+    ("v5p-64", "v5p-64", 32, 8, "v2-alpha-tpuv5"),
+    ("v6e-256", "v6e-256", 256, 64, "v2-alpha-tpuv6e"),
+])
+def test_slice_shape_from_accelerator_type(accelerator_type, normalised, chips, workers,
+                                           runtime):
+  shape = tpu_pod.slice_shape(accelerator_type)
+  assert (shape.accelerator_type, shape.chips, shape.workers, shape.runtime) == (
+      normalised, chips, workers, runtime)
+
+
+@pytest.mark.parametrize("bad, says", [("v5p-63", "sizes"), ("v9-8", "unknown TPU"),
+                                       ("tpu-v4", "expected GENERATION-SIZE")])
+def test_bad_accelerator_type_is_a_launch_error(bad, says):
+  with pytest.raises(tpu_pod.LaunchError, match=says):
+    tpu_pod.slice_shape(bad)
+
+
+def test_mesh_files_match_their_slices_and_parse():
+  from gensar_jax import partitioning
+  for accelerator_type, path in tpu_pod.MESH_GIN_FILES.items():
+    gin.clear_config()
+    gin.parse_config_file(os.path.join(REPO, path))
+    data = gin.query_parameter("create_mesh.data")
+    model = gin.query_parameter("create_mesh.model")
+    assert data * model == tpu_pod.slice_shape(accelerator_type).chips, path
+  gin.clear_config()
+  gin.parse_config_file(os.path.join(REPO, "gin/mesh/cpu_8.gin"))
+  try:
+    mesh = partitioning.create_mesh()  # 8 simulated CPU devices (tests/conftest.py)
+    assert dict(mesh.shape) == {"data": 4, "model": 2}
+    assert partitioning.Partitioner(mesh=mesh).fsdp is False
+  finally:
+    gin.clear_config()
+
+
+# --- dry run ----------------------------------------------------------------------------
+
+
+def test_dry_run_multi_worker_prints_every_command_and_runs_none(tmp_path):
+  fake_bin = _fake_gcloud(tmp_path)
+  env = dict(os.environ, PATH=f"{fake_bin}{os.pathsep}{os.environ['PATH']}",
+             FAKE_GCLOUD_DIR=str(tmp_path))
+  done = _run_launcher([*V5P_ARGS, "--watch", "--dry_run", *GIN_FLAGS], env=env)
+  assert done.returncode == 0, done.stderr
+  assert not (tmp_path / "gcloud.log").exists()  # nothing was executed
+  commands = _commands(done.stdout)
+  verbs = [c[4] if c[0] == "gcloud" else c[0] for c in commands]
+  assert verbs == ["describe", "create", "delete", "git", "scp", "ssh", "ssh",
+                   # --watch: the recovery path after a preemption
+                   "describe", "delete", "create", "git", "scp", "ssh", "ssh"]
+  create = commands[1]
+  assert create[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "create", "gensar-v5p"]
+  for flag in ("--accelerator-type=v5p-64", "--version=v2-alpha-tpuv5", "--zone=us-east5-a",
+               "--project=my-project", "--spot"):
+    assert flag in create
+  assert "--preemptible" not in create
+  for scp_or_ssh in (c for c in commands if c[0] == "gcloud" and c[4] in ("scp", "ssh")):
+    assert "--worker=all" in scp_or_ssh
+  assert "jax[tpu]" in _remote_command(commands[5])
+  train = shlex.split(_remote_command(commands[6]))
+  assert "GENSAR_DISTRIBUTED=1" in train and "GENSAR_EXPECTED_PROCESSES=8" in train
+  flags = train[train.index("gensar_jax.train") + 1:]
+  assert flags == ["--gin_file=gin/tasks.gin", "--gin_file=gin/runs/identify.gin",
+                   "--gin_file=gin/mesh/v5p_64.gin", MODEL_DIR_FLAG, QUOTED_FLAG,
+                   "--gin_bindings=TRAIN_STEPS = 100"]
+  assert "v5p-64: 32 chips on 8 worker(s)" in done.stdout
+
+
+def test_remote_training_command_reaches_python_verbatim(tmp_path):
+  """Runs the printed --command= string in a real shell, with a fake worker checkout."""
+  done = _run_launcher([*V5P_ARGS, "--dry_run", *GIN_FLAGS])
+  assert done.returncode == 0, done.stderr
+  remote = _remote_command(_commands(done.stdout)[-1])
+  venv_bin = tmp_path / "gensar-jax" / ".venv" / "bin"
+  venv_bin.mkdir(parents=True)
+  fake_python = venv_bin / "python"
+  fake_python.write_text(textwrap.dedent(f"""\
+      #!{sys.executable}
+      import json, os, sys
+      json.dump({{"argv": sys.argv[1:], "expected": os.environ.get("GENSAR_EXPECTED_PROCESSES"),
+                 "distributed": os.environ.get("GENSAR_DISTRIBUTED")}},
+                open(os.path.join(os.path.dirname(os.getcwd()), "got.json"), "w"))
+      """))
+  fake_python.chmod(0o755)
+  subprocess.run(["bash", "-c", remote], cwd=tmp_path, check=True, timeout=60)
+  got = json.loads((tmp_path / "got.json").read_text())
+  assert got["argv"][:2] == ["-m", "gensar_jax.train"]
+  assert MODEL_DIR_FLAG in got["argv"] and QUOTED_FLAG in got["argv"]
+  assert (got["expected"], got["distributed"]) == ("8", "1")
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--accelerator_type=v5p-63"], "v5p comes in sizes"),
+    (["--accelerator_type=tpu"], "expected GENERATION-SIZE"),
+    (["--gin.MODEL_DIR='/home/me/model'"], "not a gs:// path: the slice has 8 workers"),
+    (["--gin.MODEL_DIR=runs/model"], "not a gs:// path"),
+    (["--gin.MODEL_DIR=None", "--gin.MODEL_DIR=''"], "MODEL_DIR is not set"),
+    (["--accelerator_type=v4-32", "--gin.MODEL_DIR='gs://b/m'"], "no mesh gin file for v4-32"),
+    (["--gin_file=gin/does_not_exist.gin", "--gin.MODEL_DIR='gs://b/m'"], "not found"),
+    (["--gin_file=/etc/hosts", "--gin.MODEL_DIR='gs://b/m'"], "inside the repository"),
+])
+def test_bad_launches_fail_clearly(args, says):
+  base = ["--name=t", "--zone=z", "--accelerator_type=v5p-64", "--gin_file=gin/tasks.gin"]
+  done = _run_launcher([*base, *args, "--dry_run"])
+  assert done.returncode == 2
+  assert says in done.stderr, done.stderr
+  assert not done.stdout.strip() or all(line.startswith("#") for line in
+                                        done.stdout.splitlines())
+
+
+def test_single_host_allows_local_model_dir_unless_watching():
+  base = ["--name=t", "--zone=z", "--accelerator_type=v4-8", "--gin_file=gin/tasks.gin",
+          "--gin.MODEL_DIR='runs/local'", "--dry_run"]
+  done = _run_launcher(base)
+  assert done.returncode == 0, done.stderr
+  train = shlex.split(_remote_command(_commands(done.stdout)[-1]))
+  assert "GENSAR_DISTRIBUTED=1" not in train and "GENSAR_EXPECTED_PROCESSES=1" in train
+  assert "--gin_file=gin/mesh/v4_8.gin" in train
+  watched = _run_launcher([*base, "--watch"])
+  assert watched.returncode == 2 and "loses its local disk" in watched.stderr
+
+
+def test_spot_and_preemptible_are_exclusive():
+  done = _run_launcher([*V5P_ARGS, "--preemptible", "--dry_run", *GIN_FLAGS])
+  assert done.returncode == 2 and "not allowed with argument" in done.stderr
+
+
+# --- a real run against a fake gcloud ---------------------------------------------------
+
+
+def _fake_gcloud(tmp_path):
+  """A gcloud that logs its argv and plays a slice: NOT_FOUND, then READY, preempted once."""
+  fake_bin = tmp_path / "bin"
+  fake_bin.mkdir()
+  script = fake_bin / "gcloud"
+  script.write_text(textwrap.dedent(f"""\
+      #!{sys.executable}
+      import json, os, sys
+      d = os.environ["FAKE_GCLOUD_DIR"]
+      args = sys.argv[1:]
+      with open(os.path.join(d, "gcloud.log"), "a") as f:
+        f.write(json.dumps(args) + "\\n")
+      state_file = os.path.join(d, "state")
+      verb = args[3]
+      if verb == "describe":
+        if not os.path.exists(state_file):
+          sys.stderr.write("ERROR: (gcloud.compute.tpus.tpu-vm.describe) NOT_FOUND: x\\n")
+          sys.exit(1)
+        print(open(state_file).read())
+      elif verb == "create":
+        open(state_file, "w").write("READY")
+      elif verb == "delete":
+        os.remove(state_file)
+      elif verb == "ssh" and any(a.startswith("--command=") and "gensar_jax.train" in a for a in args):
+        runs = os.path.join(d, "train_runs")
+        n = int(open(runs).read()) + 1 if os.path.exists(runs) else 1
+        open(runs, "w").write(str(n))
+        outcome = os.environ["FAKE_TRAIN_OUTCOMES"].split(",")[n - 1]
+        if outcome == "preempted":
+          open(state_file, "w").write("PREEMPTED")
+          sys.exit(1)
+        sys.exit(int(outcome))
+      """))
+  script.chmod(0o755)
+  return fake_bin
+
+
+def _fake_env(tmp_path, outcomes):
+  fake_bin = tmp_path / "bin" if (tmp_path / "bin").exists() else _fake_gcloud(tmp_path)
+  return dict(os.environ, PATH=f"{fake_bin}{os.pathsep}{os.environ['PATH']}",
+              FAKE_GCLOUD_DIR=str(tmp_path), FAKE_TRAIN_OUTCOMES=outcomes)
+
+
+def _logged_verbs(tmp_path):
+  lines = (tmp_path / "gcloud.log").read_text().splitlines()
+  return [json.loads(line)[3] for line in lines], [json.loads(line) for line in lines]
+
+
+def test_watch_recreates_a_preempted_slice_and_reruns_the_same_command(tmp_path):
+  env = _fake_env(tmp_path, "preempted,0")
+  done = _run_launcher([*V5P_ARGS, "--watch", "--poll_seconds=0",
+                        f"--archive_dir={tmp_path}", *GIN_FLAGS], env=env)
+  assert done.returncode == 0, done.stderr
+  verbs, calls = _logged_verbs(tmp_path)
+  assert verbs == ["describe", "create", "describe", "scp", "ssh", "ssh",
+                   "describe", "delete", "create", "describe", "scp", "ssh", "ssh"]
+  trains = [c for c in calls if c[3] == "ssh" and "gensar_jax.train" in " ".join(c)]
+  assert len(trains) == 2 and trains[0] == trains[1]  # the very same command again
+  assert "--spot" in calls[1] and "--spot" in calls[8]
+  assert (tmp_path / "gensar-jax-gensar-v5p.tar.gz").stat().st_size > 1000  # git archive ran
+  assert "restart 1 of 20" in done.stderr
+
+
+def test_failure_on_a_healthy_slice_is_not_retried(tmp_path):
+  env = _fake_env(tmp_path, "3")
+  (tmp_path / "state").write_text("READY")  # reuse an existing slice
+  done = _run_launcher([*V5P_ARGS, "--watch", "--poll_seconds=0",
+                        f"--archive_dir={tmp_path}", *GIN_FLAGS], env=env)
+  assert done.returncode == 3
+  verbs, _ = _logged_verbs(tmp_path)
+  assert verbs == ["describe", "scp", "ssh", "ssh", "describe"]
+  assert "not a preemption" in done.stderr
+
+
+def test_without_watch_a_preemption_just_returns_the_exit_code(tmp_path):
+  env = _fake_env(tmp_path, "preempted")
+  (tmp_path / "state").write_text("READY")
+  done = _run_launcher([*V5P_ARGS, "--skip_install", "--poll_seconds=0", *GIN_FLAGS],
+                       env=env)
+  assert done.returncode == 1
+  verbs, _ = _logged_verbs(tmp_path)
+  assert verbs == ["describe", "ssh"]  # --skip_install on a READY slice: no copy
+
+
+# --- gensar_jax.distributed -------------------------------------------------------------
+
+
+def test_should_initialize_decision_order():
+  from gensar_jax.distributed import should_initialize
+  assert should_initialize(None, {})[0] is False
+  assert should_initialize(None, {"GENSAR_DISTRIBUTED": "1"})[0] is True
+  assert should_initialize(None, {"GENSAR_DISTRIBUTED": "0",
+                                  "JAX_COORDINATOR_ADDRESS": "10.0.0.1:8476"})[0] is False
+  assert should_initialize(False, {"GENSAR_DISTRIBUTED": "1"})[0] is False
+  assert should_initialize(None, {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:8476"})[0] is True
+  assert should_initialize(None, {"TPU_WORKER_HOSTNAMES": "w0"})[0] is False
+  assert should_initialize(None, {"TPU_WORKER_HOSTNAMES": "w0,w1,w2,w3"}) == (
+      True, "TPU_WORKER_HOSTNAMES names 4 hosts")
+  with pytest.raises(ValueError, match="GENSAR_DISTRIBUTED='maybe'"):
+    should_initialize(None, {"GENSAR_DISTRIBUTED": "maybe"})
+
+
+def test_single_process_is_a_no_op_that_reports_devices():
+  from gensar_jax.distributed import initialize_distributed
+  topology = initialize_distributed(environ={}, verbose=False)
+  assert (topology.process_index, topology.process_count, topology.distributed) == (0, 1, False)
+  assert topology.local_device_count == topology.global_device_count == 8
+  with pytest.raises(RuntimeError, match="1 process.*but 8 were expected"):
+    initialize_distributed(environ={"GENSAR_EXPECTED_PROCESSES": "8"}, verbose=False)
+
+
+_WORKER = """
+import json
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from gensar_jax.distributed import initialize_distributed
+from gensar_jax.partitioning import create_mesh
+t = initialize_distributed()
+mesh = create_mesh()
+x = jax.make_array_from_process_local_data(NamedSharding(mesh, P("data")),
+                                           np.full((2,), t.process_index + 1.0, np.float32))
+total = float(jax.jit(jnp.sum)(x))
+print("RESULT " + json.dumps(dict(index=t.process_index, count=t.process_count,
+      local=t.local_device_count, global_=t.global_device_count, distributed=t.distributed,
+      total=total)))
+"""
+
+
+def test_two_cpu_processes_join_one_runtime():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  procs = []
+  for pid in range(2):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", GENSAR_NUM_PROCESSES="2",
+               GENSAR_PROCESS_ID=str(pid), GENSAR_EXPECTED_PROCESSES="2")
+    env.pop("GENSAR_DISTRIBUTED", None)
+    procs.append(subprocess.Popen([sys.executable, "-c", _WORKER], env=env, cwd=REPO,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+  results = []
+  for proc in procs:
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    assert "[distributed] process" in err
+    [line] = [l for l in out.splitlines() if l.startswith("RESULT ")]
+    results.append(json.loads(line[len("RESULT "):]))
+  assert sorted(r["index"] for r in results) == [0, 1]
+  for r in results:
+    assert (r["count"], r["local"], r["global_"], r["distributed"]) == (2, 2, 4, True)
+    assert r["total"] == 6.0  # 2 x 1.0 from process 0 + 2 x 2.0 from process 1
