@@ -1,0 +1,276 @@
+"""Building blocks of the T5.1.1 network, each parameter tagged with logical axis names.
+
+Logical names (mapped to mesh axes by the rules table in gensar_jax/partitioning.py):
+  parameters:  vocab, embed, mlp, joined_kv (= heads * head_dim, flattened), relpos_buckets,
+               heads
+  activations: batch, length, embed, mlp, heads, kv, vocab
+Outside a rules context the constraints are no-ops, so these modules also run unsharded.
+
+Numerics follow T5.1.1: no biases anywhere, RMSNorm statistics in float32, attention
+logits and softmax in float32, the 1/sqrt(head_dim) of dot-product attention folded into
+the query initialiser (so the forward pass has no explicit scaling).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Array = jax.Array
+Initializer = Callable[..., Array]
+
+# Large negative number instead of -inf: a row whose keys are all masked (an all-padding
+# input) then softmaxes to uniform weights rather than NaN.
+MASK_VALUE = -1e10
+
+default_kernel_init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+
+
+def _axes(names: Sequence[Optional[str]]) -> Tuple[Optional[str], ...]:
+  return tuple(names)
+
+
+def constrain(x: Array, names: Sequence[Optional[str]]) -> Array:
+  """Logical sharding constraint on an activation (a no-op without rules)."""
+  return nn.with_logical_constraint(x, _axes(names))
+
+
+class RMSNorm(nn.Module):
+  """T5's layer norm: rescales by the root mean square, no centring and no bias.
+
+  Statistics are taken in float32 even under bfloat16 compute, where the mean of squares
+  over a few hundred features would otherwise lose most of its precision.
+  """
+  epsilon: float = 1e-6
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    features = x.shape[-1]
+    x32 = jnp.asarray(x, jnp.float32)
+    mean_square = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+    normed = jnp.asarray(x32 * lax.rsqrt(mean_square + self.epsilon), self.dtype)
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+                       (features,), self.param_dtype)
+    return normed * jnp.asarray(scale, self.dtype)
+
+
+class Dense(nn.Module):
+  """A bias-free projection of the last axis, with a 2-D kernel and logical axis names.
+
+  Multi-head projections keep their kernel flattened ([embed, heads * head_dim], axis
+  'joined_kv') and reshape the activation, so a checkpoint stores plain matrices and
+  fan-in initialisation sees the true input width.
+  """
+  features: int
+  kernel_axes: Tuple[str, str]
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+  kernel_init: Initializer = default_kernel_init
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.kernel_axes),
+                        (x.shape[-1], self.features), self.param_dtype)
+    x = jnp.asarray(x, self.dtype)
+    kernel = jnp.asarray(kernel, self.dtype)
+    # [..., in] x [in, out] -> [..., out]
+    return lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+
+
+class Embed(nn.Module):
+  """Token embedding table [vocab, embed], shared by the encoder and the decoder inputs."""
+  num_embeddings: int
+  features: int
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+  embedding_init: Initializer = nn.initializers.normal(stddev=1.0)
+
+  @nn.compact
+  def __call__(self, tokens: Array) -> Array:
+    if not jnp.issubdtype(tokens.dtype, jnp.integer):
+      raise TypeError(f"Embed: token ids must be integers, got dtype {tokens.dtype}")
+    table = self.param("embedding",
+                       nn.with_logical_partitioning(self.embedding_init, ("vocab", "embed")),
+                       (self.num_embeddings, self.features), self.param_dtype)
+    # [batch, length] -> [batch, length, embed]
+    return jnp.take(jnp.asarray(table, self.dtype), tokens, axis=0)
+
+
+class GatedGeluMlp(nn.Module):
+  """T5.1.1's feed-forward block: wo(gelu(wi_0 x) * wi_1 x), no biases."""
+  mlp_dim: int
+  dropout_rate: float = 0.0
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, deterministic: bool = True) -> Array:
+    emb_dim = x.shape[-1]
+    dense = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    gate = Dense(self.mlp_dim, ("embed", "mlp"), name="wi_0", **dense)(x)
+    linear = Dense(self.mlp_dim, ("embed", "mlp"), name="wi_1", **dense)(x)
+    hidden = nn.gelu(gate, approximate=True) * linear  # [batch, length, mlp]
+    hidden = constrain(hidden, ("batch", "length", "mlp"))
+    hidden = nn.Dropout(self.dropout_rate, broadcast_dims=(-2,))(hidden, deterministic=deterministic)
+    out = Dense(emb_dim, ("mlp", "embed"), name="wo", **dense)(hidden)
+    return constrain(out, ("batch", "length", "embed"))
+
+
+def relative_position_bucket(relative_position: Array, bidirectional: bool,
+                             num_buckets: int = 32, max_distance: int = 128) -> Array:
+  """Maps key_position - query_position to one of `num_buckets` buckets (T5's scheme).
+
+  Near distances get a bucket each; farther ones share logarithmically wider buckets up to
+  `max_distance`, beyond which everything falls in the last bucket. Bidirectional
+  (encoder): half the buckets for keys before the query, half for keys after it. Causal
+  (decoder): future keys all map to bucket 0 (they are masked anyway), so every bucket
+  describes the past.
+  """
+  relative_position = jnp.asarray(relative_position, jnp.int32)
+  # Distance looking back: positive when the key precedes the query.
+  distance_back = -relative_position
+  bucket_offset = jnp.zeros_like(relative_position)
+  if bidirectional:
+    num_buckets //= 2
+    bucket_offset = jnp.where(distance_back < 0, num_buckets, 0)
+    distance = jnp.abs(distance_back)
+  else:
+    distance = jnp.maximum(distance_back, 0)
+  num_exact = num_buckets // 2
+  is_exact = distance < num_exact
+  # log-spaced buckets for num_exact <= distance < max_distance
+  log_ratio = (jnp.log(jnp.maximum(distance, 1).astype(jnp.float32) / num_exact)
+               / math.log(max_distance / num_exact))
+  log_bucket = num_exact + (log_ratio * (num_buckets - num_exact)).astype(jnp.int32)
+  log_bucket = jnp.minimum(log_bucket, num_buckets - 1)
+  return bucket_offset + jnp.where(is_exact, distance, log_bucket)
+
+
+class RelativePositionBias(nn.Module):
+  """A learned scalar per (head, bucket), added to the attention logits.
+
+  Computed once per stack from query and key positions and shared by every layer of that
+  stack; one table per stack (encoder: bidirectional, decoder: causal).
+  """
+  num_heads: int
+  bidirectional: bool
+  num_buckets: int = 32
+  max_distance: int = 128
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, query_positions: Array, key_positions: Array) -> Array:
+    """[q] query positions, [k] key positions -> bias [1, heads, q, k] (float32)."""
+    table = self.param(
+        "rel_embedding",
+        nn.with_logical_partitioning(nn.initializers.variance_scaling(1.0, "fan_avg", "uniform"),
+                                     ("heads", "relpos_buckets")),
+        (self.num_heads, self.num_buckets), self.param_dtype)
+    relative = key_positions[None, :] - query_positions[:, None]  # [q, k]
+    buckets = relative_position_bucket(relative, self.bidirectional, self.num_buckets,
+                                       self.max_distance)
+    # One-hot contraction instead of a gather: cheap for 32 buckets and friendly to
+    # sharding the heads axis.
+    one_hot = jax.nn.one_hot(buckets, self.num_buckets, dtype=jnp.float32)  # [q, k, buckets]
+    bias = jnp.einsum("hb,qkb->hqk", jnp.asarray(table, jnp.float32), one_hot)
+    return bias[None]  # [1, heads, q, k]
+
+
+class MultiHeadAttention(nn.Module):
+  """Bias-free multi-head dot-product attention with an optional incremental KV cache.
+
+  With `decode=True` the module keeps `cached_key` / `cached_value` ([batch, max_length,
+  heads, head_dim]) and a scalar `cache_index` in the 'cache' collection. The first call
+  (made with the full-length input, e.g. under `jax.eval_shape`) only creates them; every
+  later call takes one new position, writes its key/value at `cache_index`, and attends
+  over the positions written so far. Only self-attention uses the cache.
+  """
+  num_heads: int
+  head_dim: int
+  dropout_rate: float = 0.0
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, inputs_q: Array, inputs_kv: Array, mask: Optional[Array] = None,
+               bias: Optional[Array] = None, decode: bool = False,
+               deterministic: bool = True) -> Array:
+    """inputs_q [batch, q, embed], inputs_kv [batch, k, embed]; mask [batch|1, 1, q, k]
+    (True = may attend), bias [1, heads, q, k] -> [batch, q, embed]."""
+    joined = self.num_heads * self.head_dim
+    dense = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+
+    def query_init(key, shape, dtype):
+      # Folds the 1/sqrt(head_dim) logit scaling into the initial query weights.
+      return default_kernel_init(key, shape, dtype) / math.sqrt(self.head_dim)
+
+    def split_heads(x):  # [batch, length, heads * kv] -> [batch, length, heads, kv]
+      x = x.reshape(x.shape[:-1] + (self.num_heads, self.head_dim))
+      return constrain(x, ("batch", "length", "heads", "kv"))
+
+    query = split_heads(Dense(joined, ("embed", "joined_kv"), kernel_init=query_init,
+                              name="query", **dense)(inputs_q))
+    key = split_heads(Dense(joined, ("embed", "joined_kv"), name="key", **dense)(inputs_kv))
+    value = split_heads(Dense(joined, ("embed", "joined_kv"), name="value", **dense)(inputs_kv))
+
+    if decode:
+      is_initialized = self.has_variable("cache", "cached_key")
+      cached_key = self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)
+      cached_value = self.variable("cache", "cached_value", jnp.zeros, value.shape, value.dtype)
+      cache_index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
+      if is_initialized:
+        batch, max_length, heads, head_dim = cached_key.value.shape
+        if query.shape[1] != 1:
+          raise ValueError(f"MultiHeadAttention: incremental decoding takes one position per "
+                           f"step, got query length {query.shape[1]}")
+        if query.shape[0] != batch:
+          raise ValueError(f"MultiHeadAttention: decode batch {query.shape[0]} does not match "
+                           f"the cache batch {batch}; build the cache for the same batch "
+                           "(beams included)")
+        index = cache_index.value
+        # [batch, max_length, heads, kv] with this step's key/value at `index`
+        key = lax.dynamic_update_slice(cached_key.value, key.astype(cached_key.value.dtype),
+                                       (0, index, 0, 0))
+        value = lax.dynamic_update_slice(cached_value.value,
+                                         value.astype(cached_value.value.dtype),
+                                         (0, index, 0, 0))
+        cached_key.value, cached_value.value = key, value
+        cache_index.value = index + 1
+        # Positions not yet written (> index) are hidden. [1, 1, 1, max_length]
+        written = (jnp.arange(max_length) <= index)[None, None, None, :]
+        mask = written if mask is None else jnp.logical_and(mask, written)
+
+    # [batch, heads, q, k], float32 for a stable softmax
+    logits = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=jnp.float32)
+    if bias is not None:
+      logits = logits + jnp.asarray(bias, jnp.float32)
+    if mask is not None:
+      logits = jnp.where(mask, logits, MASK_VALUE)
+    weights = jax.nn.softmax(logits, axis=-1)
+    weights = nn.Dropout(self.dropout_rate)(weights, deterministic=deterministic)
+    weights = jnp.asarray(weights, self.dtype)
+    # [batch, q, heads, kv]
+    context = jnp.einsum("bhqk,bkhd->bqhd", weights, jnp.asarray(value, self.dtype))
+    context = constrain(context, ("batch", "length", "heads", "kv"))
+    context = context.reshape(context.shape[:2] + (joined,))
+    out = Dense(inputs_q.shape[-1], ("joined_kv", "embed"), name="out", **dense)(context)
+    return constrain(out, ("batch", "length", "embed"))
+
+
+def key_padding_mask(key_tokens: Array) -> Array:
+  """[batch, 1, 1, k] True where the key is a real token (id > 0, PAD = 0)."""
+  key_valid = key_tokens > 0  # [batch, k]
+  return key_valid[:, None, None, :]
+
+
+def causal_mask(length: int) -> Array:
+  """[1, 1, length, length] True where key position <= query position."""
+  positions = jnp.arange(length)
+  return (positions[None, :] <= positions[:, None])[None, None]

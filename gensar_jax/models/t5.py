@@ -1,0 +1,212 @@
+"""The T5.1.1 encoder-decoder network (Flax linen).
+
+Pre-norm residual blocks (RMSNorm -> sublayer -> dropout -> add), gated-GELU MLPs, one
+relative position bias table per stack computed once and shared by its layers, a token
+embedding shared by encoder and decoder inputs, and a separate (untied) output layer
+`logits_dense`. No biases anywhere. The decoder supports incremental decoding with a KV
+cache (`decode=True`, 'cache' collection); see `MultiHeadAttention`.
+
+Layers are a plain Python loop (`layers_0`, `layers_1`, ...), not `nn.scan`: a handful of
+layers compiles fast enough and keeps parameter paths readable.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from gensar_jax.models.layers import (Dense, Embed, GatedGeluMlp, MultiHeadAttention,
+                                      RelativePositionBias, RMSNorm, causal_mask, constrain,
+                                      key_padding_mask)
+from gensar_jax.models.t5_config import T5Config
+
+Array = jax.Array
+
+
+def _norm(config: T5Config, name: str) -> RMSNorm:
+  return RMSNorm(epsilon=config.layer_norm_epsilon, dtype=config.compute_dtype,
+                 param_dtype=config.parameter_dtype, name=name)
+
+
+def _attention(config: T5Config, name: str) -> MultiHeadAttention:
+  return MultiHeadAttention(num_heads=config.num_heads, head_dim=config.head_dim,
+                            dropout_rate=config.dropout_rate, dtype=config.compute_dtype,
+                            param_dtype=config.parameter_dtype, name=name)
+
+
+def _mlp(config: T5Config) -> GatedGeluMlp:
+  return GatedGeluMlp(mlp_dim=config.mlp_dim, dropout_rate=config.dropout_rate,
+                      dtype=config.compute_dtype, param_dtype=config.parameter_dtype,
+                      name="mlp")
+
+
+def _residual_dropout(config: T5Config, x: Array, deterministic: bool) -> Array:
+  # Broadcast over the length axis, as T5 does for its residual dropout.
+  return nn.Dropout(config.dropout_rate, broadcast_dims=(-2,))(x, deterministic=deterministic)
+
+
+class EncoderLayer(nn.Module):
+  config: T5Config
+
+  @nn.compact
+  def __call__(self, x: Array, mask: Array, bias: Array, deterministic: bool) -> Array:
+    cfg = self.config
+    # [batch, length, embed]
+    h = _norm(cfg, "pre_attention_norm")(x)
+    h = _attention(cfg, "attention")(h, h, mask=mask, bias=bias, deterministic=deterministic)
+    x = x + _residual_dropout(cfg, h, deterministic)
+    h = _norm(cfg, "pre_mlp_norm")(x)
+    h = _mlp(cfg)(h, deterministic=deterministic)
+    x = x + _residual_dropout(cfg, h, deterministic)
+    return constrain(x, ("batch", "length", "embed"))
+
+
+class DecoderLayer(nn.Module):
+  config: T5Config
+
+  @nn.compact
+  def __call__(self, x: Array, encoded: Array, self_mask: Optional[Array], cross_mask: Array,
+               bias: Array, decode: bool, deterministic: bool) -> Array:
+    cfg = self.config
+    # [batch, target_length, embed]
+    h = _norm(cfg, "pre_self_attention_norm")(x)
+    h = _attention(cfg, "self_attention")(h, h, mask=self_mask, bias=bias, decode=decode,
+                                          deterministic=deterministic)
+    x = x + _residual_dropout(cfg, h, deterministic)
+    h = _norm(cfg, "pre_cross_attention_norm")(x)
+    h = _attention(cfg, "encoder_decoder_attention")(h, encoded, mask=cross_mask,
+                                                     deterministic=deterministic)
+    x = x + _residual_dropout(cfg, h, deterministic)
+    h = _norm(cfg, "pre_mlp_norm")(x)
+    h = _mlp(cfg)(h, deterministic=deterministic)
+    x = x + _residual_dropout(cfg, h, deterministic)
+    return constrain(x, ("batch", "length", "embed"))
+
+
+class Encoder(nn.Module):
+  config: T5Config
+  token_embedder: nn.Module
+
+  @nn.compact
+  def __call__(self, encoder_input_tokens: Array, deterministic: bool = True) -> Array:
+    cfg = self.config
+    length = encoder_input_tokens.shape[1]
+    x = self.token_embedder(encoder_input_tokens)  # [batch, length, embed]
+    x = constrain(x, ("batch", "length", "embed"))
+    x = _residual_dropout(cfg, x, deterministic)
+    mask = key_padding_mask(encoder_input_tokens)  # [batch, 1, 1, length]
+    positions = jnp.arange(length)
+    bias = RelativePositionBias(
+        num_heads=cfg.num_heads, bidirectional=True,
+        num_buckets=cfg.relative_attention_num_buckets,
+        max_distance=cfg.relative_attention_max_distance,
+        param_dtype=cfg.parameter_dtype, name="relpos_bias")(positions, positions)
+    for i in range(cfg.num_encoder_layers):
+      x = EncoderLayer(cfg, name=f"layers_{i}")(x, mask, bias, deterministic)
+    x = _norm(cfg, "encoder_norm")(x)
+    return _residual_dropout(cfg, x, deterministic)
+
+
+class Decoder(nn.Module):
+  config: T5Config
+  token_embedder: nn.Module
+
+  @nn.compact
+  def __call__(self, encoded: Array, encoder_input_tokens: Array, decoder_input_tokens: Array,
+               decode: bool = False, max_decode_length: Optional[int] = None,
+               deterministic: bool = True) -> Array:
+    """-> logits [batch, target_length, vocab] in float32.
+
+    In decode mode the decoder keeps its own scalar step counter (`decode_position`) to
+    place the single new query for the relative position bias; `max_decode_length` is the
+    length of the KV cache (the bias row covers every cache slot).
+    """
+    cfg = self.config
+    target_length = decoder_input_tokens.shape[1]
+    self_mask = None
+    if decode:
+      is_initialized = self.has_variable("cache", "decode_position")
+      step = self.variable("cache", "decode_position", lambda: jnp.array(0, jnp.int32))
+      if is_initialized:
+        if max_decode_length is None:
+          raise ValueError("Decoder: incremental decoding needs max_decode_length (the KV "
+                           "cache length)")
+        query_positions = step.value + jnp.arange(target_length)
+        key_positions = jnp.arange(max_decode_length)
+        step.value = step.value + target_length
+      else:
+        # Cache-creating call: a full-length pass whose outputs are discarded.
+        query_positions = key_positions = jnp.arange(target_length)
+        self_mask = causal_mask(target_length)
+    else:
+      query_positions = key_positions = jnp.arange(target_length)
+      # Causal only: padded target positions carry zero loss weight, and real queries
+      # never see the padding after them, so no padding mask is needed here.
+      self_mask = causal_mask(target_length)
+
+    cross_mask = key_padding_mask(encoder_input_tokens)  # [batch, 1, 1, input_length]
+    if cross_mask.shape[0] != decoder_input_tokens.shape[0] or encoded.shape[0] != cross_mask.shape[0]:
+      raise ValueError(f"Decoder: batch sizes differ: decoder tokens "
+                       f"{decoder_input_tokens.shape}, encoded {encoded.shape}, encoder "
+                       f"tokens {encoder_input_tokens.shape}")
+    bias = RelativePositionBias(
+        num_heads=cfg.num_heads, bidirectional=False,
+        num_buckets=cfg.relative_attention_num_buckets,
+        max_distance=cfg.relative_attention_max_distance,
+        param_dtype=cfg.parameter_dtype, name="relpos_bias")(query_positions, key_positions)
+
+    x = self.token_embedder(decoder_input_tokens)  # [batch, target_length, embed]
+    x = constrain(x, ("batch", "length", "embed"))
+    x = _residual_dropout(cfg, x, deterministic)
+    encoded = jnp.asarray(encoded, cfg.compute_dtype)
+    for i in range(cfg.num_decoder_layers):
+      x = DecoderLayer(cfg, name=f"layers_{i}")(x, encoded, self_mask, cross_mask, bias,
+                                                decode, deterministic)
+    x = _norm(cfg, "decoder_norm")(x)
+    x = _residual_dropout(cfg, x, deterministic)
+    # Untied output layer; logits in float32 for the softmax and the loss.
+    logits = Dense(cfg.require_vocab_size(), ("embed", "vocab"), dtype=jnp.float32,
+                   param_dtype=cfg.parameter_dtype, name="logits_dense")(x)
+    return constrain(logits, ("batch", "length", "vocab"))
+
+
+class Transformer(nn.Module):
+  """Encoder + decoder with a shared token embedding (`token_embedder`)."""
+  config: T5Config
+
+  def setup(self):
+    cfg = self.config
+    self.token_embedder = Embed(num_embeddings=cfg.require_vocab_size(), features=cfg.emb_dim,
+                                dtype=cfg.compute_dtype, param_dtype=cfg.parameter_dtype)
+    self.encoder = Encoder(cfg, token_embedder=self.token_embedder)
+    self.decoder = Decoder(cfg, token_embedder=self.token_embedder)
+
+  def encode(self, encoder_input_tokens: Array, enable_dropout: bool = False) -> Array:
+    """[batch, input_length] -> [batch, input_length, embed]."""
+    _check_tokens("encoder_input_tokens", encoder_input_tokens)
+    return self.encoder(encoder_input_tokens, deterministic=not enable_dropout)
+
+  def decode(self, encoded: Array, encoder_input_tokens: Array, decoder_input_tokens: Array,
+             decode: bool = False, max_decode_length: Optional[int] = None,
+             enable_dropout: bool = False) -> Array:
+    """-> logits [batch, target_length, vocab] (float32)."""
+    _check_tokens("decoder_input_tokens", decoder_input_tokens)
+    return self.decoder(encoded, encoder_input_tokens, decoder_input_tokens, decode=decode,
+                        max_decode_length=max_decode_length,
+                        deterministic=not enable_dropout)
+
+  def __call__(self, encoder_input_tokens: Array, decoder_input_tokens: Array,
+               enable_dropout: bool = False) -> Array:
+    """Teacher-forced forward pass -> logits [batch, target_length, vocab] (float32)."""
+    encoded = self.encode(encoder_input_tokens, enable_dropout=enable_dropout)
+    return self.decode(encoded, encoder_input_tokens, decoder_input_tokens,
+                       enable_dropout=enable_dropout)
+
+
+def _check_tokens(name: str, tokens: Array) -> None:
+  if tokens.ndim != 2:
+    raise ValueError(f"Transformer: {name} must be [batch, length], got shape {tokens.shape}")
+  if not jnp.issubdtype(tokens.dtype, jnp.integer):
+    raise TypeError(f"Transformer: {name} must hold integer token ids, got {tokens.dtype}")
