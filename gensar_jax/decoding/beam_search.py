@@ -1,0 +1,255 @@
+"""Beam search that stays on device: trie-constrained for identifiers, free for text.
+
+The published GenSAR code constrains Hugging Face beam search with a Python callback per beam
+per step. Here the whole search is one traced loop: the trie state rides beside each beam and
+is gathered with it (like the decoder cache), allowed tokens come from table lookups
+(trie.step_candidates), and top-k runs over the allowed candidates only
+([batch, beams * width] rather than [batch, beams * vocab]). Call it inside jax.jit;
+num_beams and decode_length are static.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Protocol, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from gensar_jax.decoding import trie as trie_lib
+
+NEG_INF = -np.inf
+PAD_ID = 0
+EOS_ID = 1
+
+
+class TokensToLogits(Protocol):
+  """One decoder step: tokens [batch * beams, 1] -> (logits [batch * beams, vocab], cache)."""
+
+  def __call__(self, tokens: jax.Array, cache: Any) -> Tuple[jax.Array, Any]:
+    ...
+
+
+@struct.dataclass
+class BeamSearchResult:
+  sequences: jax.Array  # [batch, beams, length] tokens, best beam first
+  scores: jax.Array     # [batch, beams] sum of log-softmax over the vocab; -inf if invalid
+  items: Optional[jax.Array] = None  # [batch, beams] trie item index, -1 if invalid
+
+
+# ----------------------------------------------------------------------------- shared machinery
+
+
+def gather_beams(tree: Any, beam_indices: jax.Array, batch_size: int, num_beams: int) -> Any:
+  """Reorders every [batch * old_beams, ...] leaf to the beams in `beam_indices` [batch, new].
+
+  Scalar leaves (e.g. a cache index shared by all beams) pass through unchanged; any other
+  leaf must be flattened batch-major like the decoder cache.
+  """
+  new_beams = beam_indices.shape[1]
+
+  def gather(x):
+    x = jnp.asarray(x)
+    if x.ndim == 0:
+      return x
+    if x.shape[0] != batch_size * num_beams:
+      raise ValueError(f"cache leaf of shape {x.shape} has leading dim {x.shape[0]}, expected "
+                       f"batch * beams = {batch_size * num_beams} (or a scalar)")
+    split = x.reshape((batch_size, num_beams) + x.shape[1:])
+    index = beam_indices.reshape(beam_indices.shape + (1,) * (x.ndim - 1))
+    picked = jnp.take_along_axis(split, index, axis=1)   # [batch, new, ...]
+    return picked.reshape((batch_size * new_beams,) + x.shape[1:])
+
+  return jax.tree.map(gather, tree)
+
+
+def gather_batch_beams(x: jax.Array, beam_indices: jax.Array) -> jax.Array:
+  """x [batch, beams, ...] -> [batch, new, ...] picking beam_indices [batch, new]."""
+  index = beam_indices.reshape(beam_indices.shape + (1,) * (x.ndim - 2))
+  return jnp.take_along_axis(x, index, axis=1)
+
+
+def step_log_probs(tokens_to_logits: TokensToLogits, last_tokens: jax.Array, cache: Any):
+  """Runs the decoder one step for [batch, beams] last tokens -> log-probs [batch, beams, V]."""
+  batch, beams = last_tokens.shape
+  logits, cache = tokens_to_logits(last_tokens.reshape(batch * beams, 1), cache)
+  logits = logits.astype(jnp.float32)                       # [batch * beams, vocab]
+  log_probs = jax.nn.log_softmax(logits, axis=-1)
+  return log_probs.reshape(batch, beams, -1), logits.reshape(batch, beams, -1), cache
+
+
+def write_position(sequences: jax.Array, step: jax.Array, tokens: jax.Array) -> jax.Array:
+  """sequences [..., length] with position `step` set to tokens [...] (step may be traced)."""
+  at_step = jnp.arange(sequences.shape[-1]) == step          # [length]
+  return jnp.where(at_step, tokens[..., None], sequences)
+
+
+def _first_beam_alive(batch_size: int, num_beams: int) -> jax.Array:
+  """[batch, beams] 0 for beam 0 and -inf elsewhere, so identical start beams never duplicate."""
+  return jnp.where(jnp.arange(num_beams) == 0, 0.0, NEG_INF)[None].repeat(batch_size, 0)
+
+
+# ----------------------------------------------------------------------------- constrained
+
+
+def _constrained_beam_search(tokens_to_logits, initial_cache, batch_size, num_beams,
+                             decode_length, trie: trie_lib.TrieArrays) -> BeamSearchResult:
+  if decode_length != trie.num_levels:
+    raise ValueError(f"decode_length {decode_length} != identifier length {trie.num_levels} "
+                     "of the constraint trie")
+  b, k, width = batch_size, num_beams, trie.width
+
+  def body(step, carry):
+    sequences, scores, state, last, cache = carry
+    log_probs, _, cache = step_log_probs(tokens_to_logits, last, cache)   # [b, k, vocab]
+    tokens, nxt, valid = trie_lib.step_candidates(trie, step, state)     # [b, k, width]
+    token_lp = jnp.take_along_axis(log_probs, tokens, axis=-1)          # [b, k, width]
+    total = jnp.where(valid, scores[..., None] + token_lp, NEG_INF)     # [b, k, width]
+    top_scores, flat = jax.lax.top_k(total.reshape(b, k * width), k)    # [b, k]
+    beam = flat // width
+    new_tokens = jnp.take_along_axis(tokens.reshape(b, k * width), flat, axis=1)
+    new_state = jnp.take_along_axis(nxt.reshape(b, k * width), flat, axis=1)
+    sequences = write_position(gather_batch_beams(sequences, beam), step, new_tokens)
+    cache = gather_beams(cache, beam, b, k)
+    return sequences, top_scores, new_state, new_tokens, cache
+
+  carry = (jnp.zeros((b, k, decode_length), jnp.int32), _first_beam_alive(b, k),
+           jnp.zeros((b, k), jnp.int32), jnp.full((b, k), PAD_ID, jnp.int32), initial_cache)
+  sequences, scores, state, _, _ = jax.lax.fori_loop(0, decode_length, body, carry)
+  alive = jnp.isfinite(scores)                                           # [b, k]
+  items = jnp.where(alive, trie_lib.leaf_items(trie, jnp.where(alive, state, -1)), -1)
+  sequences = jnp.where(alive[..., None], sequences, PAD_ID)
+  return BeamSearchResult(sequences=sequences, scores=scores, items=items)
+
+
+# ----------------------------------------------------------------------------- free text
+
+
+def length_penalty(length: jax.Array, alpha: float) -> jax.Array:
+  """GNMT-style ((5 + length) / 6) ** alpha; alpha 0 ranks by raw log-probability."""
+  return ((5.0 + length) / 6.0) ** alpha
+
+
+def _free_beam_search(tokens_to_logits, initial_cache, batch_size, num_beams, max_length,
+                      eos_id: int, alpha: float) -> BeamSearchResult:
+  """Keeps `num_beams` alive and `num_beams` finished hypotheses per example.
+
+  Each step takes the top 2 * beams extensions: those ending in EOS compete (length
+  normalised) for the finished set, the rest for the alive set, so EOS never starves the
+  search. It stops at max_length or once no alive beam can beat the worst finished one.
+  """
+  b, k = batch_size, num_beams
+
+  def cond(carry):
+    step, _, alive_scores, _, finished_scores, _, _ = carry
+    best_possible = alive_scores[:, 0] / length_penalty(jnp.float32(max_length), alpha)
+    worst_finished = finished_scores[:, -1]
+    can_improve = jnp.any(best_possible > worst_finished)
+    return (step < max_length) & can_improve
+
+  def body(carry):
+    step, alive_seqs, alive_scores, last, finished_scores, finished_seqs, cache = carry
+    log_probs, _, cache = step_log_probs(tokens_to_logits, last, cache)   # [b, k, vocab]
+    vocab = log_probs.shape[-1]
+    total = (alive_scores[..., None] + log_probs).reshape(b, k * vocab)
+    top_scores, flat = jax.lax.top_k(total, 2 * k)                      # [b, 2k]
+    beam, tokens = flat // vocab, flat % vocab
+    extended = write_position(gather_batch_beams(alive_seqs, beam), step, tokens)  # [b, 2k, T]
+    ended = tokens == eos_id
+    # Finished: merge the previous finished set with the EOS extensions, keep the best k.
+    normalised = top_scores / length_penalty((step + 1).astype(jnp.float32), alpha)
+    pool_scores = jnp.concatenate([finished_scores, jnp.where(ended, normalised, NEG_INF)], 1)
+    pool_seqs = jnp.concatenate([finished_seqs, extended], axis=1)
+    finished_scores, keep = jax.lax.top_k(pool_scores, k)
+    finished_seqs = gather_batch_beams(pool_seqs, keep)
+    # Alive: the best k extensions that did not end.
+    alive_scores, keep = jax.lax.top_k(jnp.where(ended, NEG_INF, top_scores), k)
+    alive_seqs = gather_batch_beams(extended, keep)
+    last = jnp.take_along_axis(tokens, keep, axis=1)
+    cache = gather_beams(cache, jnp.take_along_axis(beam, keep, axis=1), b, k)
+    return step + 1, alive_seqs, alive_scores, last, finished_scores, finished_seqs, cache
+
+  carry = (jnp.int32(0), jnp.zeros((b, k, max_length), jnp.int32), _first_beam_alive(b, k),
+           jnp.full((b, k), PAD_ID, jnp.int32), jnp.full((b, k), NEG_INF),
+           jnp.zeros((b, k, max_length), jnp.int32), initial_cache)
+  _, alive_seqs, alive_scores, _, finished_scores, finished_seqs, _ = jax.lax.while_loop(
+      cond, body, carry)
+  # An example whose beams all ran to max_length without EOS returns its alive beams.
+  none_finished = ~jnp.isfinite(finished_scores[:, :1])                 # [b, 1]
+  alive_normalised = alive_scores / length_penalty(jnp.float32(max_length), alpha)
+  sequences = jnp.where(none_finished[..., None], alive_seqs, finished_seqs)
+  scores = jnp.where(none_finished, alive_normalised, finished_scores)
+  return BeamSearchResult(sequences=sequences, scores=scores)
+
+
+# ----------------------------------------------------------------------------- entry points
+
+
+def beam_search(tokens_to_logits: TokensToLogits, initial_cache: Any, batch_size: int,
+                num_beams: int, decode_length: int,
+                constraint: Optional[trie_lib.TrieArrays] = None, *,
+                eos_id: int = EOS_ID, alpha: float = 0.0) -> BeamSearchResult:
+  """Beam search over `tokens_to_logits`, returning beams best first.
+
+  Args:
+    tokens_to_logits: decoder step; its cache leaves have leading dim batch * beams (beam-major
+      within each example, i.e. jnp.repeat(x, beams, axis=0)) or are scalars.
+    initial_cache: cache for batch * beams rows; step 0 feeds PAD (0) as the start token.
+    batch_size, num_beams, decode_length: static sizes.
+    constraint: a TrieArrays (shared, or per-example with trie batch == batch_size). With it,
+      exactly decode_length (== identifier length) tokens are generated, every beam is a
+      trie path, scores are unnormalised log-probs and `items` names the decoded items;
+      beams the trie cannot fill come back with item -1 and score -inf. Without it, free text
+      up to decode_length tokens, ending at eos_id, ranked with length penalty `alpha`.
+  """
+  if num_beams < 1 or decode_length < 1:
+    raise ValueError(f"num_beams ({num_beams}) and decode_length ({decode_length}) must be >= 1")
+  if constraint is not None:
+    return _constrained_beam_search(tokens_to_logits, initial_cache, batch_size, num_beams,
+                                    decode_length, constraint)
+  return _free_beam_search(tokens_to_logits, initial_cache, batch_size, num_beams,
+                           decode_length, eos_id, alpha)
+
+
+def model_tokens_to_logits(model, params, encoder_input_tokens: jax.Array, copies: int,
+                           ) -> Tuple[Callable, Callable[[int], Any]]:
+  """Encodes once and returns (tokens_to_logits, init_cache(max_len)) over `copies` per row.
+
+  The encoder output is computed for the batch and repeated per beam/sample (batch-major),
+  so the encoder runs once rather than once per beam.
+  """
+  batch = encoder_input_tokens.shape[0]
+  encoded = model.encode(params, encoder_input_tokens)              # [batch, len, embed]
+  encoded = jnp.repeat(encoded, copies, axis=0)                     # [batch * copies, len, embed]
+  inputs = jnp.repeat(encoder_input_tokens, copies, axis=0)         # [batch * copies, len]
+
+  def tokens_to_logits(tokens, cache):
+    return model.decode_step(params, cache, encoded, inputs, tokens)
+
+  def init_cache(max_decode_length: int):
+    return model.init_decoder_cache(params, batch * copies, max_decode_length)
+
+  return tokens_to_logits, init_cache
+
+
+def identifier_search(model, params, encoder_input_tokens: jax.Array,
+                      constraint: trie_lib.TrieArrays, num_beams: int) -> BeamSearchResult:
+  """Unjitted body of decode_identifiers, for callers that jit with their own shardings."""
+  batch = encoder_input_tokens.shape[0]
+  tokens_to_logits, init_cache = model_tokens_to_logits(model, params, encoder_input_tokens,
+                                                        num_beams)
+  length = constraint.num_levels
+  return beam_search(tokens_to_logits, init_cache(length), batch, num_beams, length, constraint)
+
+
+_JITTED: dict = {}
+
+
+def decode_identifiers(model, params, encoder_input_tokens: jax.Array,
+                       constraint: trie_lib.TrieArrays, num_beams: int) -> BeamSearchResult:
+  """Constrained beam search with an EncoderDecoderModel, compiled once per model and shape."""
+  key = (id(model), num_beams)
+  if key not in _JITTED:
+    fn = jax.jit(lambda p, x, c: identifier_search(model, p, x, c, num_beams))
+    _JITTED[key] = (model, fn)  # holding the model keeps id(model) from being reused
+  return _JITTED[key][1](params, encoder_input_tokens, constraint)
