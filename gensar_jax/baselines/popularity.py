@@ -57,7 +57,11 @@ def train_events(prepared_dir: str, num_items: int) -> np.ndarray:
   if bad.any():
     raise DataError(f"{prepared_dir}: train split names item index {int(events[bad][0, 2])}, "
                     f"outside the catalogue of {num_items} items")
-  return np.unique(events, axis=0)  # [distinct events, 4]
+  # np.unique(axis=0) sorts rows as opaque records (~10x slower at 2M rows); lexsort + diff.
+  events = events[np.lexsort(events.T[::-1])]  # [n, 4] sorted by user, kind, item, time
+  first = np.ones(len(events), bool)  # [n]
+  first[1:] = np.any(events[1:] != events[:-1], axis=1)
+  return events[first]  # [distinct events, 4]
 
 
 def interaction_counts(events: np.ndarray, num_items: int,
