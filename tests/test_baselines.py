@@ -5,7 +5,6 @@ metadata) and hand-chosen samples and candidates, so every expected metric below
 out by hand in the comments. Dense retrieval runs the real all-MiniLM-L6-v2 from its wheel.
 """
 import importlib.util
-import json
 import math
 import os
 
