@@ -1,7 +1,9 @@
 """Decoding on device: identifier tries as arrays, constrained beam search, sampling."""
 from __future__ import annotations
 
-from gensar_jax.decoding.beam_search import (BeamSearchResult, TokensToLogits, beam_search,
+# The search function is gensar_jax.decoding.beam_search.beam_search; it is not re-exported
+# here because the name would shadow its module.
+from gensar_jax.decoding.beam_search import (BeamSearchResult, TokensToLogits,
                                              decode_identifiers, identifier_search)
 from gensar_jax.decoding.candidate_tries import build_candidate_tries
 from gensar_jax.decoding.sampling import filter_logits, temperature_sample
