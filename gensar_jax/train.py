@@ -1,0 +1,333 @@
+"""Stage 4: train the GenSAR encoder-decoder on a SeqIO mixture (the T5X train binary).
+
+  python -m gensar_jax.train --gin_file=gin/runs/train.gin --gin_file=gin/models/tiny.gin \
+      --gin.MODEL_DIR="'runs/tiny'" --gin.TRAIN_STEPS=100 \
+      --gin.PREPARED_DIR="'runs/ml100k/data'" --gin.IDENTIFIERS_DIR="'runs/ml100k/identifiers'" \
+      --gin.VOCAB_PATH="'runs/ml100k/vocab/gensar.model'"
+
+Run it again with the same MODEL_DIR and it resumes from the newest restorable checkpoint
+(state, step and input position), continuing exactly as if it had never stopped.
+
+MODEL_DIR afterwards:
+  checkpoints/<step>/      orbax steps (the last KEEP_CHECKPOINTS, plus the best ones by
+                           TrainCheckpoints.best_metric); checkpoints.corrupt/ if any broke
+  train/, eval/            TensorBoard event files
+  metrics.jsonl            one line per logged step and per evaluation
+  config.gin               the operative gin config
+
+The loop, top to bottom: build the model from the mixture's vocabulary, the partitioner
+and the trainer; restore or initialise the sharded state; then per step: one host batch ->
+`Trainer.train_step`; every LOG_PERIOD steps write token-weighted averages of the steps
+since the last log; every EVAL_PERIOD steps (and at the end) score fixed validation batches
+of each task plus the optional `eval_hook`; every CHECKPOINT_PERIOD steps, after every
+evaluation when a best metric is tracked, and at the end, save.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+import sys
+import time
+from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol
+
+import gin
+import jax
+import numpy as np
+import tqdm
+
+from gensar_jax import checkpoints as checkpoints_lib
+from gensar_jax import gin_utils
+from gensar_jax import optimizers as optimizers_lib
+from gensar_jax import partitioning as partitioning_lib
+from gensar_jax import train_inputs
+from gensar_jax import train_logging
+from gensar_jax import trainer as trainer_lib
+from gensar_jax.data.schema import DataError
+from gensar_jax.models import encoder_decoder
+import tasks  # noqa: F401  # pylint: disable=unused-import  # registers gensar_mixture with gin
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINTS_SUBDIR = "checkpoints"
+CONFIG_NAME = "config.gin"
+EVAL_PREFIX = "eval/"
+
+
+class EvalHook(Protocol):
+  """Extra evaluation run beside the eval loss, e.g. the ranking metrics (HR/NDCG).
+
+  Returns {name: value}; names are reported under `eval/` (TensorBoard eval/ directory and
+  the JSONL eval lines), so a hook metric such as "ndcg@10" can drive keep-best with
+  `TrainCheckpoints.best_metric = "eval/ndcg@10"`.
+  """
+
+  def __call__(self, *, step: int, params: Any, model: Any,
+               trainer: trainer_lib.Trainer) -> Mapping[str, float]:
+    ...
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSummary:
+  start_step: int                   # 0 for a fresh run, else the restored step
+  final_step: int
+  train_metrics: Dict[str, float]   # the last logged training metrics
+  eval_metrics: Dict[str, float]    # the last evaluation ({} if none ran)
+  checkpoint_steps: List[int]       # kept after the run
+
+
+def _required(value: Any, macro: str, kind: type) -> Any:
+  if value is gin.REQUIRED or value is None:
+    raise DataError(f"{macro} is required: pass --gin.{macro}=... (see gin/runs/train.gin)")
+  if not isinstance(value, kind) or isinstance(value, bool):
+    raise DataError(f"{macro}={value!r} must be a {kind.__name__}")
+  return value
+
+
+def _positive(value: int, macro: str, allow_zero: bool = False) -> int:
+  _required(value, macro, int)
+  if value < (0 if allow_zero else 1):
+    raise DataError(f"{macro}={value} must be {'>= 0' if allow_zero else '>= 1'}")
+  return value
+
+
+def _write_config(model_dir: str) -> None:
+  if jax.process_index() != 0:
+    return
+  path = os.path.join(model_dir, CONFIG_NAME)
+  with open(f"{path}.tmp", "w", encoding="utf-8") as f:
+    f.write(gin.operative_config_str())
+  os.replace(f"{path}.tmp", path)
+
+
+def _token_weighted(metrics: List[Mapping[str, Any]]) -> Dict[str, float]:
+  """Loss and accuracy over several steps or batches, weighted by their target tokens."""
+  weights = np.array([float(m["weight_sum"]) for m in metrics])
+  total = max(weights.sum(), 1e-8)
+  return {"loss": float(sum(float(m["loss"]) * w for m, w in zip(metrics, weights)) / total),
+          "accuracy": float(sum(float(m["accuracy"]) * w
+                                for m, w in zip(metrics, weights)) / total),
+          "target_tokens": float(weights.sum())}
+
+
+def evaluate(trainer: trainer_lib.Trainer, params: Any,
+             batches_by_task: Mapping[str, List[Mapping[str, np.ndarray]]]
+             ) -> Dict[str, float]:
+  """eval/loss and eval/accuracy over all tasks' batches, and eval/<task>/... per task."""
+  per_task = {task: [trainer.eval_step(params, batch) for batch in batches]
+              for task, batches in batches_by_task.items()}
+  per_task = jax.device_get(per_task)
+  out: Dict[str, float] = {}
+  everything = []
+  for task, metrics in per_task.items():
+    everything.extend(metrics)
+    summary = _token_weighted(metrics)
+    out[f"{EVAL_PREFIX}{task}/loss"] = summary["loss"]
+    out[f"{EVAL_PREFIX}{task}/accuracy"] = summary["accuracy"]
+  if everything:
+    summary = _token_weighted(everything)
+    out[f"{EVAL_PREFIX}loss"] = summary["loss"]
+    out[f"{EVAL_PREFIX}accuracy"] = summary["accuracy"]
+  return out
+
+
+def _restore_or_init(trainer: trainer_lib.Trainer, checkpoints: checkpoints_lib.TrainCheckpoints,
+                     input_shapes: Mapping[str, Any], data_identity: Mapping[str, Any]):
+  """(state, examples consumed, restored step or None)."""
+  trainer.set_input_shapes(input_shapes)
+  target = checkpoints_lib.abstract_state(trainer.state_shape, trainer.state_shardings)
+  restored = checkpoints.restore_latest(target)
+  if restored is None:
+    return trainer.init_state(input_shapes), 0, None
+  state_step = int(jax.device_get(restored.state.step))
+  if state_step != restored.step:
+    raise checkpoints_lib.CheckpointError(
+        f"{checkpoints.step_path(restored.step)}: directory says step {restored.step} but "
+        f"the saved TrainState.step is {state_step}")
+  position = restored.data_position
+  if "examples_consumed" not in position:
+    raise checkpoints_lib.CheckpointError(
+        f"{checkpoints.step_path(restored.step)}/data: no 'examples_consumed' in {position}")
+  for key, value in data_identity.items():
+    if key in position and position[key] != value:
+      logger.warning("checkpoint step %d was trained with %s=%r, this run has %r: the "
+                     "input stream continues at example %d of the new stream",
+                     restored.step, key, position[key], value, position["examples_consumed"])
+  logger.info("resuming from step %d (%s)", restored.step,
+              checkpoints.step_path(restored.step))
+  return restored.state, int(position["examples_consumed"]), restored.step
+
+
+@gin.configurable
+def train(model_dir: str = gin.REQUIRED,
+          mixture_or_task_name: str = gin.REQUIRED,
+          task_feature_lengths: Mapping[str, int] = gin.REQUIRED,
+          train_steps: int = gin.REQUIRED,
+          batch_size: int = gin.REQUIRED,
+          eval_period: int = 1000,
+          eval_batches: int = 20,
+          checkpoint_period: int = 1000,
+          keep_checkpoints: int = 3,
+          log_period: int = 100,
+          data_seed: int = 0,
+          build_model_fn: Callable[[Any], Any] = encoder_decoder.build_model,
+          optimizer: Optional[optimizers_lib.Optimizer] = None,
+          partitioner: Optional[partitioning_lib.Partitioner] = None,
+          eval_hook: Optional[EvalHook] = None) -> TrainSummary:
+  """Trains (or resumes) a run in `model_dir` up to `train_steps`.
+
+  Args:
+    model_dir: the run directory (layout in the module docstring).
+    mixture_or_task_name: a registered SeqIO mixture or task (`@gensar_mixture()` in gin).
+    task_feature_lengths: {"inputs": n, "targets": m} token lengths, EOS included.
+    train_steps: total optimiser steps of the run (a resumed run stops at the same step).
+    batch_size: global batch size (examples per step over all processes).
+    eval_period: evaluate every this many steps and at the end; 0 disables evaluation.
+    eval_batches: global batches per task taken from the validation split.
+    checkpoint_period: save every this many steps (and at the end).
+    keep_checkpoints: the most recent checkpoints kept (TrainCheckpoints.keep_last).
+    log_period: write training metrics every this many steps (and at the end).
+    data_seed: seed of the input stream's shuffling, mixing and template sampling.
+    build_model_fn: vocabulary -> EncoderDecoderModel (gin: `@build_model`).
+    optimizer: default `create_optimizer()` (gin-configurable).
+    partitioner: default `Partitioner()` (gin-configurable mesh and rules).
+    eval_hook: optional extra metrics at each evaluation (see EvalHook).
+  """
+  model_dir = _required(model_dir, "MODEL_DIR", str)
+  mixture_or_task_name = _required(mixture_or_task_name, "MIXTURE_OR_TASK_NAME", str)
+  task_feature_lengths = dict(_required(task_feature_lengths, "TASK_FEATURE_LENGTHS",
+                                        Mapping))
+  train_steps = _positive(train_steps, "TRAIN_STEPS")
+  batch_size = _positive(batch_size, "BATCH_SIZE")
+  eval_period = _positive(eval_period, "EVAL_PERIOD", allow_zero=True)
+  checkpoint_period = _positive(checkpoint_period, "CHECKPOINT_PERIOD")
+  log_period = _positive(log_period, "LOG_PERIOD")
+  keep_checkpoints = _positive(keep_checkpoints, "KEEP_CHECKPOINTS")
+  eval_batches = _positive(eval_batches, "EVAL_BATCHES")
+  for feature in ("inputs", "targets"):
+    _positive(task_feature_lengths.get(feature), f"TASK_FEATURE_LENGTHS['{feature}']")
+
+  provider = train_inputs.get_provider(mixture_or_task_name)
+  model = build_model_fn(provider.output_features["targets"].vocabulary)
+  partitioner = partitioner or partitioning_lib.Partitioner()
+  optimizer = optimizer or optimizers_lib.create_optimizer()
+  trainer = trainer_lib.Trainer(model=model, partitioner=partitioner, optimizer=optimizer)
+  logger.info("training %s on %s", mixture_or_task_name, partitioner.describe())
+
+  os.makedirs(model_dir, exist_ok=True)
+  checkpoints = checkpoints_lib.TrainCheckpoints(
+      os.path.join(model_dir, CHECKPOINTS_SUBDIR), keep_last=keep_checkpoints)
+  input_shapes = {"encoder_input_tokens": (batch_size, task_feature_lengths["inputs"]),
+                  "decoder_input_tokens": (batch_size, task_feature_lengths["targets"])}
+  data_identity = {"mixture_or_task_name": mixture_or_task_name, "seed": data_seed,
+                   "task_feature_lengths": task_feature_lengths}
+  writer = None
+  try:
+    state, examples_consumed, restored_step = _restore_or_init(
+        trainer, checkpoints, input_shapes, data_identity)
+    start_step = restored_step or 0
+    writer = train_logging.MetricWriter(model_dir, resume_step=start_step)
+    host_rows = partitioner.per_host_batch_slice(batch_size)
+    batches = train_inputs.train_batches(mixture_or_task_name, task_feature_lengths,
+                                         batch_size, host_rows, seed=data_seed,
+                                         examples_to_skip=examples_consumed)
+    eval_data = None
+    train_metrics: Dict[str, float] = {}
+    eval_metrics: Dict[str, float] = {}
+    pending: List[Mapping[str, Any]] = []
+    last_log_time = time.time()
+    progress = tqdm.tqdm(total=train_steps, initial=start_step, unit="step", desc="train",
+                         disable=jax.process_index() != 0, dynamic_ncols=True)
+    _write_config(model_dir)
+    for step in range(start_step + 1, train_steps + 1):
+      state, metrics = trainer.train_step(state, next(batches))
+      examples_consumed += batch_size
+      pending.append(metrics)
+      progress.update(1)
+      last = step == train_steps
+
+      if step % log_period == 0 or last:
+        fetched = jax.device_get(pending)
+        now = time.time()
+        elapsed = max(now - last_log_time, 1e-9)
+        train_metrics = _token_weighted(fetched)
+        train_metrics.update({
+            "z_loss": float(np.mean([m["z_loss"] for m in fetched])),
+            "grad_norm": float(np.mean([m["grad_norm"] for m in fetched])),
+            "learning_rate": float(fetched[-1]["learning_rate"]),
+            "examples_per_sec": batch_size * len(fetched) / elapsed,
+            "steps_per_sec": len(fetched) / elapsed,
+        })
+        writer.write("train", step, train_metrics)
+        progress.set_postfix(loss=f"{train_metrics['loss']:.4f}",
+                             ex_s=f"{train_metrics['examples_per_sec']:.1f}")
+        pending, last_log_time = [], now
+
+      evaluated = None
+      if eval_period and (step % eval_period == 0 or last):
+        if eval_data is None:
+          eval_data = train_inputs.eval_batches(mixture_or_task_name, task_feature_lengths,
+                                                batch_size, host_rows, eval_batches)
+        evaluated = evaluate(trainer, state.params, eval_data)
+        if eval_hook is not None:
+          extra = eval_hook(step=step, params=state.params, model=model, trainer=trainer)
+          evaluated.update({k if k.startswith(EVAL_PREFIX) else EVAL_PREFIX + k: float(v)
+                            for k, v in extra.items()})
+        writer.write("eval", step, {k[len(EVAL_PREFIX):]: v for k, v in evaluated.items()})
+        eval_metrics = evaluated
+        last_log_time = time.time()  # evaluation time is not training throughput
+
+      tracks_best = evaluated is not None and checkpoints.best_metric is not None
+      if step % checkpoint_period == 0 or last or tracks_best:
+        checkpoints.save(step, state, {**data_identity, "examples_consumed": examples_consumed},
+                         metrics=evaluated)
+    progress.close()
+    checkpoints.wait_until_finished()
+    _write_config(model_dir)
+    return TrainSummary(start_step=start_step, final_step=max(start_step, train_steps),
+                        train_metrics=train_metrics, eval_metrics=eval_metrics,
+                        checkpoint_steps=checkpoints.all_steps())
+  finally:
+    checkpoints.close()
+    if writer is not None:
+      writer.close()
+
+
+def main() -> None:
+  summary = train()
+  if summary.start_step >= summary.final_step:
+    print(f"nothing to do: the run is already at step {summary.start_step}")
+    return
+  parts = [f"trained steps {summary.start_step + 1}-{summary.final_step}"]
+  if summary.train_metrics:
+    parts.append(f"loss {summary.train_metrics['loss']:.4f}")
+  if "eval/loss" in summary.eval_metrics:
+    parts.append(f"eval loss {summary.eval_metrics['eval/loss']:.4f}, eval accuracy "
+                 f"{summary.eval_metrics['eval/accuracy']:.4f}")
+  parts.append(f"checkpoints {summary.checkpoint_steps}")
+  print("; ".join(parts))
+
+
+_UNSET_REQUIRED = re.compile(r"(\w+)/macro\.value set to `%gin\.REQUIRED`")
+
+
+def cli(argv: Optional[List[str]] = None) -> None:
+  """`gin_utils.run(main)`, where an unset %gin.REQUIRED macro is also a usage error.
+
+  Gin reports a required macro left unbound (MODEL_DIR, TRAIN_STEPS, ...) as a ValueError
+  while parsing; here it becomes the same one-line message and exit code 2 as bad data.
+  """
+  try:
+    gin_utils.run(main, argv)
+  except ValueError as e:
+    unset = _UNSET_REQUIRED.search(str(e))
+    if not unset:
+      raise
+    print(f"error: {unset.group(1)} is required: pass --gin.{unset.group(1)}=... "
+          "(see gin/runs/train.gin)", file=sys.stderr)
+    raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+  cli()

@@ -1,0 +1,102 @@
+"""Where training metrics go: TensorBoard event files and one JSONL log per run.
+
+  MODEL_DIR/train/events.out.tfevents.*   scalars of the training steps (tf.summary)
+  MODEL_DIR/eval/events.out.tfevents.*    scalars of the periodic evaluations
+  MODEL_DIR/metrics.jsonl                 {"step", "split", <metric>: value, ...} per line
+
+The JSONL log is for scripts and tests (no TensorFlow needed to read it). After a restart
+from step s, lines with step > s are dropped from it, so the log reads as one run; the
+event files keep the abandoned points (TensorBoard shows the newest per step).
+
+Only process 0 writes; on other processes the writer is a no-op, so callers need no
+`if jax.process_index() == 0` of their own.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Dict, Mapping, Optional
+
+import jax
+
+JSONL_NAME = "metrics.jsonl"
+SPLITS = ("train", "eval")
+
+
+def _json_number(value: float) -> Optional[float]:
+  """NaN and infinities are not JSON; write them as null rather than break the line."""
+  value = float(value)
+  return value if math.isfinite(value) else None
+
+
+def truncate_jsonl_after(path: str, step: int) -> int:
+  """Drops lines with step > `step` (atomically); returns how many were dropped."""
+  if not os.path.exists(path):
+    return 0
+  with open(path, encoding="utf-8") as f:
+    lines = [line for line in f if line.strip()]
+  keep = [line for line in lines if json.loads(line).get("step", 0) <= step]
+  if len(keep) == len(lines):
+    return 0
+  tmp = f"{path}.tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.writelines(keep)
+  os.replace(tmp, path)
+  return len(lines) - len(keep)
+
+
+class MetricWriter:
+  """Writes scalars of one split (train or eval) to TensorBoard and the JSONL log."""
+
+  def __init__(self, model_dir: str, resume_step: Optional[int] = None):
+    self.model_dir = model_dir
+    self.jsonl_path = os.path.join(model_dir, JSONL_NAME)
+    self.enabled = jax.process_index() == 0
+    self._tf_writers: Dict[str, object] = {}
+    if not self.enabled:
+      return
+    os.makedirs(model_dir, exist_ok=True)
+    if resume_step is not None:
+      truncate_jsonl_after(self.jsonl_path, resume_step)
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top  # heavy; only here
+    from tensorflow.core.framework import summary_pb2  # pylint: disable=g-import-not-at-top
+    self._tf = tf
+    # tf.summary.scalar lives in the tensorboard package, which we do not depend on; the
+    # core tf.summary.write with the scalars plugin tag writes the same event, and
+    # TensorBoard (wherever it runs) shows it as a scalar.
+    self._scalar_metadata = summary_pb2.SummaryMetadata(
+        plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars")
+    ).SerializeToString()
+    for split in SPLITS:
+      self._tf_writers[split] = tf.summary.create_file_writer(os.path.join(model_dir, split))
+
+  def write(self, split: str, step: int, scalars: Mapping[str, float]) -> None:
+    """One JSONL line and one TensorBoard point per scalar, for `split` at `step`."""
+    if split not in SPLITS:
+      raise ValueError(f"MetricWriter: unknown split {split!r}; expected one of {SPLITS}")
+    if not self.enabled:
+      return
+    values = {name: float(v) for name, v in scalars.items()}
+    with self._tf_writers[split].as_default(step=int(step)):
+      for name, value in values.items():
+        self._tf.summary.write(name, self._tf.constant(value, self._tf.float32),
+                               metadata=self._scalar_metadata)
+    self._tf_writers[split].flush()
+    record = {"step": int(step), "split": split}
+    record.update({name: _json_number(v) for name, v in values.items()})
+    with open(self.jsonl_path, "a", encoding="utf-8") as f:
+      f.write(json.dumps(record) + "\n")
+
+  def close(self) -> None:
+    for writer in self._tf_writers.values():
+      writer.close()
+    self._tf_writers.clear()
+
+
+def read_jsonl_metrics(model_dir: str, split: Optional[str] = None) -> list:
+  """The JSONL records of a run, optionally of one split, in file order."""
+  path = os.path.join(model_dir, JSONL_NAME)
+  with open(path, encoding="utf-8") as f:
+    records = [json.loads(line) for line in f if line.strip()]
+  return [r for r in records if split is None or r.get("split") == split]

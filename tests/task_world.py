@@ -1,0 +1,120 @@
+"""A small synthetic GenSAR world for tests: a prepared dataset, identifier tables, a
+SentencePiece vocabulary and registered SeqIO tasks, all built with the real stage functions.
+
+One log of 10 users x 10-13 events over 30 items (real search sessions, distinct timestamps
+per user); identifier tables are written by hand (a dual one and a SID-only one) and the
+vocabulary is built with `build_vocab` from gin/runs/vocab.gin. Shared by test modules that
+need real tasks (tests/test_tasks.py, tests/test_train.py).
+"""
+import json
+import os
+import pathlib
+
+import gin
+import numpy as np
+import pandas as pd
+
+from gensar_jax import build_vocab as build_vocab_lib
+from gensar_jax import gin_utils
+from gensar_jax import prepare as prepare_lib
+from tasks import gensar
+
+REPO = gin_utils.REPO_ROOT
+NUM_NEGATIVES = 5
+NUM_ITEMS = 30
+QUERIES = ["wireless headphones", "coffee maker", "camera lens", "travel mug", "usb cable",
+           "café grinder"]
+LENGTHS = {"inputs": 48, "targets": 12}
+DUAL_LEVELS = {"sid": ["m0", "m1", "s0", "s1"], "cid": ["m0", "m1", "c0", "c1"]}
+SID_ONLY_LEVELS = {"sid": ["s0", "s1", "s2", "s3"], "cid": None}
+CODEBOOK = 8
+
+
+# --------------------------------------------------------------------------- synthetic world
+
+
+def synthetic_log(seed=0):
+  rng = np.random.default_rng(seed)
+  nouns = ["headphones", "coffee maker", "camera lens", "travel mug", "usb cable", "grinder"]
+  items = pd.DataFrame({
+      "item_id": [f"I{i:02d}" for i in range(NUM_ITEMS)],
+      "title": [f"{['Black', 'Compact', 'Naïve'][i % 3]} {nouns[i % 6]} {i}"
+                for i in range(NUM_ITEMS)],
+      "description": [f"A {nouns[(i + 1) % 6]} for the road." if i % 4 else ""
+                      for i in range(NUM_ITEMS)],
+      "categories": [f"Home > {nouns[i % 6].title()}" for i in range(NUM_ITEMS)],
+  })
+  events = []
+  for u in range(10):
+    n = 10 + u % 4
+    chosen = rng.choice(NUM_ITEMS, size=n, replace=False)
+    for k, item in enumerate(chosen):
+      kind = ["rec", "search"][k % 2] if k < 2 else ["rec", "search"][rng.integers(2)]
+      query = QUERIES[rng.integers(len(QUERIES))] if kind == "search" else ""
+      events.append({"user_id": f"U{u}", "timestamp": 1_600_000_000 + 1000 * u + 10 * k,
+                     "item_id": f"I{item:02d}", "kind": kind, "query": query})
+  order = rng.permutation(len(events))
+  return items, pd.DataFrame([events[i] for i in order])
+
+
+def write_table(path, item_ids, levels):
+  """An identifier table in the format `load_identifier_table` reads."""
+  os.makedirs(path, exist_ok=True)
+  with open(os.path.join(path, "identifiers.jsonl"), "w") as f:
+    for i, item in enumerate(item_ids):
+      codes = {"sid": [i // CODEBOOK, i % CODEBOOK, (3 * i) % CODEBOOK, (5 * i) % CODEBOOK],
+               "cid": [i // CODEBOOK, i % CODEBOOK, (7 * i) % CODEBOOK, (i + 1) % CODEBOOK]}
+      row = {"item_id": item}
+      for space in ("sid", "cid"):
+        names = levels[space]
+        row[space] = None if names is None else [f"<{n}_{c}>" for n, c in
+                                                 zip(names, codes[space])]
+        row[f"{space}_codes"] = None if names is None else codes[space]
+      f.write(json.dumps(row) + "\n")
+  with open(os.path.join(path, "identifier_stats.json"), "w") as f:
+    json.dump({"sid_levels": levels["sid"] or [], "cid_levels": levels["cid"] or [],
+               "codebook_size": CODEBOOK}, f)
+  return path
+
+
+def parse_and_call(gin_files, bindings, fn):
+  gin.clear_config()
+  try:
+    gin.parse_config_files_and_bindings(gin_files, bindings)
+    return fn()
+  finally:
+    gin.clear_config()
+
+
+def build_world(root, prefix="t4"):
+  """Builds everything under `root`; returns paths, tables and the registration."""
+  root = pathlib.Path(root)
+  items, events = synthetic_log()
+  items.to_csv(root / "items.csv", index=False)
+  events.to_csv(root / "events.csv", index=False)
+  prepared_dir = str(root / "data")
+  parse_and_call(
+      [os.path.join(REPO, "gin", "runs", "prepare.gin"),
+       os.path.join(REPO, "gin", "data", "generic.gin")],
+      [f"PREPARED_DIR = '{prepared_dir}'", f"ITEMS_TABLE = '{root / 'items.csv'}'",
+       f"EVENTS_TABLE = '{root / 'events.csv'}'",
+       f"make_candidates.num_negatives = {NUM_NEGATIVES}"],
+      prepare_lib.prepare)
+  item_ids = list(items["item_id"])
+  dual = write_table(str(root / "ids_dual"), item_ids, DUAL_LEVELS)
+  sid_only = write_table(str(root / "ids_sid_only"), item_ids, SID_ONLY_LEVELS)
+  vocab_path = str(root / "vocab" / "gensar.model")
+  summary = parse_and_call(
+      [os.path.join(REPO, "gin", "runs", "vocab.gin")],
+      [f"PREPARED_DIR = '{prepared_dir}'", f"IDENTIFIERS_DIRS = ['{dual}', '{sid_only}']",
+       f"VOCAB_PATH = '{vocab_path}'", "build_vocab.vocab_size = 900",
+       "build_vocab.renders_per_template = 5"],
+      build_vocab_lib.build_vocab)
+  pseudo = root / "pseudo_queries.jsonl"
+  with open(pseudo, "w") as f:
+    for i, item in enumerate(item_ids):
+      f.write(json.dumps({"item_id": item, "queries": [QUERIES[i % len(QUERIES)]]}) + "\n")
+  reg = gensar.register_gensar(prepared_dir, dual, vocab_path, str(pseudo), prefix=prefix)
+  return {"root": root, "items": items, "events": events, "prepared": prepared_dir,
+          "dual": dual, "sid_only": sid_only, "vocab_path": vocab_path, "summary": summary,
+          "pseudo": str(pseudo), "reg": reg}

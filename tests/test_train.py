@@ -1,0 +1,254 @@
+"""The training entry point on a tiny T5 and the synthetic world, through the real CLI.
+
+One uninterrupted 20-step run is the reference. Against it: a run killed after step 12 and
+restarted (resumes from the step-10 checkpoint) must log the same loss at every step; a
+run whose newest checkpoint is truncated must fall back to the previous one, say so, and
+again match; a run with no restorable checkpoint, a missing MODEL_DIR or an unknown
+mixture must stop with exit code 2 and a message naming the problem.
+"""
+import glob
+import logging
+import os
+import shutil
+
+import gin
+import jax
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from gensar_jax import train as train_lib
+from gensar_jax import train_inputs
+from gensar_jax import train_logging
+from gensar_jax import trainer as trainer_lib
+from gensar_jax.partitioning import Partitioner, create_mesh
+
+from task_world import LENGTHS, build_world
+
+STEPS = 20
+BATCH = 8
+PREFIX = "ttrain"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+  """Every run builds a new Trainer, so the same steps are compiled again; a persistent
+  cache turns the repeats into loads (the dominant cost of this module on 2 cores)."""
+  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+           "jax_persistent_cache_min_entry_size_bytes")
+  before = {name: getattr(jax.config, name) for name in names}
+  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  yield
+  for name, value in before.items():
+    jax.config.update(name, value)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+  return build_world(tmp_path_factory.mktemp("train_world"), prefix=PREFIX)
+
+
+def cli_args(world, model_dir, *extra):
+  return ["--gin_file=gin/runs/train.gin", "--gin_file=gin/models/tiny.gin",
+          "--gin_file=gin/mesh/cpu_8.gin",
+          f"--gin.MODEL_DIR='{model_dir}'", f"--gin.TRAIN_STEPS={STEPS}",
+          f"--gin.PREPARED_DIR='{world['prepared']}'", f"--gin.IDENTIFIERS_DIR='{world['dual']}'",
+          f"--gin.VOCAB_PATH='{world['vocab_path']}'",
+          f"--gin.PSEUDO_QUERIES_PATH='{world['pseudo']}'", f"--gin.TASK_PREFIX='{PREFIX}'",
+          "--gin.MIXTURE_VARIANT='all'", f"--gin.TASK_FEATURE_LENGTHS={LENGTHS}",
+          f"--gin.BATCH_SIZE={BATCH}", "--gin.EVAL_PERIOD=10", "--gin.EVAL_BATCHES=1",
+          "--gin.CHECKPOINT_PERIOD=5", "--gin.KEEP_CHECKPOINTS=2", "--gin.LOG_PERIOD=1",
+          "--gin.WARMUP_STEPS=2", "--gin.LEARNING_RATE=3e-3", "--gin.DROPOUT_RATE=0.1",
+          *extra]
+
+
+def run_cli(argv):
+  gin.clear_config()
+  try:
+    train_lib.cli(argv)
+  finally:
+    gin.clear_config()
+
+
+def train_losses(model_dir):
+  records = train_logging.read_jsonl_metrics(model_dir, "train")
+  steps = [r["step"] for r in records]
+  assert steps == list(range(1, STEPS + 1)), steps  # one line per step, no duplicates
+  return np.array([r["loss"] for r in records])
+
+
+def checkpoint_steps(model_dir):
+  return sorted(int(d) for d in os.listdir(os.path.join(model_dir, "checkpoints"))
+                if d.isdigit())
+
+
+def truncate_step(model_dir, step):
+  files = glob.glob(os.path.join(model_dir, "checkpoints", str(step), "state", "**", "d", "*"),
+                    recursive=True)
+  assert files
+  for f in files:
+    with open(f, "r+b") as fh:
+      fh.truncate(max(os.path.getsize(f) // 3, 1))
+
+
+def scalar_tags(event_dir):
+  tags = set()
+  for path in glob.glob(os.path.join(event_dir, "events.out.tfevents.*")):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      for value in event.summary.value:
+        tags.add(value.tag)
+  return tags
+
+
+@pytest.fixture(scope="module")
+def reference(world, tmp_path_factory):
+  """The uninterrupted run."""
+  model_dir = str(tmp_path_factory.mktemp("reference") / "run")
+  run_cli(cli_args(world, model_dir))
+  return model_dir
+
+
+def test_cli_writes_checkpoints_events_metrics_and_config(reference, world, capsys):
+  losses = train_losses(reference)
+  assert np.all(np.isfinite(losses))
+  assert losses[-5:].mean() < losses[:5].mean()  # it learns
+  # Saved at 5, 10, 15, 20; kept: the last two and the best eval/loss of {10, 20}.
+  steps = checkpoint_steps(reference)
+  assert steps[-2:] == [15, 20] and len(steps) <= 3
+  eval_records = train_logging.read_jsonl_metrics(reference, "eval")
+  assert [r["step"] for r in eval_records] == [10, 20]
+  best = min(eval_records, key=lambda r: r["loss"])["step"]
+  assert best in steps
+  assert all(r["loss"] > 0 and 0 <= r["accuracy"] <= 1 for r in eval_records)
+  rec_task = world["reg"].tasks["next_rec_item"]
+  assert f"{rec_task}/loss" in eval_records[0]
+
+  train_record = train_logging.read_jsonl_metrics(reference, "train")[-1]
+  for key in ("loss", "accuracy", "learning_rate", "examples_per_sec", "grad_norm"):
+    assert key in train_record and train_record[key] is not None
+  assert scalar_tags(os.path.join(reference, "train")) >= {
+      "loss", "accuracy", "learning_rate", "examples_per_sec"}
+  assert scalar_tags(os.path.join(reference, "eval")) >= {
+      "loss", "accuracy", f"{rec_task}/loss"}
+
+  with open(os.path.join(reference, "config.gin")) as f:
+    config = f.read()
+  assert "TRAIN_STEPS = 20" in config and "T5Config.emb_dim = 32" in config
+
+  # Running again with the same TRAIN_STEPS restores step 20 and does nothing.
+  capsys.readouterr()
+  run_cli(cli_args(world, reference))
+  assert "already at step 20" in capsys.readouterr().out
+  np.testing.assert_array_equal(train_losses(reference), losses)
+
+
+class SimulatedKill(Exception):
+  pass
+
+
+def test_resume_after_kill_reproduces_every_loss(reference, world, tmp_path, monkeypatch,
+                                                 caplog):
+  model_dir = str(tmp_path / "killed")
+  real_step = trainer_lib.Trainer.train_step
+  calls = {"n": 0}
+
+  def dies_after_12_steps(self, state, batch):
+    calls["n"] += 1
+    if calls["n"] > 12:
+      raise SimulatedKill()
+    return real_step(self, state, batch)
+
+  monkeypatch.setattr(trainer_lib.Trainer, "train_step", dies_after_12_steps)
+  with pytest.raises(SimulatedKill):
+    run_cli(cli_args(world, model_dir))
+  monkeypatch.setattr(trainer_lib.Trainer, "train_step", real_step)
+  assert checkpoint_steps(model_dir) == [5, 10]  # 11 and 12 were lost with the process
+
+  with caplog.at_level(logging.INFO, logger="gensar_jax.train"):
+    run_cli(cli_args(world, model_dir))
+  assert any("resuming from step 10" in r.getMessage() for r in caplog.records)
+  np.testing.assert_allclose(train_losses(model_dir), train_losses(reference),
+                             rtol=1e-6, atol=1e-7)
+  eval_after = train_logging.read_jsonl_metrics(model_dir, "eval")
+  eval_ref = train_logging.read_jsonl_metrics(reference, "eval")
+  assert [r["step"] for r in eval_after] == [10, 20]
+  np.testing.assert_allclose([r["loss"] for r in eval_after], [r["loss"] for r in eval_ref],
+                             rtol=1e-6)
+
+
+def test_truncated_latest_checkpoint_falls_back_to_previous(reference, world, tmp_path,
+                                                            caplog):
+  model_dir = str(tmp_path / "broken")
+  shutil.copytree(reference, model_dir)
+  truncate_step(model_dir, 20)
+  with caplog.at_level(logging.WARNING):
+    run_cli(cli_args(world, model_dir))
+  path = os.path.join(model_dir, "checkpoints", "20")
+  warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+  assert any("step 20" in w and path in w for w in warnings), warnings
+  moved = os.listdir(os.path.join(model_dir, "checkpoints.corrupt"))
+  assert [m.split("-")[0] for m in moved] == ["20"]
+  assert 20 in checkpoint_steps(model_dir)  # trained 16..20 again and saved
+  np.testing.assert_allclose(train_losses(model_dir), train_losses(reference),
+                             rtol=1e-6, atol=1e-7)
+
+
+def test_no_restorable_checkpoint_exits_2_without_starting_over(reference, world, tmp_path,
+                                                               capsys):
+  model_dir = str(tmp_path / "all_broken")
+  shutil.copytree(reference, model_dir)
+  steps = checkpoint_steps(model_dir)
+  for step in steps:
+    truncate_step(model_dir, step)
+  with pytest.raises(SystemExit) as e:
+    run_cli(cli_args(world, model_dir))
+  assert e.value.code == 2
+  err = capsys.readouterr().err
+  assert "none can be restored" in err and os.path.join(model_dir, "checkpoints") in err
+  assert checkpoint_steps(model_dir) == steps
+
+
+@pytest.mark.parametrize("binding,message", [
+    ("--gin.MODEL_DIR=None", "MODEL_DIR is required"),
+    ("--gin.MIXTURE_OR_TASK_NAME='no_such_mixture'", "'no_such_mixture': no SeqIO task"),
+    ("--gin.BATCH_SIZE=0", "BATCH_SIZE=0 must be >= 1"),
+])
+def test_bad_config_exits_2_with_a_message(world, tmp_path, capsys, binding, message):
+  with pytest.raises(SystemExit) as e:
+    run_cli(cli_args(world, str(tmp_path / "run"), binding))
+  assert e.value.code == 2
+  assert message in capsys.readouterr().err
+  assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
+def test_missing_model_dir_binding_exits_2(world, tmp_path, capsys):
+  argv = [a for a in cli_args(world, "unused") if not a.startswith("--gin.MODEL_DIR")]
+  with pytest.raises(SystemExit) as e:
+    run_cli(argv)
+  assert e.value.code == 2 and "MODEL_DIR is required" in capsys.readouterr().err
+
+
+def test_input_stream_skip_matches_consumption_and_host_slices(world):
+  mixture = world["reg"].mixtures["all"]
+  rows = slice(0, BATCH)
+  fresh = train_inputs.train_batches(mixture, LENGTHS, BATCH, rows, seed=3)
+  first = [next(fresh) for _ in range(3)]
+  skipped = train_inputs.train_batches(mixture, LENGTHS, BATCH, rows, seed=3,
+                                       examples_to_skip=2 * BATCH)
+  third = next(skipped)
+  for key in first[2]:
+    np.testing.assert_array_equal(third[key], first[2][key])
+  assert not np.array_equal(first[0]["encoder_input_tokens"], first[1]["encoder_input_tokens"])
+  half = next(train_inputs.train_batches(mixture, LENGTHS, BATCH, slice(4, 8), seed=3))
+  np.testing.assert_array_equal(half["decoder_target_tokens"],
+                                first[0]["decoder_target_tokens"][4:8])
+  partitioner = Partitioner(create_mesh(data=4, model=2))
+  assert partitioner.per_host_batch_slice(BATCH) == slice(0, BATCH)  # one process
+
+  evals = train_inputs.eval_batches(mixture, LENGTHS, 64, rows, num_batches=1)
+  rec = world["reg"].tasks["next_rec_item"]
+  assert rec in evals and world["reg"].tasks["item_to_id"] not in evals  # train-only task
+  weights = evals[rec][0]["decoder_loss_weights"]
+  assert weights.shape == (BATCH, LENGTHS["targets"])
