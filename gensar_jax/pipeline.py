@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -35,18 +36,38 @@ STAGE_CONFIGURABLES: Dict[str, Tuple[str, ...]] = {
 }
 
 
-def stage_fingerprint(stage: str, upstream: str = "") -> str:
-  """Hash of the gin bindings a stage reads (plus every macro, plus its upstream's hash)."""
-  names = STAGE_CONFIGURABLES[stage]
-  lines = []
+def _binding_lines() -> Dict[str, List[str]]:
+  """gin's operative-or-full config as {binding key: its lines} (multi-line values kept)."""
+  blocks: Dict[str, List[str]] = {}
+  key = None
   for line in gin.config_str().splitlines():
-    key = line.split("=", 1)[0].strip()
-    if not key or line.startswith((" ", "#")):
+    if not line.strip() or line.startswith("#"):
       continue
-    configurable = key.rsplit(".", 1)[0] if "." in key else None
-    if configurable is None or configurable in names:
-      lines.append(line)
-  return hashlib.sha256("\n".join([upstream] + sorted(lines)).encode()).hexdigest()[:16]
+    if line.startswith((" ", "\t", ")", "]", "}")) and key is not None:
+      blocks[key].append(line)
+      continue
+    key = line.split("=", 1)[0].strip()
+    blocks[key] = [line]
+  return blocks
+
+
+def stage_fingerprint(stage: str, upstream: str = "") -> str:
+  """Hash of the gin bindings a stage reads, the macros they use, and its upstream's hash.
+
+  Only macros the stage's bindings refer to (transitively) count, so adding a later stage's
+  macros to an experiment file does not invalidate the earlier stages' outputs.
+  """
+  names = STAGE_CONFIGURABLES[stage]
+  blocks = _binding_lines()
+  chosen = {k for k in blocks if "." in k and k.rsplit(".", 1)[0].split("/")[-1] in names}
+  pending = list(chosen)
+  while pending:
+    for macro in re.findall(r"%([\w./]+)", "\n".join(blocks[pending.pop()])):
+      if macro in blocks and macro not in chosen:
+        chosen.add(macro)
+        pending.append(macro)
+  lines = [line for k in sorted(chosen) for line in blocks[k]]
+  return hashlib.sha256("\n".join([upstream] + lines).encode()).hexdigest()[:16]
 
 
 def _marker(run_dir: str, stage: str) -> str:

@@ -1,0 +1,197 @@
+"""Ranking evaluation of a generative model, the paper's protocol and the serving one.
+
+For each eval example of the next-rec-item and next-search-item tasks:
+  * candidates (GENSAR_METHOD.md section 4): constrained beam search over a trie of the
+    example's own 100 candidates (target + 99 negatives), beam 30; the target's position
+    among the returned beams gives HR@{1,5,10} and NDCG@{5,10};
+  * catalogue (beyond the paper): the same search over a trie of every item in the task's
+    identifier space (all SIDs for search, all CIDs for recommendation), which is what
+    serving does and what sampled metrics can hide.
+Scores and ranks use gensar_jax/metrics.py, the definition every baseline shares.
+
+Identifier token ids come from the identifier table and the vocabulary, never from
+decoding generated text: a beam is a path in the trie, so it names an item exactly.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+
+import jax
+import numpy as np
+import seqio
+from tqdm import tqdm
+
+from gensar_jax import metrics as metrics_lib
+from gensar_jax import vocabulary as vocab_lib
+from gensar_jax.decoding import build_candidate_tries, build_trie, identifier_search
+from gensar_jax.identifiers.table import IdentifierTable
+from tasks import prompts
+
+# Task key -> (results key, behaviour token).
+RANKING_TASKS = {prompts.REC: ("rec", vocab_lib.REC_ITEM),
+                 prompts.SEARCH: ("search", vocab_lib.SRC_ITEM)}
+
+
+class IdentifierTokens:
+  """Token ids of every item's identifier in one space: [items, L] = behaviour + codes + EOS.
+
+  Rows follow `item_ids` (the prepared dataset's catalogue order).
+  """
+
+  def __init__(self, table: IdentifierTable, vocabulary: seqio.Vocabulary, space: str,
+               behaviour: str, item_ids: Sequence[str]):
+    tokens = table.sid_tokens if space == "sid" else table.cid_tokens
+    if tokens is None:
+      raise ValueError(f"the identifier table has no {space.upper()}s")
+    by_item = {str(i): t for i, t in zip(table.item_ids, tokens)}
+    missing = [i for i in item_ids if str(i) not in by_item]
+    if missing:
+      raise ValueError(f"{len(missing)} catalogue items have no identifier (e.g. "
+                       f"{missing[0]!r}): the table was built for another dataset")
+    pieces = sorted({p for t in tokens for p in t})
+    piece_id = {p: vocab_lib.token_id(vocabulary, p) for p in pieces}
+    eos = 1 if vocabulary.eos_id is None else int(vocabulary.eos_id)
+    behaviour_id = vocab_lib.token_id(vocabulary, behaviour)
+    self.item_ids = [str(i) for i in item_ids]
+    self.row = {item: r for r, item in enumerate(self.item_ids)}
+    self.tokens = np.asarray([[behaviour_id, *(piece_id[p] for p in by_item[item]), eos]
+                              for item in self.item_ids], np.int32)  # [items, L]
+    self.space = space
+
+  @property
+  def length(self) -> int:
+    return self.tokens.shape[1]
+
+  def rows(self, items: np.ndarray) -> np.ndarray:
+    """Item ids (any shape, str or bytes) -> catalogue rows."""
+    flat = [self.row[i.decode() if isinstance(i, bytes) else str(i)]
+            for i in np.asarray(items).ravel()]
+    return np.asarray(flat, np.int64).reshape(np.shape(items))
+
+
+@dataclasses.dataclass
+class EvalBatch:
+  encoder_input_tokens: np.ndarray  # [batch, input_length] int32
+  candidate_rows: np.ndarray        # [batch, candidates] catalogue rows, target first
+  target_rows: np.ndarray           # [batch]
+  valid: np.ndarray                 # [batch] bool; False rows pad the last batch
+
+
+def eval_batches(task_name: str, split: str, input_length: int, batch_size: int,
+                 index: IdentifierTokens, max_examples: Optional[int] = None
+                 ) -> Iterator[EvalBatch]:
+  """Fixed-shape batches of a ranking task's split (the last one padded and masked)."""
+  task = seqio.get_mixture_or_task(task_name)
+  ds = task.get_dataset({"inputs": input_length, "targets": 8}, split=split, shuffle=False,
+                        num_epochs=1, use_cached=False)
+  if max_examples is not None:
+    ds = ds.take(max_examples)
+  rows: List[Tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+
+  def flush():
+    n = len(rows)
+    inputs = np.zeros((batch_size, input_length), np.int32)
+    width = len(rows[0][1])
+    cands = np.repeat(rows[0][1][None], batch_size, axis=0)
+    targets = np.full((batch_size,), rows[0][2], np.int64)
+    for i, (tokens, cand, target) in enumerate(rows):
+      inputs[i, :len(tokens)] = tokens
+      if len(cand) != width:
+        raise ValueError(f"{task_name}/{split}: examples have {width} and {len(cand)} "
+                         "candidates; the prepared data should give every example the same")
+      cands[i], targets[i] = cand, target
+    for i in range(n, batch_size):
+      inputs[i] = inputs[0]
+    return EvalBatch(inputs, cands, targets, np.arange(batch_size) < n)
+
+  for ex in ds.as_numpy_iterator():
+    cand = index.rows(ex["candidate_items"])
+    target = int(index.rows(np.asarray([ex["target_item"]]))[0])
+    rows.append((ex["inputs"][:input_length], cand, target))
+    if len(rows) == batch_size:
+      yield flush()
+      rows = []
+  if rows:
+    yield flush()
+
+
+def _search_fn(model, num_beams: int):
+  """One jitted constrained search per (model, beams); tries are arguments, not constants."""
+  return jax.jit(lambda params, tokens, trie: identifier_search(
+      model, params, tokens, trie, num_beams))
+
+
+@dataclasses.dataclass
+class RankingResult:
+  candidates: Dict[str, float]
+  catalogue: Optional[Dict[str, float]]
+  num_examples: int
+  # Per example: target row, ranked candidate rows and catalogue rows (best first, -1 empty).
+  predictions: List[Dict]
+
+
+def evaluate_ranking_task(model, params, task_name: str, split: str, index: IdentifierTokens,
+                          input_length: int, batch_size: int = 16, num_beams: int = 30,
+                          catalogue: bool = True, catalogue_beams: Optional[int] = None,
+                          max_examples: Optional[int] = None,
+                          progress: bool = True) -> RankingResult:
+  """The candidate and (optionally) catalogue metrics of one ranking task's split."""
+  search = _search_fn(model, num_beams)
+  catalogue_beams = catalogue_beams or num_beams
+  catalogue_search = _search_fn(model, catalogue_beams)
+  catalogue_trie = build_trie(index.tokens) if catalogue else None
+  cand_ranks, cat_ranks, predictions = [], [], []
+  batches = eval_batches(task_name, split, input_length, batch_size, index, max_examples)
+  for batch in tqdm(batches, desc=f"eval {task_name}/{split}", unit=" batch",
+                    disable=not progress, leave=False):
+    trie = build_candidate_tries(index.tokens[batch.candidate_rows])  # [b, c, L] paths
+    out = search(params, batch.encoder_input_tokens, trie)
+    picked = np.asarray(out.items)                                     # [b, beams]
+    ranked = np.where(picked >= 0, np.take_along_axis(
+        batch.candidate_rows, np.maximum(picked, 0), axis=1), -1)      # [b, beams] rows
+    ranks = metrics_lib.target_ranks(ranked, batch.target_rows)
+    if catalogue:
+      cat = np.asarray(catalogue_search(params, batch.encoder_input_tokens,
+                                        catalogue_trie).items)          # [b, beams] rows
+      cat_rank = metrics_lib.target_ranks(cat, batch.target_rows)
+    for i in np.flatnonzero(batch.valid):
+      cand_ranks.append(ranks[i])
+      row = {"target": index.item_ids[batch.target_rows[i]],
+             "candidates": [index.item_ids[r] for r in ranked[i] if r >= 0]}
+      if catalogue:
+        cat_ranks.append(cat_rank[i])
+        row["catalogue"] = [index.item_ids[r] for r in cat[i] if r >= 0]
+      predictions.append(row)
+  if not cand_ranks:
+    raise ValueError(f"{task_name}/{split} has no examples to evaluate")
+  cat_metrics = None
+  if catalogue:
+    full = metrics_lib.ranking_metrics(np.asarray(cat_ranks))
+    cat_metrics = {k: v for k, v in full.items() if k in ("HR@10", "NDCG@10")}
+  return RankingResult(candidates=metrics_lib.ranking_metrics(np.asarray(cand_ranks)),
+                       catalogue=cat_metrics, num_examples=len(cand_ranks),
+                       predictions=predictions)
+
+
+def ranking_indices(table: IdentifierTable, vocabulary: seqio.Vocabulary,
+                    item_ids: Sequence[str], rec_space: str, search_space: str
+                    ) -> Dict[str, IdentifierTokens]:
+  """The identifier token index of each ranking task ('rec', 'search')."""
+  return {"rec": IdentifierTokens(table, vocabulary, rec_space, vocab_lib.REC_ITEM, item_ids),
+          "search": IdentifierTokens(table, vocabulary, search_space, vocab_lib.SRC_ITEM,
+                                     item_ids)}
+
+
+def evaluate_model(model, params, task_names: Mapping[str, str],
+                   indices: Mapping[str, IdentifierTokens], split: str, input_length: int,
+                   **kwargs) -> Dict[str, RankingResult]:
+  """Both ranking tasks: {'rec': RankingResult, 'search': RankingResult} (those given)."""
+  return {key: evaluate_ranking_task(model, params, task_names[key], split, indices[key],
+                                     input_length, **kwargs)
+          for key in ("rec", "search") if key in task_names}
+
+
+def mean_ndcg5(results: Mapping[str, RankingResult]) -> float:
+  """The checkpoint-selection metric of the paper: mean validation NDCG@5 of both tasks."""
+  return float(np.mean([r.candidates["NDCG@5"] for r in results.values()]))
