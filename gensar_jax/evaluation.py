@@ -15,8 +15,10 @@ decoding generated text: a beam is a path in the trie, so it names an item exact
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
+import gin
 import jax
 import numpy as np
 import seqio
@@ -195,3 +197,78 @@ def evaluate_model(model, params, task_names: Mapping[str, str],
 def mean_ndcg5(results: Mapping[str, RankingResult]) -> float:
   """The checkpoint-selection metric of the paper: mean validation NDCG@5 of both tasks."""
   return float(np.mean([r.candidates["NDCG@5"] for r in results.values()]))
+
+
+# ----------------------------------------------------------------------------- wiring
+
+
+@dataclasses.dataclass
+class RankingSetup:
+  """What a ranking evaluation of one trained variant needs, built from the gin config."""
+  task_names: Dict[str, str]                 # {'rec': seqio task, 'search': seqio task}
+  indices: Dict[str, IdentifierTokens]
+  dataset: str                               # the prepared dataset's name (results files)
+  vocabulary: seqio.Vocabulary
+
+
+@gin.configurable
+def ranking_setup(prepared_dir: str = gin.REQUIRED, identifiers_dir: str = gin.REQUIRED,
+                  variant: str = "all") -> RankingSetup:
+  """Registers the tasks (gin-bound `register_gensar`) and indexes the identifiers.
+
+  `variant` is the trained mixture variant: "single_id" evaluates the single-identifier
+  tasks (both item tasks in one space); every other variant the dual tasks.
+  """
+  from gensar_jax.data.prepared import load_prepared
+  from gensar_jax.identifiers.table import load_identifier_table
+  from tasks import register_gensar
+  registration = register_gensar()
+  if variant == "single_id":
+    if registration.single_id is None:
+      raise ValueError("variant 'single_id' needs a table with both SIDs and CIDs")
+    registration = registration.single_id
+  prepared = load_prepared(prepared_dir)
+  table = load_identifier_table(identifiers_dir)
+  item_ids = [str(i) for i in prepared.items["item_id"]]
+  indices = ranking_indices(table, registration.vocabulary, item_ids, registration.rec_space,
+                            registration.search_space)
+  names = {"rec": registration.tasks[prompts.REC],
+           "search": registration.tasks[prompts.SEARCH]}
+  return RankingSetup(task_names=names, indices=indices,
+                      dataset=str(prepared.stats.get("name", os.path.basename(prepared_dir))),
+                      vocabulary=registration.vocabulary)
+
+
+@gin.configurable
+class RankingEvalHook:
+  """The training loop's eval hook: HR/NDCG on validation candidates, for keep-best.
+
+  Reports `{rec,search}_ndcg@5`, `{rec,search}_hr@10` and `mean_ndcg@5` (the paper's
+  checkpoint-selection metric; bind `TrainCheckpoints.best_metric = "eval/mean_ndcg@5"`
+  with `best_mode = "max"`). `max_examples` bounds the cost per evaluation.
+  """
+
+  def __init__(self, task_feature_lengths: Mapping[str, int] = gin.REQUIRED,
+               split: str = "validation",
+               max_examples: Optional[int] = 256, num_beams: int = 30,
+               batch_size: int = 16):
+    self.input_length = int(task_feature_lengths["inputs"])
+    self.split = split
+    self.max_examples = max_examples
+    self.num_beams = num_beams
+    self.batch_size = batch_size
+    self._setup: Optional[RankingSetup] = None
+
+  def __call__(self, *, step: int, params, model, trainer=None) -> Dict[str, float]:
+    if self._setup is None:
+      self._setup = ranking_setup()
+    results = evaluate_model(model, params, self._setup.task_names, self._setup.indices,
+                             self.split, self.input_length, batch_size=self.batch_size,
+                             num_beams=self.num_beams, catalogue=False,
+                             max_examples=self.max_examples, progress=False)
+    out = {}
+    for key, result in results.items():
+      out[f"{key}_ndcg@5"] = result.candidates["NDCG@5"]
+      out[f"{key}_hr@10"] = result.candidates["HR@10"]
+    out["mean_ndcg@5"] = mean_ndcg5(results)
+    return out
