@@ -1,0 +1,153 @@
+"""Benchmarks constrained decoding: model decode throughput and catalogue trie costs.
+
+Prints two tables:
+1. Per-example candidate tries (target + negatives) with a T5.1.1-small-shaped model
+   (random weights; speed does not depend on their values): examples/s and memory, per batch.
+2. Catalogue-wide tries of random 4-level IDs (SID under <src_item>, CID under <rec_item>):
+   build time, device bytes per edge, and per-step masking time at STATIC's serving shape
+   (batch 2 x 70 beams), which should not grow with the catalogue.
+
+  .venv/bin/python launch/bench_decode.py                       # full run (minutes on CPU)
+  .venv/bin/python launch/bench_decode.py --batches 8 --catalogue_sizes 100000 --model tiny
+"""
+from __future__ import annotations
+
+import argparse
+import resource
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import seqio
+from flax.core import meta
+
+from gensar_jax.decoding import beam_search as bs
+from gensar_jax.decoding import candidate_tries, trie as trie_lib
+from gensar_jax.models import encoder_decoder, t5, t5_config
+
+EOS, SRC_ITEM, REC_ITEM = 1, 3, 4
+CODE_BASE = 10  # level l's codes are CODE_BASE + l * codebook + code
+# Sizes of gin/models/small.gin and tiny.gin, by hand so the bench needs no gin parsing.
+MODEL_SIZES = {
+    "small": dict(emb_dim=512, num_heads=8, head_dim=64, mlp_dim=1024, num_encoder_layers=8,
+                  num_decoder_layers=8),
+    "tiny": dict(emb_dim=32, num_heads=2, head_dim=16, mlp_dim=64, num_encoder_layers=2,
+                 num_decoder_layers=2),
+}
+
+
+def random_identifiers(rng, n: int, codebook: int, behaviour: int) -> np.ndarray:
+  """[~n, 6] distinct random IDs: behaviour token, 4 codes, EOS."""
+  codes = rng.integers(0, codebook, size=(n, 4)) + CODE_BASE + np.arange(4) * codebook
+  rows = np.concatenate([np.full((n, 1), behaviour), codes, np.full((n, 1), EOS)], axis=1)
+  return np.unique(rows.astype(np.int32), axis=0)
+
+
+def peak_rss_gib() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def bench_model(args) -> list:
+  config = t5_config.T5Config(vocab_size=args.vocab_size, **MODEL_SIZES[args.model])
+  model = encoder_decoder.EncoderDecoderModel(
+      t5.Transformer(config), seqio.PassThroughVocabulary(args.vocab_size, eos_id=EOS))
+  shapes = {"encoder_input_tokens": (1, args.input_length), "decoder_input_tokens": (1, 6)}
+  params = jax.jit(lambda key: meta.unbox(model.get_initial_variables(key, shapes)["params"]))(
+      jax.random.PRNGKey(0))
+  codebook = min(256, (args.vocab_size - CODE_BASE) // 4)
+  rng = np.random.default_rng(0)
+  rows = []
+  for batch in args.batches:
+    candidates = np.stack([random_identifiers(rng, args.candidates + 8, codebook, SRC_ITEM)
+                           [:args.candidates] for _ in range(batch)])     # [batch, cands, 6]
+    start = time.perf_counter()
+    tries = candidate_tries.build_candidate_tries(candidates)
+    build_s = time.perf_counter() - start
+    inputs = jnp.asarray(rng.integers(2, args.vocab_size, size=(batch, args.input_length)),
+                         jnp.int32)
+    decode = jax.jit(lambda p, x, c: bs.identifier_search(model, p, x, c, args.beams))
+    start = time.perf_counter()
+    compiled = decode.lower(params, inputs, tries).compile()
+    compile_s = time.perf_counter() - start
+    memory = compiled.memory_analysis()
+    device_gib = float("nan")
+    if memory is not None:
+      device_gib = (memory.temp_size_in_bytes + memory.argument_size_in_bytes +
+                    memory.output_size_in_bytes) / 2**30
+    start = time.perf_counter()
+    for _ in range(args.repeats):
+      out = compiled(params, inputs, tries)
+    jax.block_until_ready(out)
+    seconds = (time.perf_counter() - start) / args.repeats
+    valid = float((np.asarray(out.items) >= 0).mean())
+    rows.append((batch, batch / seconds, seconds, compile_s, build_s * 1e3, device_gib,
+                 peak_rss_gib(), valid))
+  return rows
+
+
+def bench_catalogue(args) -> list:
+  rng = np.random.default_rng(1)
+  rows = []
+  for n in args.catalogue_sizes:
+    sequences = np.concatenate([random_identifiers(rng, n, 256, SRC_ITEM),
+                                random_identifiers(rng, n, 256, REC_ITEM)])  # SIDs + CIDs
+    start = time.perf_counter()
+    host_trie = trie_lib.build_trie(sequences)
+    build_s = time.perf_counter() - start
+    trie = jax.device_put(host_trie)
+    edges = host_trie.num_edges()
+    step_times = []
+    for step in (1, 3):  # a dense level and a CSR level
+      depth_states = np.unique(sequences[:, :step], axis=0, return_inverse=True)[1].ravel()
+      state = jnp.asarray(rng.choice(depth_states.max() + 1, size=(args.mask_batch,
+                                                                   args.mask_beams)), jnp.int32)
+      mask_fn = jax.jit(lambda t, s, step=step: trie_lib.allowed_token_mask(
+          t, jnp.int32(step), s, args.vocab_size))
+      jax.block_until_ready(mask_fn(trie, state))
+      start = time.perf_counter()
+      for _ in range(args.mask_repeats):
+        out = mask_fn(trie, state)
+      jax.block_until_ready(out)
+      step_times.append((time.perf_counter() - start) / args.mask_repeats * 1e6)
+    rows.append((len(sequences), build_s, edges, host_trie.nbytes() / 2**20,
+                 host_trie.bytes_per_edge(), step_times[0], step_times[1]))
+  return rows
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--model", default="small", choices=sorted(MODEL_SIZES))
+  parser.add_argument("--vocab_size", type=int, default=8320, help="~8.2k, padded to 128")
+  parser.add_argument("--input_length", type=int, default=128)
+  parser.add_argument("--beams", type=int, default=30)
+  parser.add_argument("--candidates", type=int, default=100, help="target + 99 negatives")
+  parser.add_argument("--batches", type=int, nargs="+", default=[8, 64])
+  parser.add_argument("--repeats", type=int, default=1, help="timed decodes per batch size")
+  parser.add_argument("--catalogue_sizes", type=int, nargs="+", default=[100_000, 1_000_000])
+  parser.add_argument("--mask_batch", type=int, default=2)
+  parser.add_argument("--mask_beams", type=int, default=70)
+  parser.add_argument("--mask_repeats", type=int, default=200)
+  parser.add_argument("--skip_model", action="store_true")
+  args = parser.parse_args()
+  print(f"jax {jax.__version__} on {jax.devices()[0].platform} x{jax.device_count()}")
+
+  if not args.skip_model:
+    print(f"\n1. Candidate tries, model={args.model}, input {args.input_length}, beams "
+          f"{args.beams}, {args.candidates} candidates/example, vocab {args.vocab_size}")
+    print(f"{'batch':>6} {'ex/s':>8} {'s/batch':>8} {'compile s':>9} {'trie ms':>8} "
+          f"{'XLA GiB':>8} {'peak RSS GiB':>12} {'valid beams':>11}")
+    for row in bench_model(args):
+      print("{:>6} {:>8.2f} {:>8.2f} {:>9.1f} {:>8.1f} {:>8.2f} {:>12.2f} {:>11.2f}".format(*row))
+
+  print(f"\n2. Catalogue tries (SIDs + CIDs, 4 levels x 256 codes); masking at batch "
+        f"{args.mask_batch} x beams {args.mask_beams}, vocab {args.vocab_size}")
+  print(f"{'sequences':>10} {'build s':>8} {'edges':>10} {'MiB':>8} {'B/edge':>7} "
+        f"{'mask us (dense)':>15} {'mask us (CSR)':>13}")
+  for row in bench_catalogue(args):
+    print("{:>10} {:>8.2f} {:>10} {:>8.1f} {:>7.2f} {:>15.1f} {:>13.1f}".format(*row))
+
+
+if __name__ == "__main__":
+  main()
