@@ -238,6 +238,14 @@ def test_real_tiny_t5_ranking_equals_score_batch():
   tries = candidate_tries.build_candidate_tries(candidates)
   inputs = jnp.asarray(rng.integers(2, vocab_size, size=(batch, 7)), jnp.int32)
   out = bs.decode_identifiers(model, params, inputs, tries, beams)
+  # The same search through predict_batch's decode_fn hook (encoder output reused).
+  via_predict = jax.jit(lambda p, x, c: model.predict_batch(
+      p, {"encoder_input_tokens": x}, decode_fn=bs.constrained_decode_fn, constraint=c,
+      num_beams=beams))(params, inputs, tries)
+  np.testing.assert_array_equal(via_predict.items, out.items)
+  with pytest.raises(ValueError, match="token id 130 but the model has only 128 logits"):
+    bs.decode_identifiers(model, params, inputs, candidate_tries.build_candidate_tries(
+        np.where(candidates == candidates.max(), 130, candidates)), beams)
   targets = jnp.asarray(candidates.reshape(batch * n, LENGTH))   # teacher-force every candidate
   scored = np.asarray(jax.jit(model.score_batch)(params, {
       "encoder_input_tokens": jnp.repeat(inputs, n, 0),

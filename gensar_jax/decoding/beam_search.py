@@ -212,14 +212,16 @@ def beam_search(tokens_to_logits: TokensToLogits, initial_cache: Any, batch_size
 
 
 def model_tokens_to_logits(model, params, encoder_input_tokens: jax.Array, copies: int,
+                           encoded: Optional[jax.Array] = None,
                            ) -> Tuple[Callable, Callable[[int], Any]]:
-  """Encodes once and returns (tokens_to_logits, init_cache(max_len)) over `copies` per row.
+  """Returns (tokens_to_logits, init_cache(max_len)) over `copies` rows per example.
 
-  The encoder output is computed for the batch and repeated per beam/sample (batch-major),
-  so the encoder runs once rather than once per beam.
+  The encoder output is computed once per example (or taken from `encoded`) and repeated
+  per beam/sample, batch-major, so the encoder never runs once per beam.
   """
   batch = encoder_input_tokens.shape[0]
-  encoded = model.encode(params, encoder_input_tokens)              # [batch, len, embed]
+  if encoded is None:
+    encoded = model.encode(params, encoder_input_tokens)            # [batch, len, embed]
   encoded = jnp.repeat(encoded, copies, axis=0)                     # [batch * copies, len, embed]
   inputs = jnp.repeat(encoder_input_tokens, copies, axis=0)         # [batch * copies, len]
 
@@ -232,14 +234,37 @@ def model_tokens_to_logits(model, params, encoder_input_tokens: jax.Array, copie
   return tokens_to_logits, init_cache
 
 
+def _check_tokens_fit(constraint: trie_lib.TrieArrays, vocab_size: int) -> None:
+  """Trie tokens past the logits would be clamped silently by the gathers; refuse them."""
+  largest = trie_lib.max_token(constraint)
+  if largest is not None and largest >= vocab_size:
+    raise ValueError(f"constraint trie uses token id {largest} but the model has only "
+                     f"{vocab_size} logits")
+
+
 def identifier_search(model, params, encoder_input_tokens: jax.Array,
-                      constraint: trie_lib.TrieArrays, num_beams: int) -> BeamSearchResult:
+                      constraint: trie_lib.TrieArrays, num_beams: int,
+                      encoded: Optional[jax.Array] = None) -> BeamSearchResult:
   """Unjitted body of decode_identifiers, for callers that jit with their own shardings."""
+  _check_tokens_fit(constraint, model.module.config.vocab_size)
   batch = encoder_input_tokens.shape[0]
   tokens_to_logits, init_cache = model_tokens_to_logits(model, params, encoder_input_tokens,
-                                                        num_beams)
+                                                        num_beams, encoded)
   length = constraint.num_levels
   return beam_search(tokens_to_logits, init_cache(length), batch, num_beams, length, constraint)
+
+
+def constrained_decode_fn(*, model, params, encoded, encoder_input_tokens,
+                          constraint: trie_lib.TrieArrays, num_beams: int,
+                          max_decode_length: Optional[int] = None) -> BeamSearchResult:
+  """`decode_fn` for EncoderDecoderModel.predict_batch: reuses its encoder output.
+
+  Pass constraint= and num_beams= through predict_batch's keyword arguments.
+  """
+  if max_decode_length is not None and max_decode_length != constraint.num_levels:
+    raise ValueError(f"max_decode_length {max_decode_length} != identifier length "
+                     f"{constraint.num_levels} of the constraint trie")
+  return identifier_search(model, params, encoder_input_tokens, constraint, num_beams, encoded)
 
 
 _JITTED: dict = {}
@@ -248,6 +273,7 @@ _JITTED: dict = {}
 def decode_identifiers(model, params, encoder_input_tokens: jax.Array,
                        constraint: trie_lib.TrieArrays, num_beams: int) -> BeamSearchResult:
   """Constrained beam search with an EncoderDecoderModel, compiled once per model and shape."""
+  _check_tokens_fit(constraint, model.module.config.vocab_size)  # host-side, before tracing
   key = (id(model), num_beams)
   if key not in _JITTED:
     fn = jax.jit(lambda p, x, c: identifier_search(model, p, x, c, num_beams))

@@ -226,6 +226,19 @@ def stack_tries(tries: Sequence[TrieArrays]) -> TrieArrays:
   return jax.tree.map(lambda *xs: np.concatenate([np.asarray(x) for x in xs], axis=0), *tries)
 
 
+def max_token(trie: TrieArrays) -> int | None:
+  """Largest token id any level can emit, or None when the arrays are traced."""
+  largest = 0
+  for level in trie.levels:
+    tokens = level.codes if isinstance(level, DenseLevel) else level.tokens
+    try:
+      host = np.asarray(tokens)
+    except jax.errors.TracerArrayConversionError:
+      return None
+    largest = max(largest, int(host.max(initial=0)))
+  return largest
+
+
 # ----------------------------------------------------------------------------- lookups (device)
 
 
