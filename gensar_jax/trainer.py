@@ -121,6 +121,7 @@ class Trainer:
     self._state_shape: Optional[TrainState] = None
     self._state_shardings: Optional[TrainState] = None
     self._params_shape_boxed: Any = None
+    self._init_jit: Optional[Callable] = None
     self._train_steps: Dict[Any, Callable] = {}
     self._eval_steps: Dict[Any, Callable] = {}
 
@@ -149,6 +150,7 @@ class Trainer:
     self._state_shardings = TrainState(step=self.partitioner.replicated,
                                        params=params_shardings,
                                        opt_state=opt_shardings)
+    self._init_jit = None
     self._train_steps.clear()
     self._eval_steps.clear()
 
@@ -186,11 +188,12 @@ class Trainer:
     'decoder_input_tokens': (b, lt)}; only their lengths matter to the parameters.
     """
     self._derive_shapes(input_shapes)
-    init = jax.jit(functools.partial(self._init_fn, boxed=False),
-                   out_shardings=self._state_shardings,
-                   compiler_options=self.compiler_options)
+    if self._init_jit is None:
+      self._init_jit = jax.jit(functools.partial(self._init_fn, boxed=False),
+                               out_shardings=self._state_shardings,
+                               compiler_options=self.compiler_options)
     with self.partitioner.activation_context():
-      return init(jax.random.PRNGKey(self.seed))
+      return self._init_jit(jax.random.PRNGKey(self.seed))
 
   # ------------------------------------------------------------------ batches
   def batch_shardings(self, global_shapes: Mapping[str, Tuple[int, ...]]
@@ -303,6 +306,10 @@ class Trainer:
     """
     self._require_shapes()
     batch = self._as_global_batch(batch)
+    for name, value in batch.items():  # checked here, before the state could be donated
+      if value.shape[0] % self.num_microbatches:
+        raise ValueError(f"train_step: global batch size {value.shape[0]} of {name!r} is not "
+                         f"divisible by num_microbatches={self.num_microbatches}")
     step = self._compiled_train_step(batch)
     with self.partitioner.activation_context():
       return step(state, batch)
