@@ -81,7 +81,8 @@ def _run(process_id: int, num_processes: int, port: int, out_path: str, data: in
   optimizer = optimizers.create_optimizer(
       learning_rate_fn=optimizers.create_learning_rate_schedule(
           peak_learning_rate=1e-2, warmup_steps=1, decay_steps=10))
-  trainer = trainer_lib.Trainer(tiny_model(), partitioner, optimizer, seed=0)
+  trainer = trainer_lib.Trainer(tiny_model(), partitioner, optimizer, seed=0,
+                                compiler_options={"xla_backend_optimization_level": 0})
   state = trainer.init_state(input_shapes(GLOBAL_BATCH))
   rows = partitioner.per_host_batch_slice(GLOBAL_BATCH)
   losses = []
