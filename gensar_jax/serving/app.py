@@ -12,7 +12,12 @@ request never reaches the device and never takes the server down.
 """
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import contextlib
 import dataclasses
+import json
+import logging
 from typing import Any, Dict, List, Literal, Optional, Protocol, Sequence
 
 import fastapi
@@ -21,9 +26,12 @@ from fastapi import responses
 
 from gensar_jax.serving.batcher import Batcher
 
+logger = logging.getLogger(__name__)
+
 MAX_BODY_BYTES = 1 << 20     # 1 MiB: a 50-event history is a few kB
 MAX_QUERY_CHARS = 512
 MAX_HISTORY_EVENTS = 1000
+DEFAULT_K = 10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +78,7 @@ class RecommendRequest(pydantic.BaseModel):
   model_config = pydantic.ConfigDict(extra="forbid", strict=True)
   history: List[EventModel] = pydantic.Field(default_factory=list,
                                              max_length=MAX_HISTORY_EVENTS)
-  k: int = 10
+  k: Optional[int] = None   # default: min(DEFAULT_K, the artifact's beam count)
 
 
 class SearchRequest(RecommendRequest):
@@ -85,9 +93,9 @@ class BadRequest(Exception):
 
 
 def _validate(engine: Engine, request: RecommendRequest, query: Optional[str]) -> Query:
-  if not 1 <= request.k <= engine.max_k:
-    raise BadRequest(422, f"k must be between 1 and {engine.max_k} (the beam size); got "
-                          f"{request.k}")
+  k = min(DEFAULT_K, engine.max_k) if request.k is None else request.k
+  if not 1 <= k <= engine.max_k:
+    raise BadRequest(422, f"k must be between 1 and {engine.max_k} (the beam size); got {k}")
   events = []
   for i, e in enumerate(request.history):
     if e.kind == "search" and not (e.query or "").strip():
@@ -107,7 +115,7 @@ def _validate(engine: Engine, request: RecommendRequest, query: Optional[str]) -
     if len(query) > MAX_QUERY_CHARS:
       raise BadRequest(422, f"query is longer than {MAX_QUERY_CHARS} characters "
                             f"({len(query)})")
-  return Query(history=tuple(events), k=request.k, query=query)
+  return Query(history=tuple(events), k=k, query=query)
 
 
 def _error(status: int, message: str) -> responses.JSONResponse:
@@ -119,32 +127,100 @@ def _hits_json(hits: Sequence[Hit]) -> Dict[str, Any]:
                     for h in hits]}
 
 
-def create_app(engine: Engine, max_wait_ms: float = 5.0) -> fastapi.FastAPI:
-  """The ASGI app around one engine; batching starts with the app and warms it up."""
-  batchers = {
-      "search": Batcher(engine.search, engine.max_batch_size, max_wait_ms),
-      "recommend": Batcher(engine.recommend, engine.max_batch_size, max_wait_ms),
-  }
-  state = {"ready": False}
+class BodyLimit:
+  """ASGI middleware: refuses bodies over `max_bytes` before the app parses them.
 
+  A declared Content-Length is checked up front; a chunked body is read up to the limit
+  and then replayed to the app, so neither form can make the server buffer 10 MB of JSON.
+  """
+
+  def __init__(self, app, max_bytes: int):
+    self.app = app
+    self.max_bytes = max_bytes
+
+  async def _refuse(self, send, status: int, message: str) -> None:
+    body = json.dumps({"error": message}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+  async def __call__(self, scope, receive, send):
+    if scope["type"] != "http":
+      return await self.app(scope, receive, send)
+    headers = dict(scope.get("headers") or [])
+    length = headers.get(b"content-length")
+    too_large = f"request body larger than {self.max_bytes} bytes"
+    if length is not None:
+      if not length.isdigit():
+        return await self._refuse(send, 400, "Content-Length is not a number")
+      if int(length) > self.max_bytes:
+        return await self._refuse(send, 413, too_large)
+      return await self.app(scope, receive, send)
+    if scope.get("method") in ("GET", "HEAD"):
+      return await self.app(scope, receive, send)
+    chunks, size = [], 0
+    while True:
+      message = await receive()
+      if message["type"] == "http.disconnect":
+        return
+      chunk = message.get("body", b"")
+      size += len(chunk)
+      if size > self.max_bytes:
+        return await self._refuse(send, 413, too_large)
+      chunks.append(chunk)
+      if not message.get("more_body", False):
+        break
+    replayed = False
+
+    async def replay():
+      nonlocal replayed
+      if not replayed:
+        replayed = True
+        return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+      return await receive()
+
+    return await self.app(scope, replay, send)
+
+
+def create_app(engine: Engine, max_wait_ms: float = 5.0,
+               max_body_bytes: int = MAX_BODY_BYTES) -> fastapi.FastAPI:
+  """The ASGI app around one engine.
+
+  Batching starts with the app; the engine warms up (compiles) in a worker thread, so
+  /healthz answers at once and /readyz (and every query) says 503 until it is done. One
+  executor thread serves both endpoints' batches: device calls never interleave.
+  """
+  executor = concurrent.futures.ThreadPoolExecutor(max_workers=1,
+                                                   thread_name_prefix="engine")
+  batchers = {
+      "search": Batcher(engine.search, engine.max_batch_size, max_wait_ms, executor),
+      "recommend": Batcher(engine.recommend, engine.max_batch_size, max_wait_ms, executor),
+  }
+  state: Dict[str, Any] = {"ready": False, "warm_up_error": None}
+
+  def warm_up():
+    try:
+      engine.warm_up()
+      state["ready"] = True
+    except Exception as e:  # pylint: disable=broad-except
+      state["warm_up_error"] = f"{type(e).__name__}: {e}"
+      logger.exception("engine warm-up failed")
+
+  @contextlib.asynccontextmanager
   async def lifespan(app):
     for b in batchers.values():
       b.start()
-    engine.warm_up()
-    state["ready"] = True
+    warming = asyncio.get_running_loop().run_in_executor(executor, warm_up)
     yield
     state["ready"] = False
     for b in batchers.values():
       await b.stop()
+    await warming
+    executor.shutdown(wait=False)
 
   app = fastapi.FastAPI(title="gensar-jax", lifespan=lifespan)
-
-  @app.middleware("http")
-  async def limit_body(request: fastapi.Request, call_next):
-    length = request.headers.get("content-length")
-    if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
-      return _error(413, f"request body larger than {MAX_BODY_BYTES} bytes")
-    return await call_next(request)
+  app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
 
   @app.exception_handler(fastapi.exceptions.RequestValidationError)
   async def validation_error(request, exc):
@@ -156,12 +232,17 @@ def create_app(engine: Engine, max_wait_ms: float = 5.0) -> fastapi.FastAPI:
 
   async def answer(kind: str, request: RecommendRequest, query: Optional[str]):
     if not state["ready"]:
-      return _error(503, "the model is still loading")
+      why = state["warm_up_error"] or "the model is still loading"
+      return _error(503, why)
     try:
       validated = _validate(engine, request, query)
     except BadRequest as e:
       return _error(e.status, e.message)
-    hits = await batchers[kind].submit(validated)
+    try:
+      hits = await batchers[kind].submit(validated)
+    except Exception as e:  # pylint: disable=broad-except
+      logger.exception("%s batch failed", kind)
+      return _error(500, f"{kind} failed: {type(e).__name__}: {e}")
     return _hits_json(hits[:validated.k])
 
   @app.post("/search")
@@ -179,7 +260,9 @@ def create_app(engine: Engine, max_wait_ms: float = 5.0) -> fastapi.FastAPI:
   @app.get("/readyz")
   async def readyz():
     if not state["ready"]:
-      return _error(503, "not ready")
-    return {"status": "ready", "batches": {k: b.batches_run for k, b in batchers.items()}}
+      return _error(503, state["warm_up_error"] or "not ready")
+    return {"status": "ready", "max_k": engine.max_k, "max_batch_size": engine.max_batch_size,
+            "batches": {k: b.batches_run for k, b in batchers.items()},
+            "requests": {k: b.requests_run for k, b in batchers.items()}}
 
   return app

@@ -1,0 +1,224 @@
+"""Loopback load test of the search/recommend server: throughput, latency, errors.
+
+  .venv/bin/python launch/load_test.py --artifact=runs/tiny/export          # starts a server
+  .venv/bin/python launch/load_test.py --artifact=DIR --url=http://127.0.0.1:8000
+
+N concurrent httpx clients send a seeded mix of /search and /recommend requests (histories
+of real catalogue items, queries made from item titles) until `--requests` have been sent
+or `--duration_s` has passed, whichever comes first. Without --url it starts
+`python -m gensar_jax.serve` on a free loopback port, waits for /readyz (so compilation is
+not timed), runs, and stops it. Prints one table (requests/s, p50/p99 latency, errors per
+endpoint); --json prints the same numbers as one JSON line. Exit code 1 if any request
+failed or the server died.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+import httpx
+import numpy as np
+
+from gensar_jax.serving.artifact import read_items
+
+ENDPOINTS = ("search", "recommend")
+
+
+def make_bodies(items: Sequence[Dict[str, Any]], count: int, search_fraction: float, k: int,
+                seed: int) -> List[Dict[str, Any]]:
+  """`count` (endpoint, body) requests; histories of 1-10 events, queries from titles."""
+  rng = random.Random(seed)
+  ids = [str(r["item_id"]) for r in items]
+  words = sorted({w.lower() for r in items for w in str(r["title"]).split() if w.isalpha()})
+  words = words or ["item"]
+  bodies = []
+  for _ in range(count):
+    history = []
+    for _ in range(rng.randint(1, 10)):
+      if rng.random() < 0.5:
+        history.append({"kind": "rec", "item_id": rng.choice(ids)})
+      else:
+        history.append({"kind": "search", "item_id": rng.choice(ids),
+                        "query": " ".join(rng.sample(words, min(2, len(words))))})
+    body: Dict[str, Any] = {"history": history, "k": k}
+    if rng.random() < search_fraction:
+      body["query"] = " ".join(rng.sample(words, min(2, len(words))))
+      bodies.append({"endpoint": "search", "body": body})
+    else:
+      bodies.append({"endpoint": "recommend", "body": body})
+  return bodies
+
+
+async def _run(url: str, bodies: Sequence[Dict[str, Any]], concurrency: int,
+               duration_s: float, timeout_s: float) -> Dict[str, Any]:
+  records: List[Dict[str, Any]] = []
+  next_index = 0
+  start = time.perf_counter()
+  deadline = start + duration_s
+
+  async def client():
+    nonlocal next_index
+    async with httpx.AsyncClient(base_url=url, timeout=timeout_s) as http:
+      while next_index < len(bodies) and time.perf_counter() < deadline:
+        request = bodies[next_index]
+        next_index += 1
+        sent = time.perf_counter()
+        try:
+          response = await http.post(f"/{request['endpoint']}", json=request["body"])
+          ok = response.status_code == 200 and len(response.json()["items"]) > 0
+          error = None if ok else f"HTTP {response.status_code}: {response.text[:200]}"
+        except Exception as e:  # pylint: disable=broad-except
+          error = f"{type(e).__name__}: {e}"
+        records.append({"endpoint": request["endpoint"], "error": error,
+                        "latency_s": time.perf_counter() - sent})
+
+  await asyncio.gather(*(client() for _ in range(concurrency)))
+  return {"records": records, "wall_s": time.perf_counter() - start}
+
+
+def summarise(records: Sequence[Dict[str, Any]], wall_s: float) -> Dict[str, Dict[str, Any]]:
+  rows = {}
+  for name in (*ENDPOINTS, "all"):
+    picked = [r for r in records if name == "all" or r["endpoint"] == name]
+    latencies = np.asarray([r["latency_s"] for r in picked]) * 1000.0   # [n] ms
+    rows[name] = {
+        "requests": len(picked),
+        "errors": sum(r["error"] is not None for r in picked),
+        "requests_per_s": len(picked) / wall_s if wall_s > 0 else 0.0,
+        "p50_ms": float(np.percentile(latencies, 50)) if len(picked) else float("nan"),
+        "p99_ms": float(np.percentile(latencies, 99)) if len(picked) else float("nan"),
+    }
+  return rows
+
+
+def format_table(rows: Dict[str, Dict[str, Any]], concurrency: int, wall_s: float) -> str:
+  lines = [f"load test: {concurrency} concurrent clients, {wall_s:.1f} s",
+           f"{'endpoint':<10} {'requests':>9} {'errors':>7} {'req/s':>9} {'p50 ms':>9} "
+           f"{'p99 ms':>9}", "-" * 58]
+  for name, r in rows.items():
+    lines.append(f"{name:<10} {r['requests']:>9d} {r['errors']:>7d} "
+                 f"{r['requests_per_s']:>9.1f} {r['p50_ms']:>9.1f} {r['p99_ms']:>9.1f}")
+  return "\n".join(lines)
+
+
+def free_port() -> int:
+  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def wait_ready(url: str, server: Optional[subprocess.Popen], timeout_s: float) -> None:
+  deadline = time.time() + timeout_s
+  while time.time() < deadline:
+    if server is not None and server.poll() is not None:
+      raise RuntimeError(f"the server exited with code {server.returncode} before it was ready")
+    try:
+      if httpx.get(f"{url}/readyz", timeout=2.0).status_code == 200:
+        return
+    except httpx.HTTPError:
+      pass
+    time.sleep(0.5)
+  raise TimeoutError(f"{url}/readyz not ready after {timeout_s:.0f} s")
+
+
+def start_server(artifact: str, port: int, max_batch: Optional[int],
+                 max_wait_ms: float, log_path: str) -> subprocess.Popen:
+  command = [sys.executable, "-m", "gensar_jax.serve", f"--artifact={artifact}",
+             "--host=127.0.0.1", f"--port={port}", f"--max_wait_ms={max_wait_ms}",
+             "--log_level=warning"]
+  if max_batch:
+    command.append(f"--max_batch={max_batch}")
+  log = open(log_path, "w", encoding="utf-8")  # pylint: disable=consider-using-with
+  return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+
+
+def stop_server(server: subprocess.Popen) -> None:
+  server.terminate()
+  try:
+    server.wait(timeout=20)
+  except subprocess.TimeoutExpired:
+    server.kill()
+    server.wait()
+
+
+def run_load_test(url: str, items: Sequence[Dict[str, Any]], requests: int, concurrency: int,
+                  duration_s: float, search_fraction: float = 0.5, k: int = 10, seed: int = 0,
+                  timeout_s: float = 60.0) -> Dict[str, Any]:
+  bodies = make_bodies(items, requests, search_fraction, k, seed)
+  out = asyncio.run(_run(url, bodies, concurrency, duration_s, timeout_s))
+  rows = summarise(out["records"], out["wall_s"])
+  errors = [r["error"] for r in out["records"] if r["error"]]
+  return {"rows": rows, "wall_s": out["wall_s"], "concurrency": concurrency,
+          "first_errors": errors[:5]}
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--artifact", required=True,
+                      help="the served artifact (its items make the request bodies)")
+  parser.add_argument("--url", default=None, help="a running server; default: start one")
+  parser.add_argument("--requests", type=int, default=500, help="most requests to send")
+  parser.add_argument("--duration_s", type=float, default=60.0, help="most seconds to send")
+  parser.add_argument("--concurrency", type=int, default=16)
+  parser.add_argument("--search_fraction", type=float, default=0.5)
+  parser.add_argument("--k", type=int, default=10)
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--max_batch", type=int, default=None, help="server --max_batch")
+  parser.add_argument("--max_wait_ms", type=float, default=5.0, help="server --max_wait_ms")
+  parser.add_argument("--startup_timeout_s", type=float, default=600.0)
+  parser.add_argument("--json", action="store_true", help="also print the numbers as JSON")
+  args = parser.parse_args(argv)
+  for name in ("requests", "concurrency", "k"):
+    if getattr(args, name) < 1:
+      parser.error(f"--{name} must be >= 1")
+  if args.duration_s <= 0 or not 0.0 <= args.search_fraction <= 1.0:
+    parser.error("--duration_s must be > 0 and --search_fraction in [0, 1]")
+  return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  args = parse_args(argv)
+  items = read_items(args.artifact)
+  server, url = None, args.url
+  log_path = None
+  if url is None:
+    fd, log_path = tempfile.mkstemp(prefix="gensar_load_test_server_", suffix=".log")
+    os.close(fd)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = start_server(args.artifact, port, args.max_batch, args.max_wait_ms, log_path)
+  try:
+    wait_ready(url, server, args.startup_timeout_s)
+    result = run_load_test(url, items, args.requests, args.concurrency, args.duration_s,
+                           args.search_fraction, args.k, args.seed)
+    alive = server is None or server.poll() is None
+    healthy = httpx.get(f"{url}/healthz", timeout=5.0).status_code == 200 if alive else False
+  finally:
+    if server is not None:
+      stop_server(server)
+  result["server_alive_after"] = bool(alive and healthy)
+  print(format_table(result["rows"], result["concurrency"], result["wall_s"]))
+  for error in result["first_errors"]:
+    print(f"error: {error}")
+  if args.json:
+    print(json.dumps(result))
+  failed = result["rows"]["all"]["errors"] > 0 or not result["server_alive_after"]
+  if log_path and not failed:
+    os.remove(log_path)
+  elif log_path:
+    print(f"server log: {log_path}")
+  return 1 if failed else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,236 @@
+"""The HTTP server over a real exported artifact (a freshly initialised tiny model): good
+answers, batching, every kind of bad request answered 4xx while the server keeps serving,
+through FastAPI's TestClient and a real uvicorn server on a loopback port; and a smoke run
+of launch/load_test.py."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent import futures
+
+import flax.linen as nn
+import httpx
+import jax
+import numpy as np
+import pytest
+import uvicorn
+from fastapi.testclient import TestClient
+
+from gensar_jax import evaluation, gin_utils
+from gensar_jax import export as export_lib
+from gensar_jax.identifiers.table import load_identifier_table
+from gensar_jax.models.encoder_decoder import build_model
+from gensar_jax.models.t5_config import T5Config
+from gensar_jax.serving import app as app_lib
+from gensar_jax.serving.app import Event, Query, create_app
+from gensar_jax.serving.engine import ServingEngine
+from task_world import LENGTHS, build_world
+
+PREFIX = "tserve"
+BEAMS = 6
+BUCKETS = (1, 4)
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+  world = build_world(tmp_path_factory.mktemp("serve_world"), prefix=PREFIX)
+  vocabulary = world["reg"].vocabulary
+  item_ids = [str(i) for i in world["items"]["item_id"]]
+  indices = evaluation.ranking_indices(load_identifier_table(world["dual"]), vocabulary,
+                                       item_ids, "cid", "sid")
+  config = T5Config(emb_dim=32, num_heads=2, head_dim=16, mlp_dim=64, num_encoder_layers=1,
+                    num_decoder_layers=1)
+  model = build_model(vocabulary, config=config)
+  variables = model.get_initial_variables(jax.random.PRNGKey(0), {
+      "encoder_input_tokens": (1, 8), "decoder_input_tokens": (1, 8)})
+  params = nn.meta.unbox(variables["params"])
+  titles = dict(zip(item_ids, world["items"]["title"]))
+  path = export_lib.write_serving_artifact(
+      str(tmp_path_factory.mktemp("serve") / "artifact"), model=model, params=params,
+      indices=indices, titles=titles, input_length=LENGTHS["inputs"], num_beams=BEAMS,
+      batch_buckets=BUCKETS)
+  served = ServingEngine(path)
+  served.warm_up()
+  return served
+
+
+GOOD_HISTORY = [{"kind": "rec", "item_id": "I01"},
+                {"kind": "search", "item_id": "I02", "query": "travel mug"}]
+GOOD = ("/search", {"history": GOOD_HISTORY, "query": "coffee maker", "k": 3})
+
+# (name, path, body or raw bytes, expected status, a piece of the expected error message)
+BAD = [
+    ("unknown item", "/recommend", {"history": [{"kind": "rec", "item_id": "NOPE"}]}, 422,
+     "unknown item id(s): 'NOPE'"),
+    ("empty query", "/search", {"history": GOOD_HISTORY, "query": "  "}, 422,
+     "query must not be empty"),
+    ("missing query", "/search", {"history": GOOD_HISTORY}, 422, "query: Field required"),
+    ("long query", "/search", {"history": [], "query": "x" * 600}, 422, "longer than 512"),
+    ("10 MB query", "/search", {"history": [], "query": "x" * 10_000_000}, 413,
+     "request body larger than"),
+    ("k zero", "/recommend", {"history": GOOD_HISTORY, "k": 0}, 422, "k must be between 1"),
+    ("k negative", "/recommend", {"history": GOOD_HISTORY, "k": -3}, 422, "k must be between"),
+    ("k huge", "/recommend", {"history": GOOD_HISTORY, "k": 10 ** 30}, 422, "k must be between"),
+    ("k above beams", "/recommend", {"history": GOOD_HISTORY, "k": BEAMS + 1}, 422,
+     f"between 1 and {BEAMS}"),
+    ("k as string", "/recommend", {"history": GOOD_HISTORY, "k": "3"}, 422, "k:"),
+    ("k as float", "/recommend", {"history": GOOD_HISTORY, "k": 2.5}, 422, "k:"),
+    ("item id as int", "/recommend", {"history": [{"kind": "rec", "item_id": 1}]}, 422,
+     "history.0.item_id"),
+    ("history not a list", "/recommend", {"history": "I01"}, 422, "history"),
+    ("unknown kind", "/recommend", {"history": [{"kind": "buy", "item_id": "I01"}]}, 422,
+     "history.0.kind"),
+    ("extra field", "/recommend", {"history": [], "user": "u1"}, 422, "user"),
+    ("search event without query", "/recommend",
+     {"history": [{"kind": "search", "item_id": "I01"}]}, 422, "history[0]: a search event"),
+    ("query as list", "/search", {"history": [], "query": ["a"]}, 422, "query"),
+    ("body is a list", "/recommend", [1, 2], 422, ""),
+    ("invalid json", "/recommend", b"{not json", 422, "JSON"),
+]
+
+
+def send(client, path, body):
+  if isinstance(body, bytes):
+    return client.post(path, content=body, headers={"content-type": "application/json"})
+  return client.post(path, json=body)
+
+
+def check_good(response, engine):
+  assert response.status_code == 200, response.text
+  items = response.json()["items"]
+  assert len(items) == 3 and len({i["item_id"] for i in items}) == 3
+  titles = dict(zip(engine.item_ids, engine.titles))
+  scores = [i["score"] for i in items]
+  assert scores == sorted(scores, reverse=True) and all(s <= 0 for s in scores)
+  assert all(titles[i["item_id"]] == i["title"] for i in items)
+  return items
+
+
+@pytest.fixture(scope="module")
+def client(engine):
+  with TestClient(create_app(engine, max_wait_ms=2.0)) as c:
+    deadline = time.time() + 60
+    while c.get("/readyz").status_code != 200:
+      assert time.time() < deadline, "engine never became ready"
+      time.sleep(0.05)
+    yield c
+
+
+def test_answers_equal_the_engine_and_respect_k(client, engine):
+  items = check_good(client.post(GOOD[0], json=GOOD[1]), engine)
+  query = Query(history=(Event("rec", "I01"), Event("search", "I02", "travel mug")), k=3,
+                query="coffee maker")
+  direct = engine.search([query])[0]
+  assert [i["item_id"] for i in items] == [h.item_id for h in direct]
+  np.testing.assert_allclose([i["score"] for i in items], [h.score for h in direct], rtol=1e-6)
+  rec = client.post("/recommend", json={"history": GOOD_HISTORY, "k": BEAMS}).json()["items"]
+  assert len(rec) == BEAMS
+  # Search and recommend decode different identifier spaces, so the prompts differ.
+  assert engine.prompt("search", query) != engine.prompt("recommend", query)
+  assert client.get("/healthz").json() == {"status": "ok"}
+
+
+@pytest.mark.parametrize("name,path,body,status,message", BAD, ids=[b[0] for b in BAD])
+def test_bad_request_gets_4xx_then_server_still_serves(client, engine, name, path, body,
+                                                       status, message):
+  response = send(client, path, body)
+  assert response.status_code == status, response.text
+  assert message in response.json()["error"]
+  check_good(client.post(GOOD[0], json=GOOD[1]), engine)
+
+
+def test_chunked_oversized_body_is_refused(client, engine):
+  def chunks():
+    for _ in range(20):
+      yield b"x" * (1 << 17)   # 2.5 MiB in all, no Content-Length
+  response = client.post("/search", content=chunks(),
+                         headers={"content-type": "application/json"})
+  assert response.status_code == 413
+  check_good(client.post(GOOD[0], json=GOOD[1]), engine)
+
+
+def test_batching_is_invisible_in_results(engine):
+  """6 concurrent requests run as fewer device calls, and each answer equals its solo one."""
+  queries = [Query(history=(Event("rec", f"I{i:02d}"),), k=BEAMS) for i in range(6)]
+  solo = [engine.recommend([q])[0] for q in queries]
+  together = engine.recommend(queries)   # a bucket of 4 and a padded 2
+  for a, b in zip(solo, together):
+    assert [h.item_id for h in a] == [h.item_id for h in b]
+    np.testing.assert_allclose([h.score for h in a], [h.score for h in b], rtol=1e-5,
+                               atol=1e-6)
+
+
+def free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def live_server(engine):
+  port = free_port()
+  server = uvicorn.Server(uvicorn.Config(create_app(engine, max_wait_ms=20.0), host="127.0.0.1",
+                                         port=port, log_level="warning"))
+  thread = threading.Thread(target=server.run, daemon=True)
+  thread.start()
+  url = f"http://127.0.0.1:{port}"
+  deadline = time.time() + 60
+  while True:
+    try:
+      if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+        break
+    except httpx.HTTPError:
+      pass
+    assert time.time() < deadline, "uvicorn never became ready"
+    time.sleep(0.1)
+  yield url
+  server.should_exit = True
+  thread.join(timeout=30)
+
+
+def test_real_server_bad_requests_then_good(live_server, engine):
+  with httpx.Client(base_url=live_server, timeout=30) as http:
+    for name, path, body, status, message in BAD:
+      try:
+        response = send(http, path, body)
+      except httpx.HTTPError as e:   # the 10 MB upload may be cut off after the 413
+        assert name == "10 MB query", f"{name}: {e!r}"
+        continue
+      assert response.status_code == status, (name, response.text)
+      assert message in response.json()["error"], name
+    check_good(http.post(GOOD[0], json=GOOD[1]), engine)
+
+
+def test_real_server_batches_concurrent_requests(live_server, engine):
+  before = httpx.get(f"{live_server}/readyz").json()
+  bodies = [{"history": [{"kind": "rec", "item_id": f"I{i:02d}"}], "k": 2} for i in range(8)]
+  with futures.ThreadPoolExecutor(8) as pool:
+    answers = list(pool.map(
+        lambda b: httpx.post(f"{live_server}/recommend", json=b, timeout=60), bodies))
+  assert all(a.status_code == 200 for a in answers)
+  after = httpx.get(f"{live_server}/readyz").json()
+  assert after["requests"]["recommend"] - before["requests"]["recommend"] == 8
+  assert after["batches"]["recommend"] - before["batches"]["recommend"] < 8
+  solo = engine.recommend([Query(history=(Event("rec", "I05"),), k=2)])[0]
+  assert [i["item_id"] for i in answers[5].json()["items"]] == [h.item_id for h in solo]
+
+
+def test_load_test_smoke(live_server, engine):
+  env = dict(os.environ)
+  env["PYTHONPATH"] = os.pathsep.join([gin_utils.REPO_ROOT, env.get("PYTHONPATH", "")])
+  proc = subprocess.run(
+      [sys.executable, os.path.join(gin_utils.REPO_ROOT, "launch", "load_test.py"),
+       f"--artifact={engine.directory}", f"--url={live_server}", "--requests=16",
+       "--concurrency=4", "--duration_s=120", "--k=3", "--json"],
+      capture_output=True, text=True, timeout=180, env=env)
+  assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
+  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  rows = result["rows"]
+  assert rows["all"]["requests"] == 16 and rows["all"]["errors"] == 0
+  assert rows["search"]["requests"] + rows["recommend"]["requests"] == 16
+  assert 0 < rows["all"]["p50_ms"] <= rows["all"]["p99_ms"]
+  assert result["server_alive_after"] is True
+  assert "req/s" in proc.stdout and "p99 ms" in proc.stdout
