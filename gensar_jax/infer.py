@@ -1,0 +1,289 @@
+"""Stage 5: predictions of a trained run, one JSON line per example of a task split.
+
+  python -m gensar_jax.infer --gin_file=gin/runs/train.gin --gin_file=gin/models/tiny.gin \
+      --gin_file=gin/runs/infer.gin --gin.MODEL_DIR="'runs/tiny'" ... (task macros) \
+      --gin.INFER_TASK="'next_search_item'" --gin.INFER_CONSTRAINT="'candidates'"
+
+Each line: the prompt the model read, the user, the true target, and the top-k items of a
+constrained beam search, best first, with their log-probability scores, identifiers and
+titles. The search is constrained to a trie of either the whole catalogue (every item of the
+task's identifier space, what serving does) or the example's own candidates (the
+evaluation protocol), so every returned beam names exactly one item.
+
+The pieces are those of the ranking evaluation (gensar_jax/evaluation.py): the same task
+registration, identifier index and fixed-shape batches, and the compiled search of
+gensar_jax/decoding (`decode_identifiers`, compiled once per model, beams and shape).
+
+A checkpoint that does not belong to the vocabulary or identifiers given fails before any
+decoding, with exit code 2 (CheckpointError): a model whose embedding size differs from
+the vocabulary's, a run whose config.gin names a vocabulary or identifier table with other
+contents, identifier tokens missing from the vocabulary, or no checkpoint at all.
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import hashlib
+import logging
+import os
+import re
+from typing import Dict, Iterator, List, Mapping, Optional, Union
+
+import gin
+import numpy as np
+import seqio
+from tqdm import tqdm
+
+from gensar_jax import evaluation
+from gensar_jax import gin_utils
+from gensar_jax import restore
+# The run's own gin files come first on the command line; gin/runs/train.gin binds `train`.
+from gensar_jax import train as _train_configurables  # noqa: F401  # pylint: disable=unused-import
+from gensar_jax.checkpoints import CheckpointError
+from gensar_jax.data.prepared import load_prepared
+from gensar_jax.data.schema import DataError
+from gensar_jax.decoding import build_candidate_tries, build_trie, decode_identifiers
+from gensar_jax.identifiers.table import IDENTIFIERS_FILE
+from gensar_jax.io_utils import write_jsonl
+from gensar_jax.models.encoder_decoder import build_model
+from tasks import prompts
+
+logger = logging.getLogger(__name__)
+
+CONSTRAINTS = ("catalogue", "candidates")
+# Accepted task names -> the key evaluation.RankingSetup uses.
+TASK_KEYS = {prompts.REC: "rec", prompts.SEARCH: "search", "rec": "rec", "search": "search"}
+TRAINED_CONFIG = "config.gin"
+
+
+@dataclasses.dataclass(frozen=True)
+class InferSummary:
+  output_path: str
+  num_examples: int
+  checkpoint_step: int
+  task: str            # the registered SeqIO task decoded
+  constraint: str
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _file_digest(path: str) -> str:
+  with open(path, "rb") as f:
+    return hashlib.sha256(f.read()).hexdigest()
+
+
+def _trained_macro(model_dir: str, macro: str) -> Optional[str]:
+  """A string macro of the run's operative config (MODEL_DIR/config.gin), if written there."""
+  path = os.path.join(model_dir, TRAINED_CONFIG)
+  if not os.path.isfile(path):
+    return None
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      match = re.match(rf"^{macro}\s*=\s*(.+?)\s*$", line)
+      if match:
+        try:
+          value = ast.literal_eval(match.group(1))
+        except (ValueError, SyntaxError):
+          return None
+        return value if isinstance(value, str) else None
+  return None
+
+
+def check_run_inputs(model_dir: str, vocab_path: str, identifiers_dir: str) -> None:
+  """Refuses a vocabulary or identifier table whose contents differ from the run's own.
+
+  Token ids are positions in the vocabulary, so a different vocabulary of the same padded
+  size restores without complaint and decodes nonsense; the only record of what training
+  used is the operative config it wrote. Paths may move between machines, so contents are
+  compared, and a training-time file that is no longer there is only logged.
+  """
+  for macro, given, file_name in (("VOCAB_PATH", vocab_path, None),
+                                  ("IDENTIFIERS_DIR", identifiers_dir, IDENTIFIERS_FILE)):
+    trained = _trained_macro(model_dir, macro)
+    if trained is None:
+      continue
+    trained_file = os.path.join(trained, file_name) if file_name else trained
+    given_file = os.path.join(given, file_name) if file_name else given
+    if not os.path.isfile(trained_file):
+      logger.info("%s: trained with %s=%r, which is not here; not compared", model_dir,
+                  macro, trained)
+      continue
+    if not os.path.isfile(given_file):
+      continue  # the setup reports a missing input with its own message
+    if _file_digest(trained_file) != _file_digest(given_file):
+      raise CheckpointError(
+          f"{model_dir}: trained with {macro}={trained!r} ({os.path.join(model_dir, TRAINED_CONFIG)}"
+          f"), but {given_file} has other contents; decode with the {macro} the run "
+          "was trained with")
+
+
+def _ranking_setup() -> evaluation.RankingSetup:
+  """evaluation.ranking_setup(), with its input errors reported as DataError (exit 2)."""
+  try:
+    return evaluation.ranking_setup()
+  except DataError:
+    raise
+  except (ValueError, FileNotFoundError) as e:
+    # VocabularyError (a token missing from the vocabulary), an item without identifier,
+    # a missing identifier table: all mean the inputs given do not belong together.
+    raise DataError(f"infer: the vocabulary, identifiers and prepared data do not fit: "
+                    f"{e}") from e
+
+
+def _load_params(model_dir: str, model, checkpoint: Union[str, int], vocab_path: str):
+  try:
+    return restore.load_params(model_dir, model, checkpoint)
+  except DataError:
+    raise
+  except ValueError as e:
+    # Orbax refuses a stored array whose shape differs from the model built here; for the
+    # embeddings that means another vocabulary (or another gin model size).
+    raise CheckpointError(
+        f"{model_dir}: the checkpoint does not fit the model built from vocabulary "
+        f"{vocab_path} (vocab_size {model.module.config.vocab_size}) and the gin model "
+        f"size: {e}") from e
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+def _example_metadata(task_name: str, split: str, input_length: int,
+                      max_examples: Optional[int]) -> Iterator[Dict[str, np.ndarray]]:
+  """The text features of the examples `evaluation.eval_batches` batches, in its order."""
+  task = seqio.get_mixture_or_task(task_name)
+  ds = task.get_dataset({"inputs": input_length, "targets": 8}, split=split, shuffle=False,
+                        num_epochs=1, use_cached=False)
+  if max_examples is not None:
+    ds = ds.take(max_examples)
+  for ex in ds.as_numpy_iterator():
+    yield {k: ex[k] for k in ("inputs_pretokenized", "user_id", "target_item")}
+
+
+def _text(value) -> str:
+  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def _identifier_strings(index: evaluation.IdentifierTokens,
+                        vocabulary: seqio.Vocabulary) -> List[str]:
+  """Each catalogue row's identifier as generated (behaviour + codes, EOS left out)."""
+  sp = vocabulary.tokenizer
+  return ["".join(sp.id_to_piece(int(t)) for t in row[:-1]) for row in index.tokens]
+
+
+@gin.configurable
+def infer(model_dir: str = gin.REQUIRED, prepared_dir: str = gin.REQUIRED,
+          identifiers_dir: str = gin.REQUIRED,
+          task_feature_lengths: Mapping[str, int] = gin.REQUIRED,
+          task: str = prompts.REC, split: str = "test", output_path: Optional[str] = None,
+          checkpoint: Union[str, int] = "best", constraint: str = "catalogue",
+          num_beams: int = 30, top_k: int = 10, batch_size: int = 16,
+          max_examples: Optional[int] = None, progress: bool = True) -> InferSummary:
+  """Writes the top-k predictions of `task` on `split` as JSONL; returns a summary.
+
+  Args:
+    model_dir: the trained run (checkpoints/, config.gin).
+    prepared_dir: the prepared dataset (item titles; `ranking_setup` reads it too).
+    identifiers_dir: the identifier table the run was trained with.
+    task_feature_lengths: {"inputs": n, ...}; prompts are cut to n tokens as in training.
+    task: "next_rec_item" or "next_search_item" ("rec" / "search" also accepted).
+    split: "train", "validation" or "test" ("candidates" needs validation or test).
+    output_path: default MODEL_DIR/predictions_<task>_<split>.jsonl.
+    checkpoint: "best", "latest" or a step number.
+    constraint: "catalogue" (a trie of every item) or "candidates" (each example's own).
+    num_beams: beam width; top_k <= num_beams of the beams are written.
+    batch_size: examples per compiled search (the last batch is padded, not recompiled).
+    max_examples: decode only the first n examples.
+  """
+  for value, macro in ((model_dir, "MODEL_DIR"), (prepared_dir, "PREPARED_DIR"),
+                       (identifiers_dir, "IDENTIFIERS_DIR")):
+    if not isinstance(value, str) or not value:
+      raise DataError(f"infer: {macro} is required (--gin.{macro}=...)")
+  if task not in TASK_KEYS:
+    raise DataError(f"infer.task={task!r}: expected {prompts.REC!r} or {prompts.SEARCH!r}")
+  if constraint not in CONSTRAINTS:
+    raise DataError(f"infer.constraint={constraint!r}: expected one of {CONSTRAINTS}")
+  if not 1 <= top_k <= num_beams:
+    raise DataError(f"infer: top_k={top_k} must be between 1 and num_beams={num_beams}")
+  if batch_size < 1:
+    raise DataError(f"infer.batch_size={batch_size} must be >= 1")
+  key = TASK_KEYS[task]
+
+  setup = _ranking_setup()
+  vocab_path = setup.vocabulary.sentencepiece_model_file
+  check_run_inputs(model_dir, vocab_path, identifiers_dir)
+  model = build_model(setup.vocabulary)
+  params, step = _load_params(model_dir, model, checkpoint, vocab_path)
+
+  task_name = setup.task_names[key]
+  index = setup.indices[key]
+  input_length = int(task_feature_lengths["inputs"])
+  items = load_prepared(prepared_dir).items
+  titles = dict(zip((str(i) for i in items["item_id"]), (str(t) for t in items["title"])))
+  identifiers = _identifier_strings(index, setup.vocabulary)
+  catalogue_trie = build_trie(index.tokens) if constraint == "catalogue" else None
+  output_path = output_path or os.path.join(model_dir, f"predictions_{key}_{split}.jsonl")
+
+  def rows() -> Iterator[Dict]:
+    metadata = _example_metadata(task_name, split, input_length, max_examples)
+    batches = evaluation.eval_batches(task_name, split, input_length, batch_size, index,
+                                      max_examples)
+    bar = tqdm(desc=f"infer {task_name}/{split}", unit=" ex", disable=not progress)
+    number = 0
+    for batch in batches:
+      if catalogue_trie is not None:
+        trie = catalogue_trie
+      elif batch.candidate_rows.shape[1] == 0:
+        raise DataError(f"{task_name}/{split} has no candidates (the train split never "
+                        "does); use infer.constraint='catalogue'")
+      else:
+        trie = build_candidate_tries(index.tokens[batch.candidate_rows])  # [b, c, L] paths
+      out = decode_identifiers(model, params, batch.encoder_input_tokens, trie, num_beams)
+      picked = np.asarray(out.items)                                     # [b, beams]
+      scores = np.asarray(out.scores, np.float64)                        # [b, beams]
+      if catalogue_trie is None:                                         # -> catalogue rows
+        picked = np.where(picked >= 0, np.take_along_axis(
+            batch.candidate_rows, np.maximum(picked, 0), axis=1), -1)
+      order = np.argsort(-np.where(picked >= 0, scores, -np.inf), axis=1, kind="stable")
+      for i in np.flatnonzero(batch.valid):
+        meta = next(metadata)
+        target = _text(meta["target_item"])
+        if index.row[target] != batch.target_rows[i]:
+          raise RuntimeError(f"{task_name}/{split}: example {number} read in another order "
+                             "than the batches (target mismatch)")
+        ranked = [int(b) for b in order[i] if picked[i, b] >= 0][:top_k]
+        yield {"index": number, "task": task_name, "user_id": _text(meta["user_id"]),
+               "input": _text(meta["inputs_pretokenized"]), "target": target,
+               "items": [{"item_id": index.item_ids[picked[i, b]],
+                          "score": float(scores[i, b]),
+                          "title": titles.get(index.item_ids[picked[i, b]], ""),
+                          "identifier": identifiers[picked[i, b]]} for b in ranked]}
+        number += 1
+        bar.update(1)
+    bar.close()
+
+  collected = list(rows())
+  if not collected:
+    raise DataError(f"{task_name}/{split} has no examples to decode")
+  parent = os.path.dirname(os.path.abspath(output_path))
+  os.makedirs(parent, exist_ok=True)
+  tmp = f"{output_path}.tmp-{os.getpid()}"
+  try:
+    write_jsonl(tmp, collected)
+    os.replace(tmp, output_path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+  return InferSummary(output_path=output_path, num_examples=len(collected),
+                      checkpoint_step=step, task=task_name, constraint=constraint)
+
+
+def main() -> None:
+  summary = infer()
+  print(f"wrote {summary.num_examples} predictions of {summary.task} ({summary.constraint} "
+        f"trie, checkpoint step {summary.checkpoint_step}) to {summary.output_path}",
+        flush=True)
+
+
+if __name__ == "__main__":
+  gin_utils.run(main)
