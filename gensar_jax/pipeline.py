@@ -3,29 +3,54 @@ same configuration.
 
   python -m gensar_jax.pipeline --gin_file=gin/experiments/ml100k_quickstart.gin
 
-Stages so far: prepare -> identify -> vocab. A stage's output directory is written atomically by
-the stage itself; after it lands, the pipeline records a fingerprint of the gin bindings
-the stage depends on in `<run_dir>/stages/<stage>.json`. A stage is skipped when its
-output exists and the fingerprint matches, and re-run (overwriting) otherwise, so a run
-killed mid-stage resumes at that stage.
+Stages (GENSAR_METHOD.md, ARCHITECTURE.md):
+  prepare         raw log -> prepared dataset (splits, histories, candidates)
+  identify        -> dual-purpose identifiers (+ the SASRec baseline's metrics)
+  vocab           -> SentencePiece vocabulary with every identifier token whole
+  baselines       -> popularity, SASRec, BM25, dense retrieval on the test candidates
+  doc2query       -> a text -> query model (`train` inside the gin scope "doc2query")
+  pseudo_queries  -> one sampled pseudo-query per item, for the ad-hoc search task
+  train           -> the GenSAR model; the kept checkpoint is the best mean validation NDCG@5
+  evaluate        -> test metrics of that checkpoint (candidates and whole catalogue)
+  compare         -> one table and a trade-off plot of every system
+
+After a stage lands, the pipeline records a fingerprint of the gin bindings the stage (and
+everything upstream) depends on in `<run_dir>/stages/<stage>.json`; a stage is skipped when
+its output exists and the fingerprint matches. A stage killed half-way has no marker and
+runs again: the data stages overwrite their atomic outputs, and the two training stages
+resume from their last checkpoint when the configuration they started with (recorded in
+`<stage>.started.json`) is unchanged, or start afresh in an emptied directory when it is not.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import re
+import shutil
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import gin
 
+# Every stage's module is imported up front: gin must know their configurables before it
+# parses an experiment file.
 from gensar_jax import build_vocab as build_vocab_lib
+from gensar_jax import comparison
+from gensar_jax import doc2query as doc2query_lib
+from gensar_jax import evaluate as evaluate_lib
 from gensar_jax import gin_utils
 from gensar_jax import identify as identify_lib
 from gensar_jax import prepare as prepare_lib
+from gensar_jax import train as train_lib
+from gensar_jax.baselines import run as baselines_lib
 from gensar_jax.data.stats import format_stats_table
 from gensar_jax.io_utils import write_json
+
+STAGES = ("prepare", "identify", "vocab", "baselines", "doc2query", "pseudo_queries", "train",
+          "evaluate", "compare")
+DOC2QUERY_SCOPE = "doc2query"
 
 # Configurables whose bindings change each stage's output (upstream stages chain in).
 STAGE_CONFIGURABLES: Dict[str, Tuple[str, ...]] = {
@@ -33,11 +58,25 @@ STAGE_CONFIGURABLES: Dict[str, Tuple[str, ...]] = {
                 "load_movielens_100k", "load_amazon_2014", "load_generic"),
     "identify": ("identify", "RQVAEConfig", "SASRecConfig", "SentenceEncoder"),
     "vocab": ("build_vocab",),
+    "baselines": ("run_baselines", "SentenceEncoder"),
+    "doc2query": ("train", "register_doc2query", "T5Config", "build_model", "Trainer",
+                  "create_optimizer", "create_learning_rate_schedule", "Partitioner",
+                  "create_mesh", "TrainCheckpoints"),
+    "pseudo_queries": ("generate_pseudo_queries",),
+    "train": ("train", "register_gensar", "mixture_rates", "gensar_mixture", "T5Config",
+              "build_model", "Trainer", "create_optimizer", "create_learning_rate_schedule",
+              "Partitioner", "create_mesh", "TrainCheckpoints", "RankingEvalHook",
+              "ranking_setup"),
+    "evaluate": ("evaluate", "ranking_setup"),
+    "compare": (),
 }
+# The stages the baselines and the comparison do not depend on (they chain past them).
+_UPSTREAM = {"baselines": "identify", "doc2query": "vocab", "compare": "evaluate"}
+RESUMABLE = ("doc2query", "train")
 
 
 def _binding_lines() -> Dict[str, List[str]]:
-  """gin's operative-or-full config as {binding key: its lines} (multi-line values kept)."""
+  """gin's config as {binding key: its lines} (multi-line values kept)."""
   blocks: Dict[str, List[str]] = {}
   key = None
   for line in gin.config_str().splitlines():
@@ -55,7 +94,8 @@ def stage_fingerprint(stage: str, upstream: str = "") -> str:
   """Hash of the gin bindings a stage reads, the macros they use, and its upstream's hash.
 
   Only macros the stage's bindings refer to (transitively) count, so adding a later stage's
-  macros to an experiment file does not invalidate the earlier stages' outputs.
+  macros to an experiment file does not invalidate the earlier stages' outputs. Scoped
+  bindings (`doc2query/train.x`) count for the configurable they bind.
   """
   names = STAGE_CONFIGURABLES[stage]
   blocks = _binding_lines()
@@ -70,58 +110,163 @@ def stage_fingerprint(stage: str, upstream: str = "") -> str:
   return hashlib.sha256("\n".join([upstream] + lines).encode()).hexdigest()[:16]
 
 
-def _marker(run_dir: str, stage: str) -> str:
-  return os.path.join(run_dir, "stages", f"{stage}.json")
+def _marker(run_dir: str, stage: str, suffix: str = "") -> str:
+  return os.path.join(run_dir, "stages", f"{stage}{suffix}.json")
 
 
-def is_complete(run_dir: str, stage: str, output_dir: str, fingerprint: str) -> bool:
+def _read_fingerprint(path: str) -> Optional[str]:
   try:
-    with open(_marker(run_dir, stage), encoding="utf-8") as f:
-      marker = json.load(f)
-  except (OSError, json.JSONDecodeError):
-    return False
-  return os.path.exists(output_dir) and marker.get("fingerprint") == fingerprint
+    with open(path, encoding="utf-8") as f:
+      return json.load(f).get("fingerprint")
+  except (OSError, json.JSONDecodeError, AttributeError):
+    return None
+
+
+def is_complete(run_dir: str, stage: str, output: str, fingerprint: str) -> bool:
+  return os.path.exists(output) and _read_fingerprint(_marker(run_dir, stage)) == fingerprint
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  name: str
+  output: str                       # a path that exists once the stage is done
+  run: Callable[[], Dict]           # does the work; returns JSON-able statistics
+  report: Callable[[Dict], str]     # statistics -> the lines the pipeline prints
+
+
+def _scoped(scope: str, fn: Callable[[], Dict]) -> Callable[[], Dict]:
+  def run():
+    with gin.config_scope(scope):
+      return fn()
+  return run
+
+
+def _train_summary(summary) -> Dict:
+  return {"start_step": summary.start_step, "final_step": summary.final_step,
+          "train": summary.train_metrics, "eval": summary.eval_metrics,
+          "checkpoints": summary.checkpoint_steps}
+
+
+def _format_train(title: str) -> Callable[[Dict], str]:
+  def fmt(stats: Dict) -> str:
+    train, ev = stats.get("train", {}), stats.get("eval", {})
+    parts = [f"{title}: steps {stats['start_step']}-{stats['final_step']}"]
+    if "loss" in train:
+      parts.append(f"train loss {train['loss']:.4f}")
+    for key in ("eval/loss", "eval/mean_ndcg@5"):
+      if key in ev:
+        parts.append(f"{key} {ev[key]:.4f}")
+    parts.append(f"checkpoints {stats['checkpoints']}")
+    return ", ".join(parts)
+  return fmt
+
+
+def _stages(run_dir: str, prepared_dir: str, identifiers_dir: str, vocab_path: Optional[str],
+            baselines_dir: Optional[str], doc2query_dir: Optional[str],
+            pseudo_queries_path: Optional[str], model_dir: Optional[str],
+            eval_dir: Optional[str], comparison_dir: Optional[str]) -> List[Stage]:
+  stages = [
+      Stage("prepare", prepared_dir, lambda: prepare_lib.prepare(overwrite=True),
+            format_stats_table),
+      Stage("identify", identifiers_dir, lambda: identify_lib.identify(overwrite=True),
+            identify_lib.format_identifier_stats),
+      Stage("vocab", vocab_path or "", lambda: build_vocab_lib.build_vocab(overwrite=True),
+            build_vocab_lib.format_summary),
+  ]
+
+  def baselines():
+    results, notes = baselines_lib.run_baselines()
+    return {"table": baselines_lib.format_results(results, notes)}
+
+  def doc2query():
+    return _train_summary(train_lib.train())
+
+  def pseudo_queries():
+    return doc2query_lib.generate_pseudo_queries()
+
+  def train():
+    return _train_summary(train_lib.train())
+
+  def evaluate():
+    out = evaluate_lib.evaluate(output_dir=eval_dir)
+    with open(os.path.join(eval_dir, "results.md"), encoding="utf-8") as f:
+      return {**out, "table": f.read()}
+
+  def compare():
+    comparison.compare([d for d in (baselines_dir, eval_dir) if d], comparison_dir)
+    with open(os.path.join(comparison_dir, "comparison.md"), encoding="utf-8") as f:
+      return {"table": f.read()}
+
+  stages += [
+      Stage("baselines", baselines_dir or "", baselines, lambda s: s["table"]),
+      Stage("doc2query", doc2query_dir or "", _scoped(DOC2QUERY_SCOPE, doc2query),
+            _format_train("doc2query")),
+      Stage("pseudo_queries", pseudo_queries_path or "",
+            _scoped(DOC2QUERY_SCOPE, pseudo_queries), doc2query_lib.format_stats),
+      Stage("train", model_dir or "", train, _format_train("GenSAR")),
+      Stage("evaluate", eval_dir or "", evaluate, lambda s: s["table"]),
+      Stage("compare", comparison_dir or "", compare, lambda s: s["table"]),
+  ]
+  return stages
 
 
 @gin.configurable
 def pipeline(run_dir: str = gin.REQUIRED, prepared_dir: str = gin.REQUIRED,
              identifiers_dir: str = gin.REQUIRED, vocab_path: Optional[str] = None,
-             stages: Sequence[str] = ("prepare", "identify", "vocab")) -> List[str]:
+             baselines_dir: Optional[str] = None, doc2query_dir: Optional[str] = None,
+             pseudo_queries_path: Optional[str] = None, model_dir: Optional[str] = None,
+             eval_dir: Optional[str] = None, comparison_dir: Optional[str] = None,
+             stages: Sequence[str] = STAGES) -> List[str]:
   """Runs the stages in order; returns the report lines it printed."""
-  if "vocab" in stages and not vocab_path:
-    raise ValueError("pipeline.vocab_path is required for the vocab stage")
+  unknown = [s for s in stages if s not in STAGES]
+  if unknown:
+    raise ValueError(f"pipeline.stages: unknown stage(s) {unknown}; known: {list(STAGES)}")
+  outputs = {"vocab": ("vocab_path", vocab_path), "baselines": ("baselines_dir", baselines_dir),
+             "doc2query": ("doc2query_dir", doc2query_dir),
+             "pseudo_queries": ("pseudo_queries_path", pseudo_queries_path),
+             "train": ("model_dir", model_dir), "evaluate": ("eval_dir", eval_dir),
+             "compare": ("comparison_dir", comparison_dir)}
+  missing = [f"pipeline.{outputs[s][0]}" for s in stages if s in outputs and not outputs[s][1]]
+  if missing:
+    raise ValueError(f"the pipeline's stages {list(stages)} need {missing} to be bound")
   os.makedirs(os.path.join(run_dir, "stages"), exist_ok=True)
-  steps: List[Tuple[str, str, Callable[[], Dict], Callable[[Dict], str]]] = [
-      ("prepare", prepared_dir, lambda: prepare_lib.prepare(overwrite=True),
-       format_stats_table),
-      ("identify", identifiers_dir, lambda: identify_lib.identify(overwrite=True),
-       identify_lib.format_identifier_stats),
-      ("vocab", vocab_path, lambda: build_vocab_lib.build_vocab(overwrite=True),
-       build_vocab_lib.format_summary),
-  ]
-  report, upstream = [], ""
-  for stage, output_dir, run_stage, fmt in steps:
-    if stage not in stages:
+  with open(os.path.join(run_dir, "config.gin"), "w", encoding="utf-8") as f:
+    f.write(gin.config_str())
+  report: List[str] = []
+  fingerprints: Dict[str, str] = {}
+  previous = ""
+  for stage in _stages(run_dir, prepared_dir, identifiers_dir, vocab_path, baselines_dir,
+                       doc2query_dir, pseudo_queries_path, model_dir, eval_dir,
+                       comparison_dir):
+    upstream = fingerprints.get(_UPSTREAM.get(stage.name, ""), previous)
+    fingerprint = stage_fingerprint(stage.name, upstream)
+    fingerprints[stage.name] = fingerprint
+    if stage.name not in ("baselines", "compare"):
+      previous = fingerprint
+    if stage.name not in stages:
       continue
-    fingerprint = stage_fingerprint(stage, upstream)
-    upstream = fingerprint
-    stats_path = os.path.join(run_dir, "stages", f"{stage}_stats.json")
-    if is_complete(run_dir, stage, output_dir, fingerprint):
-      print(f"[{stage}] complete for this config, skipped ({output_dir})", flush=True)
+    stats_path = os.path.join(run_dir, "stages", f"{stage.name}_stats.json")
+    if is_complete(run_dir, stage.name, stage.output, fingerprint):
+      print(f"[{stage.name}] complete for this config, skipped ({stage.output})", flush=True)
       with open(stats_path, encoding="utf-8") as f:
         stats = json.load(f)
     else:
-      print(f"[{stage}] running -> {output_dir}", flush=True)
+      started = _marker(run_dir, stage.name, ".started")
+      if stage.name in RESUMABLE and os.path.exists(stage.output):
+        if _read_fingerprint(started) == fingerprint:
+          print(f"[{stage.name}] resuming in {stage.output}", flush=True)
+        else:  # checkpoints of another configuration: never resume from them
+          shutil.rmtree(stage.output)
+      print(f"[{stage.name}] running -> {stage.output}", flush=True)
+      write_json(started, {"fingerprint": fingerprint})
       start = time.time()
-      stats = run_stage()
+      stats = stage.run()
       write_json(stats_path, stats)
-      write_json(_marker(run_dir, stage), {"fingerprint": fingerprint,
-                                           "seconds": round(time.time() - start, 1)})
-    text = fmt(stats)
+      write_json(_marker(run_dir, stage.name), {"fingerprint": fingerprint,
+                                                "seconds": round(time.time() - start, 1)})
+    text = stage.report(stats)
     print(text, flush=True)
     report.append(text)
-  with open(os.path.join(run_dir, "config.gin"), "w", encoding="utf-8") as f:
-    f.write(gin.config_str())
   return report
 
 

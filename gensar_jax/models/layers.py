@@ -247,17 +247,31 @@ class MultiHeadAttention(nn.Module):
         written = (jnp.arange(max_length) <= index)[None, None, None, :]
         mask = written if mask is None else jnp.logical_and(mask, written)
 
-    # [batch, heads, q, k], float32 for a stable softmax
-    logits = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=jnp.float32)
+    # Query rows may outnumber key rows by a whole factor: beam search decodes `group`
+    # beams per example against that example's encoder output, so the cross-attention
+    # keys/values are computed once per example instead of once per beam.
+    batch_q, batch_k = query.shape[0], key.shape[0]
+    if batch_q % batch_k:
+      raise ValueError(f"MultiHeadAttention: query batch {batch_q} is not a multiple of the "
+                       f"key batch {batch_k}")
+    group = batch_q // batch_k
+    query = query.reshape((batch_k, group) + query.shape[1:])  # [batch_k, group, q, heads, kv]
+    # [batch_k, group, heads, q, k], float32 for a stable softmax
+    logits = jnp.einsum("bgqhd,bkhd->bghqk", query, key, preferred_element_type=jnp.float32)
     if bias is not None:
-      logits = logits + jnp.asarray(bias, jnp.float32)
+      logits = logits + jnp.asarray(bias, jnp.float32)[:, None]
     if mask is not None:
+      if mask.shape[0] == batch_q and group > 1:  # per-row mask: [batch_k, group, 1, q, k]
+        mask = mask.reshape((batch_k, group) + mask.shape[1:])
+      else:                                       # per-example mask, shared by the group
+        mask = mask[:, None]
       logits = jnp.where(mask, logits, MASK_VALUE)
     weights = jax.nn.softmax(logits, axis=-1)
     weights = nn.Dropout(self.dropout_rate)(weights, deterministic=deterministic)
     weights = jnp.asarray(weights, self.dtype)
-    # [batch, q, heads, kv]
-    context = jnp.einsum("bhqk,bkhd->bqhd", weights, jnp.asarray(value, self.dtype))
+    # [batch_q, q, heads, kv]
+    context = jnp.einsum("bghqk,bkhd->bgqhd", weights, jnp.asarray(value, self.dtype))
+    context = context.reshape((batch_q,) + context.shape[2:])
     context = constrain(context, ("batch", "length", "heads", "kv"))
     context = context.reshape(context.shape[:2] + (joined,))
     out = Dense(inputs_q.shape[-1], ("joined_kv", "embed"), name="out", **dense)(context)

@@ -147,10 +147,14 @@ class Decoder(nn.Module):
       self_mask = causal_mask(target_length)
 
     cross_mask = key_padding_mask(encoder_input_tokens)  # [batch, 1, 1, input_length]
-    if cross_mask.shape[0] != decoder_input_tokens.shape[0] or encoded.shape[0] != cross_mask.shape[0]:
+    # The decoder batch may be a multiple of the encoder batch (beams or samples per
+    # example, beam-major within each example); cross-attention groups them.
+    if (encoded.shape[0] != cross_mask.shape[0]
+        or decoder_input_tokens.shape[0] % encoded.shape[0]):
       raise ValueError(f"Decoder: batch sizes differ: decoder tokens "
                        f"{decoder_input_tokens.shape}, encoded {encoded.shape}, encoder "
-                       f"tokens {encoder_input_tokens.shape}")
+                       f"tokens {encoder_input_tokens.shape} (the decoder batch must be a "
+                       "multiple of the encoder batch)")
     bias = RelativePositionBias(
         num_heads=cfg.num_heads, bidirectional=False,
         num_buckets=cfg.relative_attention_num_buckets,
