@@ -180,6 +180,10 @@ def export(model_dir: str = gin.REQUIRED, export_dir: str = gin.REQUIRED,
            search_history: int = 5, platforms: Optional[Sequence[str]] = None,
            overwrite: bool = False) -> str:
   """Restores the run's chosen checkpoint and writes its serving artifact to `export_dir`."""
+  if os.path.exists(export_dir) and not overwrite:
+    # Before the minutes of restoring and tracing, not after.
+    raise FileExistsError(f"{export_dir} already exists; bind export.overwrite = True to "
+                          "replace it")
   from gensar_jax import evaluation, restore
   from gensar_jax.data.prepared import load_prepared
   from gensar_jax.models.encoder_decoder import build_model
