@@ -4,11 +4,12 @@
       --gin_file=gin/runs/infer.gin --gin.MODEL_DIR="'runs/tiny'" ... (task macros) \
       --gin.INFER_TASK="'next_search_item'" --gin.INFER_CONSTRAINT="'candidates'"
 
-Each line: the prompt the model read, the user, the true target, and the top-k items of a
-constrained beam search, best first, with their log-probability scores, identifiers and
-titles. The search is constrained to a trie of either the whole catalogue (every item of the
-task's identifier space, what serving does) or the example's own candidates (the
-evaluation protocol), so every returned beam names exactly one item.
+Each line: the prompt (the model reads its first TASK_FEATURE_LENGTHS["inputs"] tokens), the
+user, the true target, and the top-k items of a constrained beam search, best first, with
+their log-probability scores, identifiers and titles. The search is constrained to a trie of
+either the whole catalogue (every item of the task's identifier space, what serving does) or
+the example's own candidates (the evaluation protocol), so every returned beam names exactly
+one item.
 
 The pieces are those of the ranking evaluation (gensar_jax/evaluation.py): the same task
 registration, identifier index and fixed-shape batches, and the compiled search of
@@ -20,6 +21,10 @@ the vocabulary's, a run whose config.gin names a vocabulary or identifier table 
 contents, identifier tokens missing from the vocabulary, or no checkpoint at all.
 """
 from __future__ import annotations
+
+if __name__ == "__main__":  # one gin registration: run as the importable module
+  import gensar_jax.gin_utils as _gin_utils
+  _gin_utils.run_module("gensar_jax.infer")
 
 import ast
 import dataclasses
@@ -112,10 +117,10 @@ def check_run_inputs(model_dir: str, vocab_path: str, identifiers_dir: str) -> N
     if not os.path.isfile(given_file):
       continue  # the setup reports a missing input with its own message
     if _file_digest(trained_file) != _file_digest(given_file):
+      config = os.path.join(model_dir, TRAINED_CONFIG)
       raise CheckpointError(
-          f"{model_dir}: trained with {macro}={trained!r} ({os.path.join(model_dir, TRAINED_CONFIG)}"
-          f"), but {given_file} has other contents; decode with the {macro} the run "
-          "was trained with")
+          f"{model_dir}: trained with {macro}={trained!r} ({config}), but {given_file} "
+          f"has other contents; decode with the {macro} the run was trained with")
 
 
 def _ranking_setup() -> evaluation.RankingSetup:
@@ -188,7 +193,7 @@ def infer(model_dir: str = gin.REQUIRED, prepared_dir: str = gin.REQUIRED,
     task_feature_lengths: {"inputs": n, ...}; prompts are cut to n tokens as in training.
     task: "next_rec_item" or "next_search_item" ("rec" / "search" also accepted).
     split: "train", "validation" or "test" ("candidates" needs validation or test).
-    output_path: default MODEL_DIR/predictions_<task>_<split>.jsonl.
+    output_path: default MODEL_DIR/predictions_<rec|search>_<split>.jsonl.
     checkpoint: "best", "latest" or a step number.
     constraint: "catalogue" (a trie of every item) or "candidates" (each example's own).
     num_beams: beam width; top_k <= num_beams of the beams are written.
