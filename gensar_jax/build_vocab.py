@@ -14,6 +14,10 @@ Prints a summary: size, special tokens, and how the corpus tokenizes.
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # one gin registration: run as the importable module
+  import gensar_jax.gin_utils as _gin_utils
+  _gin_utils.run_module("gensar_jax.build_vocab")
+
 import os
 from typing import Dict, Optional, Sequence, Union
 

@@ -15,6 +15,10 @@ plus statistics including how often a pseudo-query merely copies its item's text
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # one gin registration: run as the importable module
+  import gensar_jax.gin_utils as _gin_utils
+  _gin_utils.run_module("gensar_jax.doc2query")
+
 import json
 import os
 import uuid

@@ -13,6 +13,10 @@ HR/NDCG@10 over the whole catalogue (`catalogue_*` in the task blocks). Writes t
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # one gin registration: run as the importable module
+  import gensar_jax.gin_utils as _gin_utils
+  _gin_utils.run_module("gensar_jax.evaluate")
+
 import json
 import os
 import time

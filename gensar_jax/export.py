@@ -12,6 +12,10 @@ functions; it never builds the model.
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # one gin registration: run as the importable module
+  import gensar_jax.gin_utils as _gin_utils
+  _gin_utils.run_module("gensar_jax.export")
+
 import dataclasses
 import os
 import shutil

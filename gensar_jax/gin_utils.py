@@ -65,3 +65,21 @@ def run(main: Callable[[], object], argv: Optional[Sequence[str]] = None) -> Non
   except DataError as e:
     print(f"error: {e}", file=sys.stderr)
     raise SystemExit(2) from None
+
+
+def run_module(name: str) -> None:
+  """`python -m <name>`, run as the importable module `name` rather than as `__main__`.
+
+  A gin configurable is registered under its module's name. Run as a script, an entry
+  point's configurables would register as `__main__.x` and again as `<name>.x` once a gin
+  file imports the module (directly or through the pipeline), and gin then rejects `x` as
+  ambiguous. Each entry point therefore starts with a guard that hands over to this
+  function before defining anything, so only the importable copy exists.
+  """
+  import importlib
+  module = importlib.import_module(name)
+  if hasattr(module, "cli"):
+    module.cli()
+  else:
+    run(module.main)
+  raise SystemExit(0)

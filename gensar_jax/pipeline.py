@@ -23,6 +23,10 @@ resume from their last checkpoint when the configuration they started with (reco
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # one gin registration: run as the importable module
+  import gensar_jax.gin_utils as _gin_utils
+  _gin_utils.run_module("gensar_jax.pipeline")
+
 import dataclasses
 import hashlib
 import json

@@ -10,6 +10,10 @@ Everything is written to a temporary sibling directory and renamed at the end.
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # one gin registration: run as the importable module
+  import gensar_jax.gin_utils as _gin_utils
+  _gin_utils.run_module("gensar_jax.prepare")
+
 import os
 from typing import Callable, Dict, List
 

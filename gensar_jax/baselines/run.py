@@ -17,6 +17,10 @@ generative runs' results (see gensar_jax.results for the schema).
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # one gin registration: run as the importable module
+  import gensar_jax.gin_utils as _gin_utils
+  _gin_utils.run_module("gensar_jax.baselines.run")
+
 import dataclasses
 import json
 import os
