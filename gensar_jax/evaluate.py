@@ -84,12 +84,12 @@ def evaluate(model_dir: str = gin.REQUIRED, output_dir: Optional[str] = None,
       with open(os.path.join(tmp, f"predictions_{task}.jsonl"), "w", encoding="utf-8") as f:
         for row in r.predictions:
           f.write(json.dumps(row) + "\n")
-  print(table, flush=True)
-  return {**result.to_json(), "checkpoint_step": step, "output_dir": output_dir}
+  return {**result.to_json(), "checkpoint_step": step, "output_dir": output_dir,
+          "table": table}
 
 
 def main() -> None:
-  evaluate()
+  print(evaluate()["table"])
 
 
 if __name__ == "__main__":

@@ -192,9 +192,7 @@ def _stages(run_dir: str, prepared_dir: str, identifiers_dir: str, vocab_path: O
     return _train_summary(train_lib.train())
 
   def evaluate():
-    out = evaluate_lib.evaluate(output_dir=eval_dir)
-    with open(os.path.join(eval_dir, "results.md"), encoding="utf-8") as f:
-      return {**out, "table": f.read()}
+    return evaluate_lib.evaluate(output_dir=eval_dir)
 
   def compare():
     comparison.compare([d for d in (baselines_dir, eval_dir) if d], comparison_dir)
