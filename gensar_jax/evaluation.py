@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from gensar_jax import metrics as metrics_lib
 from gensar_jax import vocabulary as vocab_lib
-from gensar_jax.decoding import build_candidate_tries, build_trie, identifier_search
+from gensar_jax.decoding import build_candidate_tries, build_trie, decode_identifiers
 from gensar_jax.identifiers.table import IdentifierTable
 from tasks import prompts
 
@@ -118,12 +118,6 @@ def eval_batches(task_name: str, split: str, input_length: int, batch_size: int,
     yield flush()
 
 
-def _search_fn(model, num_beams: int):
-  """One jitted constrained search per (model, beams); tries are arguments, not constants."""
-  return jax.jit(lambda params, tokens, trie: identifier_search(
-      model, params, tokens, trie, num_beams))
-
-
 @dataclasses.dataclass
 class RankingResult:
   candidates: Dict[str, float]
@@ -139,23 +133,22 @@ def evaluate_ranking_task(model, params, task_name: str, split: str, index: Iden
                           max_examples: Optional[int] = None,
                           progress: bool = True) -> RankingResult:
   """The candidate and (optionally) catalogue metrics of one ranking task's split."""
-  search = _search_fn(model, num_beams)
   catalogue_beams = catalogue_beams or num_beams
-  catalogue_search = _search_fn(model, catalogue_beams)
   catalogue_trie = build_trie(index.tokens) if catalogue else None
   cand_ranks, cat_ranks, predictions = [], [], []
   batches = eval_batches(task_name, split, input_length, batch_size, index, max_examples)
   for batch in tqdm(batches, desc=f"eval {task_name}/{split}", unit=" batch",
                     disable=not progress, leave=False):
     trie = build_candidate_tries(index.tokens[batch.candidate_rows])  # [b, c, L] paths
-    out = search(params, batch.encoder_input_tokens, trie)
+    # Compiled once per (model, beams, shape) and reused by every later evaluation.
+    out = decode_identifiers(model, params, batch.encoder_input_tokens, trie, num_beams)
     picked = np.asarray(out.items)                                     # [b, beams]
     ranked = np.where(picked >= 0, np.take_along_axis(
         batch.candidate_rows, np.maximum(picked, 0), axis=1), -1)      # [b, beams] rows
     ranks = metrics_lib.target_ranks(ranked, batch.target_rows)
     if catalogue:
-      cat = np.asarray(catalogue_search(params, batch.encoder_input_tokens,
-                                        catalogue_trie).items)          # [b, beams] rows
+      cat = np.asarray(decode_identifiers(model, params, batch.encoder_input_tokens,
+                                          catalogue_trie, catalogue_beams).items)  # [b, beams]
       cat_rank = metrics_lib.target_ranks(cat, batch.target_rows)
     for i in np.flatnonzero(batch.valid):
       cand_ranks.append(ranks[i])
