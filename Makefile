@@ -12,7 +12,7 @@ export TF_CPP_MIN_LOG_LEVEL := 2
 export HF_HUB_OFFLINE := 1
 export TFDS_DISABLE_GCS := 1
 
-.PHONY: demo test install clean
+.PHONY: demo ablations test install clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,11 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m gensar_jax.pipeline --gin_file=gin/experiments/ml100k_quickstart.gin
+
+# The comparison's generative rows (GenSAR, single-task ends, ablations) x 3 seeds; builds
+# on the quickstart's run directory (runs `make demo`'s pipeline first if it has not run).
+ablations: $(STAMP)
+	$(PY) -m gensar_jax.ablations --gin_file=gin/experiments/ml100k_ablations.gin
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -188,11 +188,16 @@ def evaluate_model(model, params, task_names: Mapping[str, str],
 
 
 def mean_ndcg5(results: Mapping[str, RankingResult]) -> float:
-  """The checkpoint-selection metric of the paper: mean validation NDCG@5 of both tasks."""
+  """The checkpoint-selection metric of the paper: mean validation NDCG@5 of both tasks
+  (of the one task, for a single-task model)."""
   return float(np.mean([r.candidates["NDCG@5"] for r in results.values()]))
 
 
 # ----------------------------------------------------------------------------- wiring
+
+
+# Mixture variants that train one ranking task: only that task is evaluated.
+SINGLE_TASK_VARIANTS = {"rec_only": ("rec",), "search_only": ("search",)}
 
 
 @dataclasses.dataclass
@@ -210,7 +215,9 @@ def ranking_setup(prepared_dir: str = gin.REQUIRED, identifiers_dir: str = gin.R
   """Registers the tasks (gin-bound `register_gensar`) and indexes the identifiers.
 
   `variant` is the trained mixture variant: "single_id" evaluates the single-identifier
-  tasks (both item tasks in one space); every other variant the dual tasks.
+  tasks (both item tasks in one space); "rec_only" / "search_only" evaluate only the task
+  they train (a single-task model is not scored, nor its checkpoint chosen, on a task it
+  never saw); every other variant both dual tasks.
   """
   from gensar_jax.data.prepared import load_prepared
   from gensar_jax.identifiers.table import load_identifier_table
@@ -227,6 +234,7 @@ def ranking_setup(prepared_dir: str = gin.REQUIRED, identifiers_dir: str = gin.R
                             registration.search_space)
   names = {"rec": registration.tasks[prompts.REC],
            "search": registration.tasks[prompts.SEARCH]}
+  names = {k: v for k, v in names.items() if k in SINGLE_TASK_VARIANTS.get(variant, names)}
   return RankingSetup(task_names=names, indices=indices,
                       dataset=str(prepared.stats.get("name", os.path.basename(prepared_dir))),
                       vocabulary=registration.vocabulary)

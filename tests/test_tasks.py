@@ -307,6 +307,26 @@ def test_gensar_mixture_registers_from_gin(world):
   assert [t.name for t in seqio.get_mixture_or_task(name).tasks] == ["t4_gin_next_rec_item"]
 
 
+def test_ranking_setup_evaluates_only_the_task_a_single_task_model_trains(world):
+  from gensar_jax import evaluation
+  bindings = [f"ranking_setup.prepared_dir = '{world['prepared']}'",
+              f"ranking_setup.identifiers_dir = '{world['dual']}'",
+              f"register_gensar.prepared_dir = '{world['prepared']}'",
+              f"register_gensar.identifiers_dir = '{world['dual']}'",
+              f"register_gensar.vocab_path = '{world['vocab_path']}'",
+              "register_gensar.prefix = 't4_setup'"]
+  tasks_by_variant = {}
+  for variant in ("all", "no_alignment", "rec_only", "search_only"):
+    setup = parse_and_call([], bindings + [f"ranking_setup.variant = '{variant}'"],
+                           evaluation.ranking_setup)
+    tasks_by_variant[variant] = setup.task_names
+  assert tasks_by_variant["all"] == {"rec": "t4_setup_next_rec_item",
+                                     "search": "t4_setup_next_search_item"}
+  assert tasks_by_variant["no_alignment"] == tasks_by_variant["all"]
+  assert tasks_by_variant["rec_only"] == {"rec": "t4_setup_next_rec_item"}
+  assert tasks_by_variant["search_only"] == {"search": "t4_setup_next_search_item"}
+
+
 def test_single_identifier_ablations(world):
   forward, _ = identifier_maps(world)
   single = world["reg"].single_id
