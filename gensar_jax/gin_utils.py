@@ -10,6 +10,7 @@ others by paths relative to the repository root or the current directory.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from typing import Callable, List, Optional, Sequence, Tuple
 
@@ -55,8 +56,30 @@ def parse_gin(argv: Sequence[str], skip_unknown: bool = False) -> None:
   gin.parse_config_files_and_bindings(files, bindings, skip_unknown=skip_unknown)
 
 
+# Gin's words for a required value left unset: a `%gin.REQUIRED` macro (at parse time) and
+# a configurable's gin.REQUIRED argument (at call time).
+_UNSET_MACRO = re.compile(r"(\w+)/macro\.value set to `%gin\.REQUIRED`")
+_UNSET_ARGUMENT = re.compile(r"Required bindings for `([\w.]+)` not provided in config: "
+                             r"\[([^\]]*)\]")
+
+
+def missing_binding_message(error: Exception) -> Optional[str]:
+  """A one-line usage message when `error` is gin reporting an unset required value."""
+  text = str(error)
+  macro = _UNSET_MACRO.search(text) if isinstance(error, ValueError) else None
+  if macro:
+    return f"{macro.group(1)} is required: pass --gin.{macro.group(1)}=..."
+  argument = _UNSET_ARGUMENT.search(text) if isinstance(error, RuntimeError) else None
+  if argument:
+    names = [n.strip().strip("'\"") for n in argument.group(2).split(",") if n.strip()]
+    flags = ", ".join(f"--gin.{argument.group(1)}.{n}=..." for n in names)
+    return f"{argument.group(1)} needs {names} bound: pass {flags} or a gin file that binds them"
+  return None
+
+
 def run(main: Callable[[], object], argv: Optional[Sequence[str]] = None) -> None:
-  """Parses gin flags, calls `main`, and turns data errors into a message and exit code 2."""
+  """Parses gin flags and calls `main`. Data errors and required gin values left unset
+  become one line on stderr and exit code 2, not a traceback."""
   from gensar_jax.data.schema import DataError
   argv = sys.argv[1:] if argv is None else argv
   try:
@@ -64,6 +87,12 @@ def run(main: Callable[[], object], argv: Optional[Sequence[str]] = None) -> Non
     main()
   except DataError as e:
     print(f"error: {e}", file=sys.stderr)
+    raise SystemExit(2) from None
+  except (ValueError, RuntimeError) as e:
+    message = missing_binding_message(e)
+    if message is None:
+      raise
+    print(f"error: {message}", file=sys.stderr)
     raise SystemExit(2) from None
 
 

@@ -31,7 +31,6 @@ if __name__ == "__main__":  # one gin registration: run as the importable module
 import dataclasses
 import logging
 import os
-import re
 import sys
 import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol
@@ -313,24 +312,8 @@ def main() -> None:
   print("; ".join(parts))
 
 
-_UNSET_REQUIRED = re.compile(r"(\w+)/macro\.value set to `%gin\.REQUIRED`")
-
-
 def cli(argv: Optional[List[str]] = None) -> None:
-  """`gin_utils.run(main)`, where an unset %gin.REQUIRED macro is also a usage error.
-
-  Gin reports a required macro left unbound (MODEL_DIR, TRAIN_STEPS, ...) as a ValueError
-  while parsing; here it becomes the same one-line message and exit code 2 as bad data.
-  """
-  try:
-    gin_utils.run(main, argv)
-  except ValueError as e:
-    unset = _UNSET_REQUIRED.search(str(e))
-    if not unset:
-      raise
-    print(f"error: {unset.group(1)} is required: pass --gin.{unset.group(1)}=... "
-          "(see gin/runs/train.gin)", file=sys.stderr)
-    raise SystemExit(2) from None
+  gin_utils.run(main, argv)
 
 
 if __name__ == "__main__":
