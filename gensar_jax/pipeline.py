@@ -14,6 +14,11 @@ Stages (GENSAR_METHOD.md, ARCHITECTURE.md):
   evaluate        -> test metrics of that checkpoint (candidates and whole catalogue)
   compare         -> one table and a trade-off plot of every system
 
+The run directory holds `config.gin` (the resolved config of the latest invocation) and
+`pipeline.log`: every invocation appended, with its start time, each stage's
+run/skip/resume decision, its wall time and its report (each training stage also writes
+TensorBoard events and a JSONL metric log into its own directory).
+
 After a stage lands, the pipeline records a fingerprint of the gin bindings the stage (and
 everything upstream) depends on in `<run_dir>/stages/<stage>.json`; a stage is skipped when
 its output exists and the fingerprint matches. A stage killed half-way has no marker and
@@ -77,6 +82,7 @@ STAGE_CONFIGURABLES: Dict[str, Tuple[str, ...]] = {
 # The stages the baselines and the comparison do not depend on (they chain past them).
 _UPSTREAM = {"baselines": "identify", "doc2query": "vocab", "compare": "evaluate"}
 RESUMABLE = ("doc2query", "train")
+LOG_FILE = "pipeline.log"
 
 
 def _binding_lines() -> Dict[str, List[str]]:
@@ -234,6 +240,14 @@ def pipeline(run_dir: str = gin.REQUIRED, prepared_dir: str = gin.REQUIRED,
   os.makedirs(os.path.join(run_dir, "stages"), exist_ok=True)
   with open(os.path.join(run_dir, "config.gin"), "w", encoding="utf-8") as f:
     f.write(gin.config_str())
+  log_path = os.path.join(run_dir, LOG_FILE)
+
+  def say(text: str) -> None:
+    print(text, flush=True)
+    with open(log_path, "a", encoding="utf-8") as log:
+      log.write(text + "\n")
+
+  say(f"=== pipeline {time.strftime('%Y-%m-%d %H:%M:%S %Z')}: stages {list(stages)}")
   report: List[str] = []
   fingerprints: Dict[str, str] = {}
   previous = ""
@@ -249,25 +263,27 @@ def pipeline(run_dir: str = gin.REQUIRED, prepared_dir: str = gin.REQUIRED,
       continue
     stats_path = os.path.join(run_dir, "stages", f"{stage.name}_stats.json")
     if is_complete(run_dir, stage.name, stage.output, fingerprint):
-      print(f"[{stage.name}] complete for this config, skipped ({stage.output})", flush=True)
+      say(f"[{stage.name}] complete for this config, skipped ({stage.output})")
       with open(stats_path, encoding="utf-8") as f:
         stats = json.load(f)
     else:
       started = _marker(run_dir, stage.name, ".started")
       if stage.name in RESUMABLE and os.path.exists(stage.output):
         if _read_fingerprint(started) == fingerprint:
-          print(f"[{stage.name}] resuming in {stage.output}", flush=True)
+          say(f"[{stage.name}] resuming in {stage.output}")
         else:  # checkpoints of another configuration: never resume from them
           shutil.rmtree(stage.output)
-      print(f"[{stage.name}] running -> {stage.output}", flush=True)
+      say(f"[{stage.name}] running -> {stage.output}")
       write_json(started, {"fingerprint": fingerprint})
       start = time.time()
       stats = stage.run()
       write_json(stats_path, stats)
+      seconds = round(time.time() - start, 1)
       write_json(_marker(run_dir, stage.name), {"fingerprint": fingerprint,
-                                                "seconds": round(time.time() - start, 1)})
+                                                "seconds": seconds})
+      say(f"[{stage.name}] done in {seconds} s")
     text = stage.report(stats)
-    print(text, flush=True)
+    say(text)
     report.append(text)
   return report
 

@@ -91,6 +91,13 @@ def test_second_run_skips_every_stage(run, capsys):
   out = capsys.readouterr().out
   for stage in pipeline_lib.STAGES:
     assert f"[{stage}] complete for this config, skipped" in out
+  # The run directory's log holds both invocations: the first ran, the second skipped.
+  log = open(os.path.join(run_dir, pipeline_lib.LOG_FILE), encoding="utf-8").read()
+  assert log.count("=== pipeline ") == 2
+  for stage in pipeline_lib.STAGES:
+    assert f"[{stage}] running -> " in log and f"[{stage}] done in " in log
+    assert f"[{stage}] complete for this config, skipped" in log
+  assert "GenSAR" in log and "BM25" in log  # the stage reports (evaluate, compare)
 
 
 def test_copy_rate_flags_verbatim_copies():
