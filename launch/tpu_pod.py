@@ -3,8 +3,8 @@
 
   python launch/tpu_pod.py --name=gensar-v5p --accelerator_type=v5p-64 --zone=us-east5-a \
       --project=my-project --spot --watch \
-      --gin_file=gin/runs/train.gin --gin_file=gin/models/t5_small.gin \
-      --gin.MODEL_DIR="'gs://my-bucket/gensar/t5_small'" --dry_run
+      --gin_file=gin/runs/train.gin --gin_file=gin/models/small.gin \
+      --gin.MODEL_DIR="'gs://my-bucket/gensar/small'" --dry_run
 
 It describes the slice and creates it if missing, ships a `git archive` of this repository to
 every worker and installs it there (with `jax[tpu]`), then starts the same training command
@@ -14,193 +14,39 @@ command rerun: the trainer resumes from the latest checkpoint in MODEL_DIR. Ever
 goes through one runner, so --dry_run prints exactly what a real launch runs (one
 copy-pasteable line each) and runs nothing. Only the standard library is used: this runs on
 a laptop that has gcloud, not the training dependencies.
+
+This file is the launch flow and the command line; the slice table is
+launch/tpu_slices.py, the gcloud commands, worker scripts and the runner
+launch/tpu_commands.py, and the gin-flag handling shared with sweep.py launch/gin_flags.py.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import re
 import shlex
 import subprocess
 import sys
 import tempfile
-import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GIN_FLAG_PREFIXES = ("--gin_file", "--gin_bindings", "--gin.")
+# The helper modules sit next to this file: `python launch/tpu_pod.py` (and tpu_pod.sh) put
+# launch/ on sys.path by itself, loading this file by its path (the tests) does not.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if _HERE not in sys.path:
+  sys.path.insert(0, _HERE)
+
+from gin_flags import split_gin_flags, unquote_gin_string  # noqa: E402
+from tpu_commands import (CommandRunner, LaunchSpec, create_command, gcloud_tpu,  # noqa: E402
+                          install_script, ssh_all, train_script)
+from tpu_slices import MESH_GIN_FILES, LaunchError, slice_shape  # noqa: E402
+
+REPO_ROOT = os.path.dirname(_HERE)
 # States in which a slice will never run again: it must be deleted and created anew.
 DEAD_STATES = ("PREEMPTED", "TERMINATED")
 # States that turn into READY (or DEAD) by themselves if we wait.
 TRANSIENT_STATES = ("CREATING", "STARTING", "RESTARTING", "REPAIRING")
 SSH_FAILURE_EXIT_CODE = 255  # ssh itself lost the connection: rerun if the slice is READY
-
-
-class LaunchError(Exception):
-  """A bad flag or an unusable slice; printed as one line, exit code 2."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Generation:
-  cores_per_chip_in_name: int  # v4/v5p names count TensorCores (2 per chip); v5e/v6e chips
-  chips_per_worker: int        # chips on each TPU VM of a multi-host slice
-  single_host_max_chips: int   # slices up to this many chips are one TPU VM
-  sizes: Tuple[int, ...]       # the number in the accelerator type, as documented
-  runtime: str                 # default --version (TPU VM software image)
-
-
-# From the Cloud TPU system-architecture pages (v4, v5e, v5p, v6e). v4-8 is 4 chips on one
-# VM and v5p-64 is 32 chips on 8 VMs (topology 2x4x4). v5e/v6e slices of up to 8 chips are
-# one VM; larger ones are made of 4-chip VMs, so v5litepod-16 has 4 workers (the "hosts"
-# column of the v5e page counts 8-chip machines, not the TPU VMs that gcloud ssh reaches).
-GENERATIONS: Dict[str, Generation] = {
-    "v4": Generation(2, 4, 4, (8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096),
-                     "tpu-ubuntu2204-base"),
-    "v5p": Generation(2, 4, 4, (8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192,
-                                12288), "v2-alpha-tpuv5"),
-    "v5litepod": Generation(1, 4, 8, (1, 4, 8, 16, 32, 64, 128, 256), "v2-alpha-tpuv5-lite"),
-    "v6e": Generation(1, 4, 8, (1, 4, 8, 16, 32, 64, 128, 256), "v2-alpha-tpuv6e"),
-}
-GENERATION_ALIASES = {"v5e": "v5litepod"}  # what people say -> what gcloud accepts
-# Mesh files shipped for the common slices; any other type needs --mesh_gin.
-MESH_GIN_FILES = {
-    "v4-8": "gin/mesh/v4_8.gin",
-    "v5litepod-16": "gin/mesh/v5e_16.gin",
-    "v5p-64": "gin/mesh/v5p_64.gin",
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class SliceShape:
-  accelerator_type: str  # normalised, as gcloud wants it
-  chips: int
-  workers: int
-  runtime: str
-
-
-def slice_shape(accelerator_type: str) -> SliceShape:
-  """Chips and TPU VM workers of an accelerator type such as v5p-64 or v5e-16."""
-  match = re.fullmatch(r"(v\d+[a-z]*)-(\d+)", accelerator_type.strip())
-  known = ", ".join(f"{g}-N" for g in GENERATIONS)
-  if not match:
-    raise LaunchError(f"--accelerator_type={accelerator_type!r}: expected GENERATION-SIZE "
-                      f"such as v4-8, v5litepod-16 or v5p-64 (known: {known})")
-  name = GENERATION_ALIASES.get(match.group(1), match.group(1))
-  size = int(match.group(2))
-  if name not in GENERATIONS:
-    raise LaunchError(f"--accelerator_type={accelerator_type!r}: unknown TPU generation "
-                      f"{match.group(1)!r} (known: {known}, and v5e-N for v5litepod-N)")
-  gen = GENERATIONS[name]
-  if size not in gen.sizes:
-    raise LaunchError(f"--accelerator_type={accelerator_type!r}: {name} comes in sizes "
-                      f"{', '.join(map(str, gen.sizes))}")
-  chips = size // gen.cores_per_chip_in_name
-  workers = 1 if chips <= gen.single_host_max_chips else chips // gen.chips_per_worker
-  return SliceShape(f"{name}-{size}", chips, workers, gen.runtime)
-
-
-@dataclasses.dataclass
-class Result:
-  returncode: int
-  stdout: str = ""
-  stderr: str = ""
-
-
-class CommandRunner:
-  """Runs (or, dry, only prints) commands; the single place where anything is executed."""
-
-  def __init__(self, dry_run: bool, out=None, poll_seconds: float = 60.0):
-    self.dry_run = dry_run
-    self.out = out or sys.stdout
-    self.poll_seconds = poll_seconds
-
-  def note(self, text: str) -> None:
-    print(f"# {text}", file=self.out if self.dry_run else sys.stderr, flush=True)
-
-  def run(self, argv: Sequence[str], capture: bool = False) -> Result:
-    line = shlex.join(argv)
-    if self.dry_run:
-      print(line, file=self.out, flush=True)
-      return Result(0)
-    print(f"+ {line}", file=sys.stderr, flush=True)
-    try:
-      done = subprocess.run(list(argv), capture_output=capture, text=True, check=False)
-    except FileNotFoundError:
-      raise LaunchError(f"{argv[0]}: command not found (install the Google Cloud CLI and "
-                        "run `gcloud auth login`)") from None
-    return Result(done.returncode, done.stdout or "", done.stderr or "")
-
-  def wait(self) -> None:
-    if not self.dry_run:
-      time.sleep(self.poll_seconds)
-
-
-@dataclasses.dataclass(frozen=True)
-class LaunchSpec:
-  name: str
-  zone: str
-  project: Optional[str]
-  shape: SliceShape
-  runtime: str
-  spot: bool
-  preemptible: bool
-  train_flags: Tuple[str, ...]  # gin flags, verbatim, mesh file included
-  train_module: str
-  remote_dir: str
-  python: str
-  jax_requirement: str
-  archive_path: str
-  git_ref: str
-  install: bool
-  watch: bool
-  max_restarts: int
-  max_wait_polls: int
-
-
-def gcloud_tpu(spec: LaunchSpec, verb: str, *args: str) -> List[str]:
-  where = [f"--zone={spec.zone}"] + ([f"--project={spec.project}"] if spec.project else [])
-  return ["gcloud", "compute", "tpus", "tpu-vm", verb, *args, *where]
-
-
-def create_command(spec: LaunchSpec) -> List[str]:
-  argv = gcloud_tpu(spec, "create", spec.name, f"--accelerator-type={spec.shape.accelerator_type}",
-                    f"--version={spec.runtime}")
-  return argv + (["--spot"] if spec.spot else []) + (["--preemptible"] if spec.preemptible else [])
-
-
-def ssh_all(spec: LaunchSpec, remote_command: str) -> List[str]:
-  return gcloud_tpu(spec, "ssh", spec.name, "--worker=all", f"--command={remote_command}")
-
-
-def install_script(spec: LaunchSpec) -> str:
-  """Unpacks the archive over the old checkout (keeping its .venv) and pip-installs it."""
-  d, py, archive = shlex.quote(spec.remote_dir), shlex.quote(spec.python), shlex.quote(
-      os.path.basename(spec.archive_path))
-  return " && ".join([
-      "set -e",
-      f"(command -v {py} >/dev/null || (sudo apt-get update -q && "
-      f"sudo apt-get install -y -q {py} {py}-venv))",
-      f"mkdir -p {d}",
-      f"find {d} -mindepth 1 -maxdepth 1 ! -name .venv -exec rm -rf {{}} +",
-      f"tar -xzf {archive} -C {d}",
-      f"cd {d}",
-      f"([ -x .venv/bin/python ] || {py} -m venv .venv)",
-      ".venv/bin/pip install -q --upgrade pip",
-      f".venv/bin/pip install -q -e . {shlex.quote(spec.jax_requirement)}",
-  ])
-
-
-def train_script(spec: LaunchSpec) -> str:
-  """The command every worker runs; a stale run from an earlier attempt is stopped first."""
-  env = [f"GENSAR_EXPECTED_PROCESSES={spec.shape.workers}"]
-  if spec.shape.workers > 1:
-    env.insert(0, "GENSAR_DISTRIBUTED=1")
-  train = ["exec", "env", *env, ".venv/bin/python", "-m", spec.train_module, *spec.train_flags]
-  stale = ('if [ -f .train.pid ] && ps -p "$(cat .train.pid)" -o args= | grep -q '
-           f'{shlex.quote(spec.train_module)}; then kill "$(cat .train.pid)"; sleep 5; fi')
-  return (f"cd {shlex.quote(spec.remote_dir)} && {{ {stale}; }} && echo $$ > .train.pid && "
-          + shlex.join(train))
 
 
 def describe_state(spec: LaunchSpec, runner: CommandRunner) -> Optional[str]:
@@ -333,33 +179,6 @@ def launch(spec: LaunchSpec, runner: CommandRunner) -> int:
 # --- flags ------------------------------------------------------------------------------
 
 
-def split_gin_flags(argv: Sequence[str]) -> Tuple[List[str], List[str]]:
-  """(gin flags for the trainer, verbatim, in order; the launcher's own flags)."""
-  gin_flags, own = [], []
-  i = 0
-  while i < len(argv):
-    arg = argv[i]
-    if arg.startswith(GIN_FLAG_PREFIXES):
-      if arg in ("--gin_file", "--gin_bindings"):  # space-separated value
-        if i + 1 >= len(argv):
-          raise LaunchError(f"{arg} needs a value")
-        arg, i = f"{arg}={argv[i + 1]}", i + 1
-      elif "=" not in arg:
-        raise LaunchError(f"{arg!r}: gin flags take a value (--gin.NAME=VALUE)")
-      gin_flags.append(arg)
-    else:
-      own.append(arg)
-    i += 1
-  return gin_flags, own
-
-
-def _gin_string(value: str) -> str:
-  value = value.strip()
-  if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-    return value[1:-1]
-  return value
-
-
 def gin_macro_values(gin_flags: Sequence[str]) -> Dict[str, str]:
   """Macro values the trainer will see: gin files first, then bindings (later ones win)."""
   values: Dict[str, str] = {}
@@ -377,7 +196,7 @@ def gin_macro_values(gin_flags: Sequence[str]) -> Dict[str, str]:
         for line in f:
           m = re.match(r"\s*([A-Z][A-Z0-9_]*)\s*=\s*(.+?)\s*(#.*)?$", line)
           if m and "gin.REQUIRED" not in m.group(2):
-            values[m.group(1)] = _gin_string(m.group(2))
+            values[m.group(1)] = unquote_gin_string(m.group(2))
   for flag in gin_flags:
     if flag.startswith("--gin."):
       name, value = flag[len("--gin."):].split("=", 1)
@@ -385,7 +204,7 @@ def gin_macro_values(gin_flags: Sequence[str]) -> Dict[str, str]:
       name, _, value = flag.split("=", 1)[1].partition("=")
     else:
       continue
-    values[name.strip()] = _gin_string(value)
+    values[name.strip()] = unquote_gin_string(value)
   return values
 
 
@@ -409,7 +228,7 @@ def check_storage(values: Dict[str, str], workers: int, watch: bool) -> None:
 
 
 def parse_args(argv: Sequence[str]) -> Tuple[LaunchSpec, bool, float]:
-  gin_flags, own = split_gin_flags(argv)
+  gin_flags, own = split_gin_flags(argv, error=LaunchError)
   p = argparse.ArgumentParser(
       description="Launch gensar-jax training on a Cloud TPU VM slice. Gin flags "
       "(--gin_file=..., --gin.NAME=VALUE, --gin_bindings=...) go to the trainer verbatim.")
@@ -453,7 +272,7 @@ def parse_args(argv: Sequence[str]) -> Tuple[LaunchSpec, bool, float]:
   check_storage(gin_macro_values(gin_flags), shape.workers, args.watch)
   if not any(f.startswith("--gin_file=") for f in gin_flags):
     raise LaunchError("no --gin_file given: pass the run and model gin files, e.g. "
-                      "--gin_file=gin/runs/train.gin --gin_file=gin/models/t5_small.gin")
+                      "--gin_file=gin/runs/train.gin --gin_file=gin/models/small.gin")
   spec = LaunchSpec(
       name=args.name, zone=args.zone, project=args.project, shape=shape,
       runtime=args.version or shape.runtime, spot=args.spot, preemptible=args.preemptible,

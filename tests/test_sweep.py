@@ -24,6 +24,7 @@ def _load(name, path):
 
 
 sweep = _load("sweep", os.path.join(REPO, "launch", "sweep.py"))
+sweep_spec = sys.modules["sweep_spec"]  # imported by sweep.py from launch/
 tpu_pod = _load("tpu_pod", os.path.join(REPO, "launch", "tpu_pod.py"))
 
 NAMES = ["lr-0.01_seed-0", "lr-0.01_seed-1", "lr-0.001_seed-0", "lr-0.001_seed-1"]
@@ -172,14 +173,14 @@ def test_tpu_launch_lines_one_per_unfinished_point(swept, tmp_path, capsys):
 
 
 def test_spec_values_names_and_errors(tmp_path, capsys):
-  assert sweep.gin_literal("'all'", "x") == "'all'"
-  assert sweep.gin_literal([1e-3, None, True], "x") == "[0.001, None, True]"
-  assert sweep.gin_literal({"'inputs'": 8}, "x") == "{'inputs': 8}"
+  assert sweep_spec.gin_literal("'all'", "x") == "'all'"
+  assert sweep_spec.gin_literal([1e-3, None, True], "x") == "[0.001, None, True]"
+  assert sweep_spec.gin_literal({"'inputs'": 8}, "x") == "{'inputs': 8}"
   spec = {"gin_files": ["gin/runs/train.gin"], "grid": {"a.b": ["'x y'", "'z'"]},
           "points": [{"LEVELS": 2}, {"LEVELS": 3}], "bindings": {"C": 1}}
   path = tmp_path / "s.json"
   path.write_text(json.dumps(spec))
-  points = sweep.expand_points(sweep.load_spec(str(path)))
+  points = sweep_spec.expand_points(sweep_spec.load_spec(str(path)))
   assert [p.name for p in points] == ["levels-2_b-x-y", "levels-2_b-z", "levels-3_b-x-y",
                                       "levels-3_b-z"]
   assert points[1].bindings == {"LEVELS": "2", "a.b": "'z'"}
