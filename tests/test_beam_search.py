@@ -217,12 +217,13 @@ def test_decode_length_must_match_the_trie():
     bs.beam_search(decoder.tokens_to_logits, decoder.init_cache(2), 1, 2, 5, trie)
 
 
-def test_real_tiny_t5_ranking_equals_score_batch():
+@functools.lru_cache(maxsize=None)
+def _tiny_t5(vocab_size: int = 128):
+  """(model, params) of a randomly initialised 2+2-layer T5 with embed 32."""
   import seqio
   from gensar_jax.models import encoder_decoder, t5, t5_config
   from flax.core import meta
 
-  vocab_size = 128
   config = t5_config.T5Config(vocab_size=vocab_size, emb_dim=32, num_heads=2, head_dim=16,
                               mlp_dim=64, num_encoder_layers=2, num_decoder_layers=2)
   model = encoder_decoder.EncoderDecoderModel(t5.Transformer(config),
@@ -230,6 +231,44 @@ def test_real_tiny_t5_ranking_equals_score_batch():
   shapes = {"encoder_input_tokens": (2, 7), "decoder_input_tokens": (2, 6)}
   params = jax.jit(lambda key: meta.unbox(model.get_initial_variables(key, shapes)["params"]))(
       jax.random.PRNGKey(0))
+  return model, params
+
+
+def _loop_operand_shapes(jaxpr, primitive: str, inside: bool = False) -> list:
+  """Operand shapes of every `primitive` equation inside a loop (scan or while), nested
+  jaxprs included."""
+  shapes = []
+  for eqn in jaxpr.eqns:
+    if inside and eqn.primitive.name == primitive:
+      shapes.extend(tuple(v.aval.shape) for v in eqn.invars)
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (tuple, list)) else (param,):
+        sub = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
+        if isinstance(sub, jax.extend.core.Jaxpr):
+          loop = eqn.primitive.name in ("scan", "while")
+          shapes += _loop_operand_shapes(sub, primitive, inside or loop)
+  return shapes
+
+
+def test_model_decoding_projects_cross_attention_kv_once_outside_the_loop():
+  model, params = _tiny_t5()
+  tries = candidate_tries.build_candidate_tries(per_example_candidates(
+      np.random.default_rng(6), 2, 8) % 128)
+  inputs = jnp.ones((2, 7), jnp.int32)
+  jaxpr = jax.make_jaxpr(lambda p, x, c: bs.identifier_search(model, p, x, c, 4))(
+      params, inputs, tries).jaxpr
+  greedy = jax.make_jaxpr(lambda p, x: model.predict_batch(
+      p, {"encoder_input_tokens": x}, max_decode_length=6))(params, inputs).jaxpr
+  for search in (jaxpr, greedy):
+    operands = _loop_operand_shapes(search, "dot_general")
+    assert operands, "no matmul inside the decode loop: did the jaxpr walk miss it?"
+    # The encoder output [batch, input_length, embed] is projected before the loop only.
+    assert (2, 7, 32) not in operands, operands
+
+
+def test_real_tiny_t5_ranking_equals_score_batch():
+  model, params = _tiny_t5()
+  vocab_size = 128
   rng = np.random.default_rng(6)
   batch, n, beams = 2, 8, 10
   candidates = per_example_candidates(rng, batch, n) % vocab_size

@@ -122,8 +122,11 @@ def test_no_biases_and_an_untied_output_layer(tiny):
   np.testing.assert_allclose(logits2, 2.0 * logits, rtol=1e-5, atol=1e-5)
 
 
-def _incremental_logits(model, params, encoder_tokens, decoder_inputs):
+def _incremental_logits(model, params, encoder_tokens, decoder_inputs, cross_kv=False):
+  """Step-by-step logits; with cross_kv the steps read precomputed cross-attention K/V."""
   encoded = jax.jit(model.encode)(params, encoder_tokens)
+  if cross_kv:
+    encoded = jax.jit(model.cross_attention_kv)(params, encoded)
   cache = model.init_decoder_cache(params, decoder_inputs.shape[0], decoder_inputs.shape[1])
   step = jax.jit(model.decode_step)
   out = []
@@ -161,6 +164,35 @@ def test_incremental_decoding_with_encoder_outputs_repeated_per_beam(tiny):
   np.testing.assert_allclose(incremental[::beams], full, atol=1e-5, rtol=1e-5)
 
 
+def test_precomputed_cross_attention_kv_gives_the_same_logits(tiny):
+  model, _, params = tiny
+  encoded = jax.jit(model.encode)(params, ENCODER_TOKENS)
+  cross_kv = jax.jit(model.cross_attention_kv)(params, encoded)
+  assert len(cross_kv) == TINY["num_decoder_layers"]
+  for key, value in cross_kv:  # [batch, input_length, heads, head_dim]
+    assert key.shape == value.shape == (2, 7, 2, 16) and key.dtype == jnp.float32
+  full = _forward(model, params, ENCODER_TOKENS, DECODER_INPUTS)
+  per_step, _ = _incremental_logits(model, params, ENCODER_TOKENS, DECODER_INPUTS)
+  precomputed, cache = _incremental_logits(model, params, ENCODER_TOKENS, DECODER_INPUTS,
+                                           cross_kv=True)
+  np.testing.assert_allclose(precomputed, full, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(precomputed, per_step, atol=1e-5, rtol=1e-5)
+  assert {int(x) for x in jax.tree.leaves(cache) if x.ndim == 0} == {6}
+  # Beams share their example's keys/values: decoder batch 6 against K/V batch 2.
+  beams = 3
+  decoder_inputs = np.stack([DECODER_INPUTS[(i + b) % 2] for i in range(2) for b in range(beams)])
+  cache = model.init_decoder_cache(params, 2 * beams, DECODER_INPUTS.shape[1])
+  step = jax.jit(model.decode_step)
+  grouped = []
+  for t in range(DECODER_INPUTS.shape[1]):
+    logits, cache = step(params, cache, cross_kv, ENCODER_TOKENS, decoder_inputs[:, t:t + 1])
+    grouped.append(logits)
+  reference = _forward(model, params, np.repeat(ENCODER_TOKENS, beams, axis=0), decoder_inputs)
+  np.testing.assert_allclose(np.stack(grouped, axis=1), reference, atol=1e-5, rtol=1e-5)
+  with pytest.raises(ValueError, match="1 precomputed cross-attention keys/values for 2 layers"):
+    model.decode_step(params, cache, cross_kv[:1], ENCODER_TOKENS, decoder_inputs[:, :1])
+
+
 def test_future_decoder_tokens_do_not_change_earlier_logits(tiny):
   model, _, params = tiny
   changed = DECODER_INPUTS.copy()
@@ -192,6 +224,15 @@ def test_bfloat16_compute_keeps_float32_parameters_and_logits(tiny):
   assert logits.dtype == np.float32 and np.isfinite(logits).all()
   reference = _forward(_model(), params, ENCODER_TOKENS, DECODER_INPUTS)
   np.testing.assert_allclose(logits, reference, atol=0.15, rtol=0.05)
+  # Precomputed cross-attention K/V are cast exactly as the per-step projection casts them.
+  cross_kv = jax.jit(model.cross_attention_kv)(params, encoded)
+  assert {x.dtype for x in jax.tree.leaves(cross_kv)} == {jnp.dtype("bfloat16")}
+  cache = model.init_decoder_cache(params, 2, 1)
+  step = jax.jit(model.decode_step)
+  first = DECODER_INPUTS[:, :1]
+  np.testing.assert_allclose(np.asarray(step(params, cache, cross_kv, ENCODER_TOKENS, first)[0]),
+                             np.asarray(step(params, cache, encoded, ENCODER_TOKENS, first)[0]),
+                             atol=1e-5)
 
 
 def test_config_validation_and_vocab_padding():
@@ -268,6 +309,11 @@ def test_sharded_forward_under_logical_rules_matches_unsharded(tiny):
     logits = jax.jit(lambda p, e, d: model.module.apply({"params": p}, e, d))(
         sharded_params, jax.device_put(ENCODER_TOKENS, tokens),
         jax.device_put(DECODER_INPUTS, tokens))
+    encoded = jax.jit(model.encode)(sharded_params, jax.device_put(ENCODER_TOKENS, tokens))
+    cross_kv = jax.jit(model.cross_attention_kv)(sharded_params, encoded)
   assert logits.sharding.spec == PartitionSpec("data", None, "model")
   np.testing.assert_allclose(np.asarray(logits),
                              _forward(model, params, ENCODER_TOKENS, DECODER_INPUTS), atol=1e-5)
+  # Precomputed cross-attention K/V keep the logical constraint: heads on the model axis.
+  for leaf in jax.tree.leaves(cross_kv):
+    assert leaf.sharding.spec == PartitionSpec("data", None, "model")  # [batch, k, heads, kv]

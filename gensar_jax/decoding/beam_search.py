@@ -216,17 +216,19 @@ def model_tokens_to_logits(model, params, encoder_input_tokens: jax.Array, copie
                            ) -> Tuple[Callable, Callable[[int], Any]]:
   """Returns (tokens_to_logits, init_cache(max_len)) over `copies` rows per example.
 
-  The encoder output is computed once per example (or taken from `encoded`) and never
-  repeated: the decoder's cross-attention groups the `copies` beams/samples of an example
-  (batch-major rows) against that example's encoder output, so neither the encoder nor
-  the cross-attention keys and values are computed once per beam.
+  The encoder output (or `encoded`) and its per-layer cross-attention keys/values are
+  computed here, once per example, and never repeated: not per step, since every step
+  reads the same keys/values, and not per beam, since the decoder's cross-attention groups
+  the `copies` beams/samples of an example (batch-major rows) against that example's.
   """
   batch = encoder_input_tokens.shape[0]
   if encoded is None:
     encoded = model.encode(params, encoder_input_tokens)            # [batch, len, embed]
+  # One KeyValue per decoder layer, each [batch, len, heads, head_dim]
+  cross_kv = model.cross_attention_kv(params, encoded)
 
   def tokens_to_logits(tokens, cache):                              # tokens [batch * copies, 1]
-    return model.decode_step(params, cache, encoded, encoder_input_tokens, tokens)
+    return model.decode_step(params, cache, cross_kv, encoder_input_tokens, tokens)
 
   def init_cache(max_decode_length: int):
     return model.init_decoder_cache(params, batch * copies, max_decode_length)

@@ -3,9 +3,14 @@
 It owns everything that is about *using* the network rather than computing it: the loss
 (cross entropy with label smoothing and z-loss, returned as sums so a trainer can add
 microbatches and devices up exactly), per-example scores, and the decoding building blocks
-(`encode`, `init_decoder_cache`, `decode_step`) that beam search drives. Every method that
-takes `params` expects *unboxed* arrays (`flax.core.meta.unbox`), is free of Python side
-effects and can be wrapped in `jax.jit` with shardings.
+(`encode`, `cross_attention_kv`, `init_decoder_cache`, `decode_step`) that beam search
+drives. Every method that takes `params` expects *unboxed* arrays (`flax.core.meta.unbox`),
+is free of Python side effects and can be wrapped in `jax.jit` with shardings.
+
+A decode loop passes `decode_step` the encoder output's `cross_attention_kv` rather than
+the encoder output itself: the cross-attention keys/values are then projected once per
+example instead of once per step in every decoder layer (for t5-small with 128 input
+tokens, about 1 GFLOP per example per step).
 """
 from __future__ import annotations
 
@@ -18,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import seqio
 
-from gensar_jax.models.t5 import Transformer
+from gensar_jax.models.t5 import CrossAttentionKV, Encoded, Transformer
 from gensar_jax.models.t5_config import T5Config
 
 Array = jax.Array
@@ -158,6 +163,12 @@ class EncoderDecoderModel:
     return self.module.apply({"params": params}, encoder_input_tokens,
                              method=Transformer.encode)
 
+  def cross_attention_kv(self, params: Params, encoded: Array) -> CrossAttentionKV:
+    """encoded [batch, input_length, embed] -> one KeyValue per decoder layer, each
+    [batch, input_length, heads, head_dim]; pass it to decode_step in place of `encoded`."""
+    return self.module.apply({"params": params}, encoded,
+                             method=Transformer.cross_attention_kv)
+
   def init_decoder_cache(self, params: Params, batch_size: int, max_decode_length: int) -> Cache:
     """A zero 'cache' for `batch_size` sequences (beams included) of up to
     `max_decode_length` tokens. Only shapes are traced, nothing is computed."""
@@ -179,10 +190,14 @@ class EncoderDecoderModel:
     shapes = jax.eval_shape(create, params)
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
-  def decode_step(self, params: Params, cache: Cache, encoded: Array,
+  def decode_step(self, params: Params, cache: Cache, encoded: Encoded,
                   encoder_input_tokens: Array, decoder_tokens: Array) -> Tuple[Array, Cache]:
     """One incremental step: decoder_tokens [batch, 1] (the previous token; PAD at step 0)
-    -> (logits [batch, vocab] float32, the updated cache)."""
+    -> (logits [batch, vocab] float32, the updated cache).
+
+    `encoded` is the encoder output or, to skip re-projecting it in every layer at every
+    step, `cross_attention_kv(params, encoded)` computed once before the loop.
+    """
     if decoder_tokens.ndim != 2 or decoder_tokens.shape[1] != 1:
       raise ValueError(f"decode_step: decoder_tokens must be [batch, 1], got "
                        f"{decoder_tokens.shape}")
@@ -196,13 +211,14 @@ class EncoderDecoderModel:
                      max_decode_length: int) -> Array:
     batch_size = encoder_input_tokens.shape[0]
     encoded = self.encode(params, encoder_input_tokens)
+    cross_kv = self.cross_attention_kv(params, encoded)  # once, not per step
     cache = self.init_decoder_cache(params, batch_size, max_decode_length)
     eos = self.eos_id
     real_vocab = self.vocabulary.vocab_size
 
     def step(i, state):
       cache, previous, output, finished = state
-      logits, cache = self.decode_step(params, cache, encoded, encoder_input_tokens,
+      logits, cache = self.decode_step(params, cache, cross_kv, encoder_input_tokens,
                                        previous[:, None])
       # Ids past the vocabulary (the padding up to a multiple of 128) cannot be detokenised.
       logits = jnp.where(jnp.arange(logits.shape[-1]) < real_vocab, logits, -jnp.inf)

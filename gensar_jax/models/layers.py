@@ -13,7 +13,7 @@ the query initialiser (so the forward pass has no explicit scaling).
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Callable, NamedTuple, Optional, Sequence, Tuple, Union
 
 import flax.linen as nn
 import jax
@@ -183,6 +183,17 @@ class RelativePositionBias(nn.Module):
     return bias[None]  # [1, heads, q, k]
 
 
+class KeyValue(NamedTuple):
+  """Projected attention keys and values, each [batch, length, heads, head_dim].
+
+  What `MultiHeadAttention.project_kv` returns and what its `inputs_kv` accepts in place of
+  the raw inputs: the decoder's cross-attention attends to the same encoder output at every
+  decoding step, so its projections are computed once and passed in.
+  """
+  key: Array
+  value: Array
+
+
 class MultiHeadAttention(nn.Module):
   """Bias-free multi-head dot-product attention with an optional incremental KV cache.
 
@@ -191,6 +202,11 @@ class MultiHeadAttention(nn.Module):
   (made with the full-length input, e.g. under `jax.eval_shape`) only creates them; every
   later call takes one new position, writes its key/value at `cache_index`, and attends
   over the positions written so far. Only self-attention uses the cache.
+
+  The query/key/value projections are defined in `setup` (not inline) so that
+  `project_kv` can run them on its own: cross-attention keys/values can be computed once
+  per decode and handed back as a `KeyValue`. The parameter names (query, key, value, out)
+  are the same either way.
   """
   num_heads: int
   head_dim: int
@@ -198,12 +214,7 @@ class MultiHeadAttention(nn.Module):
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
-  @nn.compact
-  def __call__(self, inputs_q: Array, inputs_kv: Array, mask: Optional[Array] = None,
-               bias: Optional[Array] = None, decode: bool = False,
-               deterministic: bool = True) -> Array:
-    """inputs_q [batch, q, embed], inputs_kv [batch, k, embed]; mask [batch|1, 1, q, k]
-    (True = may attend), bias [1, heads, q, k] -> [batch, q, embed]."""
+  def setup(self):
     joined = self.num_heads * self.head_dim
     dense = dict(dtype=self.dtype, param_dtype=self.param_dtype)
 
@@ -211,14 +222,39 @@ class MultiHeadAttention(nn.Module):
       # Folds the 1/sqrt(head_dim) logit scaling into the initial query weights.
       return default_kernel_init(key, shape, dtype) / math.sqrt(self.head_dim)
 
-    def split_heads(x):  # [batch, length, heads * kv] -> [batch, length, heads, kv]
-      x = x.reshape(x.shape[:-1] + (self.num_heads, self.head_dim))
-      return constrain(x, ("batch", "length", "heads", "kv"))
+    self.query = Dense(joined, ("embed", "joined_kv"), kernel_init=query_init, **dense)
+    self.key = Dense(joined, ("embed", "joined_kv"), **dense)
+    self.value = Dense(joined, ("embed", "joined_kv"), **dense)
 
-    query = split_heads(Dense(joined, ("embed", "joined_kv"), kernel_init=query_init,
-                              name="query", **dense)(inputs_q))
-    key = split_heads(Dense(joined, ("embed", "joined_kv"), name="key", **dense)(inputs_kv))
-    value = split_heads(Dense(joined, ("embed", "joined_kv"), name="value", **dense)(inputs_kv))
+  def _split_heads(self, x: Array) -> Array:
+    """[batch, length, heads * kv] -> [batch, length, heads, kv]."""
+    x = x.reshape(x.shape[:-1] + (self.num_heads, self.head_dim))
+    return constrain(x, ("batch", "length", "heads", "kv"))
+
+  def project_kv(self, inputs_kv: Array) -> KeyValue:
+    """inputs_kv [batch, k, embed] -> its keys and values, each [batch, k, heads, kv]."""
+    return KeyValue(self._split_heads(self.key(inputs_kv)),
+                    self._split_heads(self.value(inputs_kv)))
+
+  @nn.compact
+  def __call__(self, inputs_q: Array, inputs_kv: Union[Array, KeyValue],
+               mask: Optional[Array] = None, bias: Optional[Array] = None,
+               decode: bool = False, deterministic: bool = True) -> Array:
+    """inputs_q [batch, q, embed], inputs_kv [batch, k, embed] or its `project_kv`;
+    mask [batch|1, 1, q, k] (True = may attend), bias [1, heads, q, k] -> [batch, q, embed]."""
+    query = self._split_heads(self.query(inputs_q))
+    if isinstance(inputs_kv, KeyValue):
+      if decode:
+        raise ValueError("MultiHeadAttention: precomputed keys/values are for "
+                         "cross-attention; the decode cache projects each new position")
+      expected = (self.num_heads, self.head_dim)
+      if inputs_kv.key.shape[2:] != expected or inputs_kv.value.shape != inputs_kv.key.shape:
+        raise ValueError(f"MultiHeadAttention: precomputed key {inputs_kv.key.shape} / value "
+                         f"{inputs_kv.value.shape} do not match [batch, k, {expected[0]}, "
+                         f"{expected[1]}]")
+      key, value = inputs_kv
+    else:
+      key, value = self.project_kv(inputs_kv)
 
     if decode:
       is_initialized = self.has_variable("cache", "cached_key")
@@ -273,8 +309,9 @@ class MultiHeadAttention(nn.Module):
     context = jnp.einsum("bghqk,bkhd->bgqhd", weights, jnp.asarray(value, self.dtype))
     context = context.reshape((batch_q,) + context.shape[2:])
     context = constrain(context, ("batch", "length", "heads", "kv"))
-    context = context.reshape(context.shape[:2] + (joined,))
-    out = Dense(inputs_q.shape[-1], ("joined_kv", "embed"), name="out", **dense)(context)
+    context = context.reshape(context.shape[:2] + (self.num_heads * self.head_dim,))
+    out = Dense(inputs_q.shape[-1], ("joined_kv", "embed"), dtype=self.dtype,
+                param_dtype=self.param_dtype, name="out")(context)
     return constrain(out, ("batch", "length", "embed"))
 
 

@@ -4,25 +4,32 @@ Pre-norm residual blocks (RMSNorm -> sublayer -> dropout -> add), gated-GELU MLP
 relative position bias table per stack computed once and shared by its layers, a token
 embedding shared by encoder and decoder inputs, and a separate (untied) output layer
 `logits_dense`. No biases anywhere. The decoder supports incremental decoding with a KV
-cache (`decode=True`, 'cache' collection); see `MultiHeadAttention`.
+cache (`decode=True`, 'cache' collection); see `MultiHeadAttention`. Its cross-attention
+keys/values depend only on the encoder output, so a decode loop computes them once
+(`Transformer.cross_attention_kv`) and passes them in place of `encoded` at every step.
 
 Layers are a plain Python loop (`layers_0`, `layers_1`, ...), not `nn.scan`: a handful of
 layers compiles fast enough and keeps parameter paths readable.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple, Union
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gensar_jax.models.layers import (Dense, Embed, GatedGeluMlp, MultiHeadAttention,
-                                      RelativePositionBias, RMSNorm, causal_mask, constrain,
-                                      key_padding_mask)
+from gensar_jax.models.layers import (Dense, Embed, GatedGeluMlp, KeyValue,
+                                      MultiHeadAttention, RelativePositionBias, RMSNorm,
+                                      causal_mask, constrain, key_padding_mask)
 from gensar_jax.models.t5_config import T5Config
 
 Array = jax.Array
+# One KeyValue per decoder layer: the projected encoder output its cross-attention reads.
+CrossAttentionKV = Tuple[KeyValue, ...]
+# What the decoder reads of the input: the encoder output [batch, input_length, embed], or
+# its CrossAttentionKV, which spares re-projecting it in every layer at every decode step.
+Encoded = Union[Array, CrossAttentionKV]
 
 
 def _norm(config: T5Config, name: str) -> RMSNorm:
@@ -30,7 +37,7 @@ def _norm(config: T5Config, name: str) -> RMSNorm:
                  param_dtype=config.parameter_dtype, name=name)
 
 
-def _attention(config: T5Config, name: str) -> MultiHeadAttention:
+def _attention(config: T5Config, name: Optional[str]) -> MultiHeadAttention:
   return MultiHeadAttention(num_heads=config.num_heads, head_dim=config.head_dim,
                             dropout_rate=config.dropout_rate, dtype=config.compute_dtype,
                             param_dtype=config.parameter_dtype, name=name)
@@ -64,11 +71,24 @@ class EncoderLayer(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+  """Self-attention, cross-attention to the encoder output, MLP.
+
+  The cross-attention is a `setup` attribute (named as before, so parameter paths do not
+  change) rather than inline, so `cross_attention_kv` can reach it outside `__call__`.
+  """
   config: T5Config
 
+  def setup(self):
+    self.encoder_decoder_attention = _attention(self.config, None)
+
+  def cross_attention_kv(self, encoded: Array) -> KeyValue:
+    """encoded [batch, input_length, embed] -> keys/values [batch, input_length, heads, kv]."""
+    return self.encoder_decoder_attention.project_kv(encoded)
+
   @nn.compact
-  def __call__(self, x: Array, encoded: Array, self_mask: Optional[Array], cross_mask: Array,
-               bias: Array, decode: bool, deterministic: bool) -> Array:
+  def __call__(self, x: Array, encoded: Union[Array, KeyValue], self_mask: Optional[Array],
+               cross_mask: Array, bias: Array, decode: bool, deterministic: bool) -> Array:
+    """`encoded` is the encoder output or this layer's `cross_attention_kv` of it."""
     cfg = self.config
     # [batch, target_length, embed]
     h = _norm(cfg, "pre_self_attention_norm")(x)
@@ -76,8 +96,8 @@ class DecoderLayer(nn.Module):
                                           deterministic=deterministic)
     x = x + _residual_dropout(cfg, h, deterministic)
     h = _norm(cfg, "pre_cross_attention_norm")(x)
-    h = _attention(cfg, "encoder_decoder_attention")(h, encoded, mask=cross_mask,
-                                                     deterministic=deterministic)
+    h = self.encoder_decoder_attention(h, encoded, mask=cross_mask,
+                                       deterministic=deterministic)
     x = x + _residual_dropout(cfg, h, deterministic)
     h = _norm(cfg, "pre_mlp_norm")(x)
     h = _mlp(cfg)(h, deterministic=deterministic)
@@ -113,12 +133,24 @@ class Decoder(nn.Module):
   config: T5Config
   token_embedder: nn.Module
 
+  def setup(self):
+    # A list attribute names its modules layers_0, layers_1, ... as the inline loop did.
+    self.layers = [DecoderLayer(self.config) for _ in range(self.config.num_decoder_layers)]
+
+  def cross_attention_kv(self, encoded: Array) -> CrossAttentionKV:
+    """encoded [batch, input_length, embed] -> one KeyValue per layer, each
+    [batch, input_length, heads, kv] in the compute dtype."""
+    encoded = jnp.asarray(encoded, self.config.compute_dtype)
+    return tuple(layer.cross_attention_kv(encoded) for layer in self.layers)
+
   @nn.compact
-  def __call__(self, encoded: Array, encoder_input_tokens: Array, decoder_input_tokens: Array,
-               decode: bool = False, max_decode_length: Optional[int] = None,
-               deterministic: bool = True) -> Array:
+  def __call__(self, encoded: Encoded, encoder_input_tokens: Array,
+               decoder_input_tokens: Array, decode: bool = False,
+               max_decode_length: Optional[int] = None, deterministic: bool = True) -> Array:
     """-> logits [batch, target_length, vocab] in float32.
 
+    `encoded` is the encoder output [batch, input_length, embed] or its
+    `cross_attention_kv`; the latter skips re-projecting it at every decoding step.
     In decode mode the decoder keeps its own scalar step counter (`decode_position`) to
     place the single new query for the relative position bias; `max_decode_length` is the
     length of the KV cache (the bias row covers every cache slot).
@@ -146,13 +178,22 @@ class Decoder(nn.Module):
       # never see the padding after them, so no padding mask is needed here.
       self_mask = causal_mask(target_length)
 
+    if isinstance(encoded, (tuple, list)):
+      if len(encoded) != cfg.num_decoder_layers:
+        raise ValueError(f"Decoder: {len(encoded)} precomputed cross-attention keys/values "
+                         f"for {cfg.num_decoder_layers} layers")
+      memory = [KeyValue(*kv) for kv in encoded]
+      encoded_shape = memory[0].key.shape if memory else encoder_input_tokens.shape
+    else:
+      memory = [jnp.asarray(encoded, cfg.compute_dtype)] * cfg.num_decoder_layers
+      encoded_shape = encoded.shape
     cross_mask = key_padding_mask(encoder_input_tokens)  # [batch, 1, 1, input_length]
     # The decoder batch may be a multiple of the encoder batch (beams or samples per
     # example, beam-major within each example); cross-attention groups them.
-    if (encoded.shape[0] != cross_mask.shape[0]
-        or decoder_input_tokens.shape[0] % encoded.shape[0]):
+    if (encoded_shape[0] != cross_mask.shape[0]
+        or decoder_input_tokens.shape[0] % encoded_shape[0]):
       raise ValueError(f"Decoder: batch sizes differ: decoder tokens "
-                       f"{decoder_input_tokens.shape}, encoded {encoded.shape}, encoder "
+                       f"{decoder_input_tokens.shape}, encoded {encoded_shape}, encoder "
                        f"tokens {encoder_input_tokens.shape} (the decoder batch must be a "
                        "multiple of the encoder batch)")
     bias = RelativePositionBias(
@@ -164,10 +205,8 @@ class Decoder(nn.Module):
     x = self.token_embedder(decoder_input_tokens)  # [batch, target_length, embed]
     x = constrain(x, ("batch", "length", "embed"))
     x = _residual_dropout(cfg, x, deterministic)
-    encoded = jnp.asarray(encoded, cfg.compute_dtype)
-    for i in range(cfg.num_decoder_layers):
-      x = DecoderLayer(cfg, name=f"layers_{i}")(x, encoded, self_mask, cross_mask, bias,
-                                                decode, deterministic)
+    for layer, layer_memory in zip(self.layers, memory):
+      x = layer(x, layer_memory, self_mask, cross_mask, bias, decode, deterministic)
     x = _norm(cfg, "decoder_norm")(x)
     x = _residual_dropout(cfg, x, deterministic)
     # Untied output layer; logits in float32 for the softmax and the loss.
@@ -192,10 +231,15 @@ class Transformer(nn.Module):
     _check_tokens("encoder_input_tokens", encoder_input_tokens)
     return self.encoder(encoder_input_tokens, deterministic=not enable_dropout)
 
-  def decode(self, encoded: Array, encoder_input_tokens: Array, decoder_input_tokens: Array,
-             decode: bool = False, max_decode_length: Optional[int] = None,
-             enable_dropout: bool = False) -> Array:
-    """-> logits [batch, target_length, vocab] (float32)."""
+  def cross_attention_kv(self, encoded: Array) -> CrossAttentionKV:
+    """The decoder's per-layer cross-attention keys/values of `encoded` (see Decoder)."""
+    return self.decoder.cross_attention_kv(encoded)
+
+  def decode(self, encoded: Encoded, encoder_input_tokens: Array,
+             decoder_input_tokens: Array, decode: bool = False,
+             max_decode_length: Optional[int] = None, enable_dropout: bool = False) -> Array:
+    """-> logits [batch, target_length, vocab] (float32); `encoded` may be the output of
+    `cross_attention_kv`."""
     _check_tokens("decoder_input_tokens", decoder_input_tokens)
     return self.decoder(encoded, encoder_input_tokens, decoder_input_tokens, decode=decode,
                         max_decode_length=max_decode_length,
