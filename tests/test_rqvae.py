@@ -9,10 +9,13 @@ import numpy as np
 import pytest
 
 from gensar_jax.identifiers import rqvae
+from gensar_jax.identifiers import rqvae_config
+from gensar_jax.identifiers.rqvae_config import COLLABORATIVE, SEMANTIC
 
 # Small enough to compile and train in seconds; every module sharing it reuses the programs.
-SMALL = rqvae.RQVAEConfig(hidden_dims=(32, 16), latent_dim=8, codebook_size=16, batch_size=128,
-                          eval_chunk=256, epochs=30, eval_every=10, progress=False)
+SMALL = rqvae_config.RQVAEConfig(hidden_dims=(32, 16), latent_dim=8, codebook_size=16,
+                                 batch_size=128, eval_chunk=256, epochs=30, eval_every=10,
+                                 progress=False)
 
 
 def clustered_tables(n=512, clusters=16, seed=0):
@@ -91,9 +94,9 @@ def test_kmeans_init_uses_every_code(tables):
   init = rqvae.init_rqvae(*tables, SMALL)
   _, shared, specific = rqvae.encode_and_quantize(init, tables)
   assert len(np.unique(shared[:, 0])) == SMALL.codebook_size
-  assert len(np.unique(specific[rqvae.SEMANTIC][:, 0])) >= SMALL.codebook_size - 2
+  assert len(np.unique(specific[SEMANTIC][:, 0])) >= SMALL.codebook_size - 2
   # And the argmin IDs of an untrained model are already far from collapsed.
-  assert rqvae.collision_rate(np.concatenate([shared, specific[rqvae.SEMANTIC]], 1)) < 0.5
+  assert rqvae.collision_rate(np.concatenate([shared, specific[SEMANTIC]], 1)) < 0.5
 
 
 def test_keeps_params_with_lowest_collision_rate(trained, tables):
@@ -109,14 +112,14 @@ def test_keeps_params_with_lowest_collision_rate(trained, tables):
 
 def test_layouts_of_the_modes():
   dual = SMALL.layout()
-  assert dual.level_names(rqvae.SEMANTIC) == ("m0", "m1", "s0", "s1")
-  assert dual.level_names(rqvae.COLLABORATIVE) == ("m0", "m1", "c0", "c1")
+  assert dual.level_names(SEMANTIC) == ("m0", "m1", "s0", "s1")
+  assert dual.level_names(COLLABORATIVE) == ("m0", "m1", "c0", "c1")
   sid = dataclasses.replace(SMALL, mode="sid_only").layout()
-  assert sid.spaces == (rqvae.SEMANTIC,) and sid.level_names("semantic") == ("s0", "s1", "s2", "s3")
+  assert sid.spaces == (SEMANTIC,) and sid.level_names("semantic") == ("s0", "s1", "s2", "s3")
   no_shared = dataclasses.replace(SMALL, mode="dual_no_shared").layout()
   assert no_shared.shared_levels == 0 and no_shared.specific_levels == 4
   three = dataclasses.replace(SMALL, shared_levels=1, specific_levels=2).layout()
-  assert three.level_names(rqvae.COLLABORATIVE) == ("m0", "c0", "c1")
+  assert three.level_names(COLLABORATIVE) == ("m0", "c0", "c1")
 
 
 def test_config_is_gin_configurable():
@@ -124,19 +127,27 @@ def test_config_is_gin_configurable():
     gin.parse_config(["RQVAEConfig.codebook_size = 512", "RQVAEConfig.specific_levels = 1",
                       "RQVAEConfig.hidden_dims = [64, 32]"])
   try:
-    config = rqvae.RQVAEConfig()
+    config = rqvae_config.RQVAEConfig()
     assert config.codebook_size == 512 and config.specific_levels == 1
     assert config.hidden_dims == (64, 32) and hash(config)  # hashable: programs cache on it
   finally:
     gin.clear_config()
-  assert rqvae.RQVAEConfig().codebook_size == 256
+  assert rqvae_config.RQVAEConfig().codebook_size == 256
+
+
+def test_training_module_reexports_the_config_names():
+  """ablations.py, identify.py and older callers import these from `rqvae`: same objects."""
+  from gensar_jax.identifiers.rqvae import MODES, RQVAEConfig  # as ablations.py does
+  assert MODES is rqvae_config.MODES and RQVAEConfig is rqvae_config.RQVAEConfig
+  for name in ("SEMANTIC", "COLLABORATIVE", "QuantizerLayout", "validate_embeddings"):
+    assert getattr(rqvae, name) is getattr(rqvae_config, name), name
 
 
 def test_config_rejects_bad_values():
   with pytest.raises(ValueError, match="mode"):
-    rqvae.RQVAEConfig(mode="triple")
+    rqvae_config.RQVAEConfig(mode="triple")
   with pytest.raises(ValueError, match="shared_dim"):
-    rqvae.RQVAEConfig(shared_dim=48)
+    rqvae_config.RQVAEConfig(shared_dim=48)
 
 
 @pytest.mark.parametrize("bad,table,row,kind", [(np.nan, 0, 7, "NaN"), (np.inf, 1, 3, "inf")])
@@ -156,7 +167,7 @@ def test_mismatched_item_counts_name_both_counts(tables):
 
 def test_missing_table_depends_on_mode(tables):
   with pytest.raises(ValueError, match="collaborative"):
-    rqvae.validate_embeddings(tables[0], None, SMALL)
+    rqvae_config.validate_embeddings(tables[0], None, SMALL)
   sid_only = dataclasses.replace(SMALL, mode="sid_only")
-  (sem,) = rqvae.validate_embeddings(tables[0], None, sid_only)
+  (sem,) = rqvae_config.validate_embeddings(tables[0], None, sid_only)
   assert sem.shape == (512, 24)

@@ -24,6 +24,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from gensar_jax.identifiers import rqvae as rqvae_lib
+from gensar_jax.identifiers import rqvae_config as rqvae_config_lib
 from gensar_jax.identifiers import sinkhorn as sinkhorn_lib
 
 
@@ -282,7 +283,8 @@ def _code_usage(codes: np.ndarray, k: int) -> Dict[str, Any]:
 
 def assign_identifiers(state: rqvae_lib.TrainedRQVAE, semantic: Optional[np.ndarray],
                        collaborative: Optional[np.ndarray],
-                       config: Optional[rqvae_lib.RQVAEConfig] = None) -> IdentifierAssignment:
+                       config: Optional[rqvae_config_lib.RQVAEConfig] = None
+                       ) -> IdentifierAssignment:
   """Assigns every item a unique SID and a unique CID (see module docstring).
 
   Args:
@@ -297,7 +299,7 @@ def assign_identifiers(state: rqvae_lib.TrainedRQVAE, semantic: Optional[np.ndar
   if lay != state.config.layout() or tuple(config.hidden_dims) != tuple(state.config.hidden_dims):
     raise ValueError(f"config describes another model than the trained one: {lay} vs "
                      f"{state.config.layout()}")
-  tables = rqvae_lib.validate_embeddings(semantic, collaborative, config)
+  tables = rqvae_config_lib.validate_embeddings(semantic, collaborative, config)
   if tuple(t.shape[1] for t in tables) != tuple(state.input_dims):
     raise ValueError(f"embedding widths {[t.shape[1] for t in tables]} differ from the "
                      f"trained model's {list(state.input_dims)}")
@@ -332,7 +334,7 @@ def assign_identifiers(state: rqvae_lib.TrainedRQVAE, semantic: Optional[np.ndar
       raise RuntimeError(f"internal error: {s} IDs still collide after de-duplication")
   timings["dedup_s"] = time.perf_counter() - t0
 
-  name = {rqvae_lib.SEMANTIC: "sid", rqvae_lib.COLLABORATIVE: "cid"}
+  name = {rqvae_config_lib.SEMANTIC: "sid", rqvae_config_lib.COLLABORATIVE: "cid"}
   full = {name[s]: tree.full(s).astype(np.int32) for s in lay.spaces}
   levels = {name[s]: lay.level_names(s) for s in lay.spaces}
   usage = {}

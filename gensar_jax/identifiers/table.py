@@ -26,6 +26,7 @@ import numpy as np
 
 from gensar_jax.identifiers import assignment as assignment_lib
 from gensar_jax.identifiers import rqvae as rqvae_lib
+from gensar_jax.identifiers import rqvae_config as rqvae_config_lib
 
 IDENTIFIERS_FILE = "identifiers.jsonl"
 STATS_FILE = "identifier_stats.json"
@@ -202,7 +203,7 @@ def load_identifier_table(path: PathLike) -> IdentifierTable:
 
 def build_identifier_table(out_dir: PathLike, item_ids: Sequence[Any],
                            semantic: Optional[np.ndarray], collaborative: Optional[np.ndarray],
-                           config: rqvae_lib.RQVAEConfig = rqvae_lib.RQVAEConfig(),
+                           config: rqvae_config_lib.RQVAEConfig = rqvae_config_lib.RQVAEConfig(),
                            extra_stats: Optional[Dict[str, Any]] = None):
   """Validate -> train -> assign -> write, the whole identify stage in one call.
 
@@ -212,7 +213,7 @@ def build_identifier_table(out_dir: PathLike, item_ids: Sequence[Any],
   Returns:
     (assignment, trained RQ-VAE).
   """
-  tables = rqvae_lib.validate_embeddings(semantic, collaborative, config)
+  tables = rqvae_config_lib.validate_embeddings(semantic, collaborative, config)
   if len(item_ids) != tables[0].shape[0]:
     raise ValueError(f"item_ids has {len(item_ids)} entries but the embedding tables have "
                      f"{tables[0].shape[0]} rows")
