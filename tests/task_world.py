@@ -4,7 +4,9 @@ SentencePiece vocabulary and registered SeqIO tasks, all built with the real sta
 One log of 10 users x 10-13 events over 30 items (real search sessions, distinct timestamps
 per user); identifier tables are written by hand (a dual one and a SID-only one) and the
 vocabulary is built with `build_vocab` from gin/runs/vocab.gin. Shared by test modules that
-need real tasks (tests/test_tasks.py, tests/test_train.py).
+need real tasks (tests/test_tasks.py, tests/test_train.py) and the CLI tests that train a
+tiny model on it first (test_evaluate_cli, test_infer, test_export: `world_flags`,
+`under_gin`).
 """
 import json
 import os
@@ -84,6 +86,24 @@ def parse_and_call(gin_files, bindings, fn):
     return fn()
   finally:
     gin.clear_config()
+
+
+def under_gin(argv, fn):
+  """fn() under the config of command-line gin flags (`--gin_file=`, `--gin.X=`)."""
+  gin.clear_config()
+  try:
+    gin_utils.parse_gin(argv)
+    return fn()
+  finally:
+    gin.clear_config()
+
+
+def world_flags(world, prefix, identifiers=None, vocab=None):
+  """The gin flags that point a stage at `world` (data, identifiers, vocabulary, tasks)."""
+  return [f"--gin.PREPARED_DIR='{world['prepared']}'",
+          f"--gin.IDENTIFIERS_DIR='{identifiers or world['dual']}'",
+          f"--gin.VOCAB_PATH='{vocab or world['vocab_path']}'", f"--gin.TASK_PREFIX='{prefix}'",
+          f"--gin.TASK_FEATURE_LENGTHS={LENGTHS}", "--gin.BATCH_SIZE=8"]
 
 
 def build_world(root, prefix="t4"):

@@ -3,17 +3,15 @@ evaluate CLI on the kept checkpoint: the paper's checkpoint selection, end to en
 import json
 import os
 
-import gin
 import numpy as np
 import pytest
 
 from gensar_jax import evaluate as evaluate_lib
-from gensar_jax import gin_utils
 from gensar_jax import results as results_lib
 from gensar_jax import train as train_lib
 from gensar_jax import train_logging
 from gensar_jax.checkpoints import CheckpointError
-from task_world import LENGTHS, build_world
+from task_world import build_world, under_gin as run, world_flags
 
 PREFIX = "tevalcli"
 
@@ -22,21 +20,10 @@ def args(world, model_dir, *extra):
   return ["--gin_file=gin/runs/train.gin", "--gin_file=gin/models/tiny.gin",
           "--gin_file=gin/runs/evaluate.gin",
           f"--gin.MODEL_DIR='{model_dir}'", "--gin.TRAIN_STEPS=12",
-          f"--gin.PREPARED_DIR='{world['prepared']}'", f"--gin.IDENTIFIERS_DIR='{world['dual']}'",
-          f"--gin.VOCAB_PATH='{world['vocab_path']}'", f"--gin.TASK_PREFIX='{PREFIX}'",
-          f"--gin.TASK_FEATURE_LENGTHS={LENGTHS}", "--gin.BATCH_SIZE=8",
+          *world_flags(world, PREFIX),
           "--gin.EVAL_PERIOD=4", "--gin.EVAL_BATCHES=1", "--gin.CHECKPOINT_PERIOD=4",
           "--gin.KEEP_CHECKPOINTS=1", "--gin.LOG_PERIOD=4", "--gin.WARMUP_STEPS=2",
           "--gin.LEARNING_RATE=1e-2", "--gin.NUM_BEAMS=4", "--gin.SEED=1", *extra]
-
-
-def run(argv, fn):
-  gin.clear_config()
-  try:
-    gin_utils.parse_gin(argv)
-    return fn()
-  finally:
-    gin.clear_config()
 
 
 @pytest.fixture(scope="module")

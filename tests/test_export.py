@@ -6,7 +6,6 @@ import subprocess
 import sys
 import textwrap
 
-import gin
 import jax
 import numpy as np
 import pytest
@@ -17,7 +16,7 @@ from gensar_jax import train as train_lib
 from gensar_jax.decoding import build_trie, identifier_search
 from gensar_jax.models.encoder_decoder import build_model
 from gensar_jax.serving import artifact as artifact_lib
-from task_world import LENGTHS, build_world
+from task_world import LENGTHS, build_world, under_gin, world_flags
 
 PREFIX = "texport"
 BEAMS = 4
@@ -28,25 +27,14 @@ def gin_args(world, model_dir, export_dir):
   return ["--gin_file=gin/runs/train.gin", "--gin_file=gin/models/tiny.gin",
           "--gin_file=gin/runs/export.gin",
           f"--gin.MODEL_DIR='{model_dir}'", f"--gin.EXPORT_DIR='{export_dir}'",
-          "--gin.TRAIN_STEPS=2", f"--gin.PREPARED_DIR='{world['prepared']}'",
-          f"--gin.IDENTIFIERS_DIR='{world['dual']}'", f"--gin.VOCAB_PATH='{world['vocab_path']}'",
-          f"--gin.TASK_PREFIX='{PREFIX}'", f"--gin.TASK_FEATURE_LENGTHS={LENGTHS}",
-          "--gin.BATCH_SIZE=8", "--gin.EVAL_PERIOD=0", "--gin.CHECKPOINT_PERIOD=2",
+          "--gin.TRAIN_STEPS=2", *world_flags(world, PREFIX), "--gin.EVAL_PERIOD=0",
+          "--gin.CHECKPOINT_PERIOD=2",
           "--gin.LOG_PERIOD=2", "--gin.WARMUP_STEPS=1", "--gin.LEARNING_RATE=1e-2",
           f"--gin.SERVING_BEAMS={BEAMS}", f"--gin_bindings=export.batch_buckets={BUCKETS}",
           "--gin_bindings=export.checkpoint='latest'",
           # One layer each way: the test is about the artifact, not the model's depth.
           "--gin_bindings=T5Config.num_encoder_layers=1",
           "--gin_bindings=T5Config.num_decoder_layers=1"]
-
-
-def under_gin(argv, fn):
-  gin.clear_config()
-  try:
-    gin_utils.parse_gin(argv)
-    return fn()
-  finally:
-    gin.clear_config()
 
 
 @pytest.fixture(scope="module")

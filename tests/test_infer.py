@@ -28,7 +28,8 @@ from gensar_jax.decoding import beam_search
 from gensar_jax.identifiers.table import load_identifier_table
 from gensar_jax.models.encoder_decoder import build_model
 from gensar_jax.vocabulary import load_vocabulary
-from task_world import LENGTHS, REPO, build_world, parse_and_call, write_table
+from task_world import LENGTHS, REPO, build_world, parse_and_call, world_flags, write_table
+from task_world import under_gin as run
 
 PREFIX = "tinfer"
 
@@ -37,23 +38,12 @@ def args(world, model_dir, *extra, identifiers=None, vocab=None, variant="no_adh
   return ["--gin_file=gin/runs/train.gin", "--gin_file=gin/models/tiny.gin",
           "--gin_file=gin/runs/infer.gin",
           f"--gin.MODEL_DIR='{model_dir}'", "--gin.TRAIN_STEPS=3",
-          f"--gin.PREPARED_DIR='{world['prepared']}'",
-          f"--gin.IDENTIFIERS_DIR='{identifiers or world['dual']}'",
-          f"--gin.VOCAB_PATH='{vocab or world['vocab_path']}'", f"--gin.TASK_PREFIX='{PREFIX}'",
-          f"--gin.MIXTURE_VARIANT='{variant}'", f"--gin.TASK_FEATURE_LENGTHS={LENGTHS}",
-          "--gin.BATCH_SIZE=8", "--gin.EVAL_PERIOD=0", "--gin.CHECKPOINT_PERIOD=3",
+          *world_flags(world, PREFIX, identifiers, vocab),
+          f"--gin.MIXTURE_VARIANT='{variant}'", "--gin.EVAL_PERIOD=0",
+          "--gin.CHECKPOINT_PERIOD=3",
           "--gin.KEEP_CHECKPOINTS=1", "--gin.LOG_PERIOD=3", "--gin.WARMUP_STEPS=1",
           "--gin.LEARNING_RATE=1e-2", "--gin.infer.num_beams=5", "--gin.infer.top_k=4",
           "--gin.infer.batch_size=3", "--gin.infer.progress=False", *extra]
-
-
-def run(argv, fn):
-  gin.clear_config()
-  try:
-    gin_utils.parse_gin(argv)
-    return fn()
-  finally:
-    gin.clear_config()
 
 
 def run_cli(argv):
