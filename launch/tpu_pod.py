@@ -258,6 +258,10 @@ def parse_args(argv: Sequence[str]) -> Tuple[LaunchSpec, bool, float]:
   p.add_argument("--dry_run", action="store_true", help="print the commands, run nothing")
   args = p.parse_args(own)
   shape = slice_shape(args.accelerator_type)
+  # Checked before the slice's mesh file is added: that one alone trains nothing.
+  if not any(f.startswith("--gin_file=") for f in gin_flags):
+    raise LaunchError("no --gin_file given: pass the run and model gin files, e.g. "
+                      "--gin_file=gin/runs/train.gin --gin_file=gin/models/small.gin")
   if args.mesh_gin is None:
     if shape.accelerator_type not in MESH_GIN_FILES:
       raise LaunchError(f"no mesh gin file for {shape.accelerator_type} ({shape.chips} chips);"
@@ -270,9 +274,6 @@ def parse_args(argv: Sequence[str]) -> Tuple[LaunchSpec, bool, float]:
                     default=-1)
     gin_flags.insert(last_file + 1, f"--gin_file={args.mesh_gin}")
   check_storage(gin_macro_values(gin_flags), shape.workers, args.watch)
-  if not any(f.startswith("--gin_file=") for f in gin_flags):
-    raise LaunchError("no --gin_file given: pass the run and model gin files, e.g. "
-                      "--gin_file=gin/runs/train.gin --gin_file=gin/models/small.gin")
   spec = LaunchSpec(
       name=args.name, zone=args.zone, project=args.project, shape=shape,
       runtime=args.version or shape.runtime, spot=args.spot, preemptible=args.preemptible,

@@ -79,6 +79,12 @@ def test_bad_accelerator_type_is_a_launch_error(bad, says):
     tpu_pod.slice_shape(bad)
 
 
+def test_no_gin_file_is_a_launch_error_even_with_the_slices_mesh_file():
+  # The launcher adds gin/mesh/v5p_64.gin itself; that alone must not count as a run config.
+  with pytest.raises(tpu_pod.LaunchError, match="no --gin_file given"):
+    tpu_pod.parse_args([*V5P_ARGS, MODEL_DIR_FLAG])
+
+
 def test_mesh_files_match_their_slices_and_parse():
   from gensar_jax import partitioning
   for accelerator_type, path in tpu_pod.MESH_GIN_FILES.items():
