@@ -215,16 +215,16 @@ def infer(model_dir: str = gin.REQUIRED, prepared_dir: str = gin.REQUIRED,
   key = TASK_KEYS[task]
 
   setup = _ranking_setup()
-  vocab_path = setup.vocabulary.sentencepiece_model_file
-  check_run_inputs(model_dir, vocab_path, identifiers_dir)
-  model = build_model(setup.vocabulary)
-  params, step = _load_params(model_dir, model, checkpoint, vocab_path)
-
   if key not in setup.task_names:
     trained = ", ".join(sorted(setup.task_names.values()))
     raise DataError(f"infer.task={task!r}: the run's mixture variant trains only {trained}; "
                     "a model is not decoded on a task it never saw (set MIXTURE_VARIANT to "
                     "the variant the run was trained with)")
+  vocab_path = setup.vocabulary.sentencepiece_model_file
+  check_run_inputs(model_dir, vocab_path, identifiers_dir)
+  model = build_model(setup.vocabulary)
+  params, step = _load_params(model_dir, model, checkpoint, vocab_path)
+
   task_name = setup.task_names[key]
   index = setup.indices[key]
   input_length = int(task_feature_lengths["inputs"])
