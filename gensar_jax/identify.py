@@ -4,8 +4,8 @@
       --gin.PREPARED_DIR="'runs/ml100k/data'" --gin.IDENTIFIERS_DIR="'runs/ml100k/ids'"
 
 1. semantic embeddings v_s: the sentence encoder over "title. description" of every item;
-2. collaborative embeddings v_c: the item table of a SASRec trained on the training rec
-   histories (its validation HR/NDCG is the SASRec baseline, saved as sasrec_metrics.json);
+2. collaborative embeddings v_c: the item table of a SASRec trained on each user's ordered
+   rec sequence up to their first held-out interaction (its validation HR/NDCG is the SASRec baseline, saved as sasrec_metrics.json);
 3. the joint RQ-VAE, Sinkhorn collision handling and the final de-duplication.
 
 Output directory (renamed into place only when complete):
@@ -19,7 +19,6 @@ if __name__ == "__main__":  # one gin registration: run as the importable module
   import gensar_jax.gin_utils as _gin_utils
   _gin_utils.run_module("gensar_jax.identify")
 
-import collections
 import os
 from typing import Dict, List, Optional, Tuple
 
@@ -28,8 +27,9 @@ import numpy as np
 
 from gensar_jax import gin_utils
 from gensar_jax.data.columns import read_columns
+from gensar_jax.data import sequences as sequences_lib
 from gensar_jax.data.prepared import load_prepared
-from gensar_jax.data.schema import REC
+from gensar_jax.data.schema import DataError, REC
 from gensar_jax.identifiers import assignment as assignment_lib
 from gensar_jax.identifiers import rqvae as rqvae_lib
 from gensar_jax.identifiers import sasrec as sasrec_lib
@@ -41,38 +41,37 @@ from gensar_jax.io_utils import atomic_output_dir, write_json
 def rec_sequences(prepared_dir: str) -> Tuple[List[np.ndarray], Dict[str, Tuple]]:
   """Per-user training rec item sequences, and the held-out rec samples to score.
 
-  A user's sequence is the rec items in the history of their first training sample
-  followed by every training rec target, oldest first: exactly the rec items before their
-  validation target. Returns (train sequences, {split: (histories, candidates)}).
+  The sequences come from the whole ordered rec log that `prepare` writes
+  (gensar_jax/data/sequences.py), cut at each user's first held-out interaction, not from
+  the train samples (shuffled, with 5-item histories). A held-out rec target is scored
+  from every rec item of the user before it. Returns (train sequences, {split:
+  (histories, candidates)}).
   """
-  cols = read_columns(prepared_dir, "train", ["user_id", "kind", "target_index",
-                                              "history_item_index", "history_kind"])
-  sequences: Dict[str, List[int]] = collections.OrderedDict()
-  for user, kind, target, hist_items, hist_kinds in zip(
-      cols["user_id"], cols["kind"], cols["target_index"], cols["history_item_index"],
-      cols["history_kind"]):
-    if kind != REC:
-      continue
-    if user not in sequences:
-      sequences[user] = [int(i) for i, k in zip(hist_items, hist_kinds) if k == b"rec"]
-    sequences[user].append(int(target))
+  rows = {row["user_id"]: row for row in sequences_lib.load_rec_sequences(prepared_dir)}
+  sequences = [np.asarray(r["items"][:r["train_end"]], np.int64) for r in rows.values()
+               if r["train_end"] > 0]
   heldout = {}
-  validation_targets: Dict[str, int] = {}
   for split in ("validation", "test"):
     c = read_columns(prepared_dir, split, ["user_id", "kind", "target_index",
                                            "candidate_indices"])
-    rows = [i for i, k in enumerate(c["kind"]) if k == REC and c["user_id"][i] in sequences]
-    histories = []
-    for i in rows:
-      seq = list(sequences[c["user_id"][i]])
-      if split == "test":  # the validation target comes before the test target
-        seq.append(int(validation_targets[c["user_id"][i]]))
-      histories.append(np.asarray(seq, np.int64))
-    candidates = np.stack([c["candidate_indices"][i] for i in rows]).astype(np.int64)
-    heldout[split] = (histories, candidates)
-    if split == "validation":
-      validation_targets = {c["user_id"][i]: c["target_index"][i] for i in rows}
-  return [np.asarray(s, np.int64) for s in sequences.values()], heldout
+    histories, candidates = [], []
+    for user, kind, target, cands in zip(c["user_id"], c["kind"], c["target_index"],
+                                         c["candidate_indices"]):
+      if kind != REC:
+        continue
+      row = rows.get(user)
+      position = None if row is None else row["heldout"].get(split)
+      if position is None or row["items"][position:position + 1] != [int(target)]:
+        raise DataError(f"{prepared_dir}/{sequences_lib.FILE_NAME}: user {user!r} has no "
+                        f"{split} rec target {int(target)} at the position it records; "
+                        "the file and the shards come from different prepare runs")
+      if position == 0:
+        continue  # nothing to predict from (SASRec scores histories of >= 1 item)
+      histories.append(np.asarray(row["items"][:position], np.int64))
+      candidates.append(np.asarray(cands, np.int64))
+    heldout[split] = (histories, np.stack(candidates) if candidates
+                      else np.zeros((0, 0), np.int64))
+  return sequences, heldout
 
 
 @gin.configurable

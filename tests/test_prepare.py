@@ -24,6 +24,7 @@ import tensorflow as tf
 from gensar_jax import gin_utils
 from gensar_jax import prepare as prepare_lib
 from gensar_jax.data import prepared, queries, records
+from gensar_jax.data import sequences as sequences_lib
 from gensar_jax.data.candidates import BM25Ranker
 from gensar_jax.data.loaders import generic
 from gensar_jax.data.schema import REC, SEARCH, DataError
@@ -205,8 +206,8 @@ def synthetic(tmp_path_factory):
 
 def test_output_layout_and_stats(synthetic):
   out, stats = synthetic["runs"]["a"]
-  assert sorted(os.listdir(out)) == ["config.gin", "items.jsonl", "queries.jsonl", "stats.json",
-                                     "tfds", "users.jsonl"]
+  assert sorted(os.listdir(out)) == ["config.gin", "items.jsonl", "queries.jsonl",
+                                     "rec_sequences.jsonl", "stats.json", "tfds", "users.jsonl"]
   assert not glob.glob(os.path.join(os.path.dirname(out), "*.tmp-*"))
   with open(os.path.join(out, "stats.json")) as f:
     assert json.load(f) == stats
@@ -336,9 +337,15 @@ def test_same_seed_same_bytes_other_seed_other_negatives(synthetic):
   assert files_a
   for fa, fb in zip(files_a, files_b):
     assert filecmp.cmp(fa, fb, shallow=False), fa
-  for name in ("items.jsonl", "queries.jsonl", "users.jsonl", "stats.json"):
+  for name in ("items.jsonl", "queries.jsonl", "users.jsonl", "stats.json",
+               "rec_sequences.jsonl"):
     assert filecmp.cmp(os.path.join(a, name), os.path.join(b, name), shallow=False), name
   assert synthetic["examples"]["a"] == synthetic["examples"]["b"]
+  # The train order is the seed's: another seed writes the same examples in another order.
+  train_a, train_c = synthetic["examples"]["a"]["train"], synthetic["examples"]["c"]["train"]
+  key = lambda e: (e["user_id"], e["kind"], e["target_item"])
+  assert sorted(map(key, train_a)) == sorted(map(key, train_c))
+  assert list(map(key, train_a)) != list(map(key, train_c))
 
   ex_a, ex_c = synthetic["examples"]["a"], synthetic["examples"]["c"]
   rec_a = {(e["user_id"], e["target_item"]): e["candidates"]
@@ -370,6 +377,60 @@ def test_amazon_and_generic_prepare_identically(synthetic):
   for name in ("items.jsonl", "queries.jsonl", "users.jsonl"):
     assert filecmp.cmp(os.path.join(a, name), os.path.join(g, name), shallow=False), name
   assert synthetic["examples"]["amazon"] == synthetic["examples"]["a"]
+
+
+def test_train_split_is_written_in_random_order(synthetic):
+  """Consecutive train records come from different users, not one user's whole history."""
+  train = synthetic["examples"]["a"]["train"]
+  users = [e["user_id"] for e in train]
+  changes = sum(a != b for a, b in zip(users, users[1:]))
+  counts = collections.Counter(users)
+  # Under a uniform shuffle, P(neighbours differ) = 1 - sum_u n_u (n_u - 1) / (N (N - 1)).
+  n = len(users)
+  expected = (n - 1) * (1 - sum(c * (c - 1) for c in counts.values()) / (n * (n - 1)))
+  assert changes > 0.8 * expected, (changes, expected)
+  for split in ("validation", "test"):  # evaluation splits stay in (user, time) order
+    held = [e["user_id"] for e in synthetic["examples"]["a"][split]]
+    assert held == sorted(held)
+
+
+def test_rec_sequences_follow_the_ordered_log(synthetic):
+  """rec_sequences.jsonl: every rec event of a user in time order, cut before the first
+  held-out interaction; the held-out positions point at the held-out targets."""
+  out, _ = synthetic["runs"]["a"]
+  ex = synthetic["examples"]["a"]
+  item_ids = list(prepared.load_prepared(out).items["item_id"])
+  time_of = {(u, i): t for u, i, t in synthetic["reviews"]}
+  rows = {r["user_id"]: r for r in sequences_lib.load_rec_sequences(out)}
+  assert set(rows) == {e["user_id"] for es in ex.values() for e in es}
+  reviews_of = collections.Counter(u for u, _, _ in synthetic["reviews"])
+  held_targets = collections.defaultdict(dict)
+  for split in ("validation", "test"):
+    for e in ex[split]:
+      held_targets[e["user_id"]][(split, e["kind"])] = e
+  for user, row in rows.items():
+    items = [item_ids[i] for i in row["items"]]
+    assert len(items) == reviews_of[user]  # every review is a rec event
+    times = [time_of[(user, i)] for i in items]
+    assert times == sorted(times)
+    first_heldout = min(e["timestamp"] for e in held_targets[user].values())
+    train_part = items[:row["train_end"]]
+    assert all(time_of[(user, i)] <= first_heldout for i in train_part)
+    assert not {e["target_item"] for e in held_targets[user].values()} & set(train_part)
+    for split in ("validation", "test"):
+      target = held_targets[user][(split, REC)]
+      position = row["heldout"][split]
+      assert items[position] == target["target_item"]
+      assert items[:position][-5:] == [i for i, k in zip(target["history_item"],
+                                                          target["history_kind"]) if k == REC]
+  for e in ex["train"]:
+    if e["kind"] == REC:
+      assert e["target_item"] in items_of(rows[e["user_id"]], item_ids, train_only=True)
+
+
+def items_of(row, item_ids, train_only=False):
+  end = row["train_end"] if train_only else len(row["items"])
+  return [item_ids[i] for i in row["items"][:end]]
 
 
 def test_seqio_sources_read_the_output(synthetic):
@@ -643,6 +704,26 @@ def test_movielens_prepare(movielens):
   for split in ("train", "validation", "test"):
     assert tfds_source.num_input_examples(split) == sum(
         stats["rows"][k][split] for k in (REC, SEARCH))
+
+
+def test_movielens_train_stream_mixes_users(movielens):
+  """The first 1,000 train records, and the first 1,000 examples SeqIO's shuffled stream of
+  the rec examples yields, hold about as many users as a uniform sample does (about 490 of
+  943); written in (user, time) order they held 8-14 and 21."""
+  out, stats = movielens
+  first = [to_py(e)["user_id"] for e in prepared.load_prepared(out).load_split("train").take(1000)]
+  counts = collections.Counter(
+      e["user_id"].decode() for e in prepared.load_prepared(out).load_split("train")
+      .map(lambda e: {"user_id": e["user_id"]}).as_numpy_iterator())
+  total = sum(counts.values())
+  uniform = sum(1 - (1 - c / total) ** 1000 for c in counts.values())  # expected distinct
+  assert len(set(first)) > 0.9 * uniform, (len(set(first)), uniform)
+  source = seqio.TFExampleDataSource(records.split_to_filepattern(out),
+                                     records.FEATURE_DESCRIPTION)
+  stream = source.get_dataset("train", shuffle=True, seed=0).filter(
+      lambda e: tf.equal(e["kind"], REC)).shuffle(1000, seed=0).take(1000)
+  seen = {e["user_id"] for e in stream.as_numpy_iterator()}
+  assert len(seen) > 0.9 * uniform, (len(seen), uniform)
 
 
 def test_movielens_heldout_examples(movielens):

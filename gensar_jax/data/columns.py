@@ -12,7 +12,7 @@ from gensar_jax.data import records
 
 def read_columns(prepared_dir: str, split: str, columns: Sequence[str],
                  batch_size: int = 8192) -> Dict[str, np.ndarray]:
-  """Reads `columns` of every example of `split`, in file order (user, then time).
+  """Reads `columns` of every example of `split`, in file order (shuffled for train).
 
   Scalars come back as 1-D arrays (strings decoded), list features as object arrays of
   1-D arrays.

@@ -4,6 +4,8 @@
   <dir>/items.jsonl                     index, item_id, title, description, categories, queries
   <dir>/queries.jsonl                   query_id, text, search_events
   <dir>/users.jsonl                     index, user_id
+  <dir>/rec_sequences.jsonl             per user: every rec item in time order, and where
+                                        training ends (gensar_jax/data/sequences.py)
   <dir>/stats.json                      the statistics table (also printed by prepare)
   <dir>/config.gin                      the operative gin config that produced it
 """

@@ -2,7 +2,8 @@
 `TfdsDataSource`, and straight from a bucket (gs://) on TPU VMs.
 
 One example per sample; the splits are `train`, `validation` and `test`, each holding both
-task kinds (filter on `kind`). Feature spec (also in features.json beside the shards):
+task kinds (filter on `kind`). The train split is written in a seeded random order (so any
+window of the stream mixes users); the evaluation splits in (user, time) order. Feature spec (also in features.json beside the shards):
 
   user_id            text
   kind               text, "rec" or "search" -- the target's kind
