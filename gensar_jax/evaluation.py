@@ -22,6 +22,7 @@ import gin
 import jax
 import numpy as np
 import seqio
+import tensorflow as tf
 from tqdm import tqdm
 
 from gensar_jax import metrics as metrics_lib
@@ -80,14 +81,35 @@ class EvalBatch:
   valid: np.ndarray                 # [batch] bool; False rows pad the last batch
 
 
+def sampled_users(task: seqio.Task, split: str, max_examples: int, seed: int):
+  """A seeded uniform sample of `max_examples` of the split's users (sorted), or None when
+  the split has no more users than that.
+
+  Held-out splits hold one example per user and task kind, and are written in user order:
+  their first N examples are the N smallest user ids, not a sample. The same seed picks
+  the same users for the rec and the search task.
+  """
+  users = sorted({u for u in task.source.get_dataset(split, shuffle=False)
+                  .map(lambda ex: ex["user_id"]).as_numpy_iterator()})
+  if len(users) <= max_examples:
+    return None
+  rng = np.random.default_rng([seed, max_examples])
+  return sorted(users[i] for i in rng.choice(len(users), max_examples, replace=False))
+
+
 def eval_batches(task_name: str, split: str, input_length: int, batch_size: int,
-                 index: IdentifierTokens, max_examples: Optional[int] = None
-                 ) -> Iterator[EvalBatch]:
-  """Fixed-shape batches of a ranking task's split (the last one padded and masked)."""
+                 index: IdentifierTokens, max_examples: Optional[int] = None,
+                 sample_seed: int = 0) -> Iterator[EvalBatch]:
+  """Fixed-shape batches of a ranking task's split (the last one padded and masked);
+  with `max_examples`, the examples of a seeded random sample of that many users."""
   task = seqio.get_mixture_or_task(task_name)
   ds = task.get_dataset({"inputs": input_length, "targets": 8}, split=split, shuffle=False,
                         num_epochs=1, use_cached=False)
   if max_examples is not None:
+    users = sampled_users(task, split, max_examples, sample_seed)
+    if users is not None:
+      keep = tf.constant(users)
+      ds = ds.filter(lambda ex: tf.reduce_any(tf.equal(ex["user_id"], keep)))
     ds = ds.take(max_examples)
   rows: List[Tuple[np.ndarray, np.ndarray, np.ndarray]] = []
 
@@ -131,12 +153,14 @@ def evaluate_ranking_task(model, params, task_name: str, split: str, index: Iden
                           input_length: int, batch_size: int = 16, num_beams: int = 30,
                           catalogue: bool = True, catalogue_beams: Optional[int] = None,
                           max_examples: Optional[int] = None,
-                          progress: bool = True) -> RankingResult:
-  """The candidate and (optionally) catalogue metrics of one ranking task's split."""
+                          progress: bool = True, sample_seed: int = 0) -> RankingResult:
+  """The candidate and (optionally) catalogue metrics of one ranking task's split
+  (of a seeded random sample of `max_examples` users, if given)."""
   catalogue_beams = catalogue_beams or num_beams
   catalogue_trie = build_trie(index.tokens) if catalogue else None
   cand_ranks, cat_ranks, predictions = [], [], []
-  batches = eval_batches(task_name, split, input_length, batch_size, index, max_examples)
+  batches = eval_batches(task_name, split, input_length, batch_size, index, max_examples,
+                         sample_seed)
   for batch in tqdm(batches, desc=f"eval {task_name}/{split}", unit=" batch",
                     disable=not progress, leave=False):
     trie = build_candidate_tries(index.tokens[batch.candidate_rows])  # [b, c, L] paths
@@ -246,18 +270,20 @@ class RankingEvalHook:
 
   Reports `{rec,search}_ndcg@5`, `{rec,search}_hr@10` and `mean_ndcg@5` (the paper's
   checkpoint-selection metric; bind `TrainCheckpoints.best_metric = "eval/mean_ndcg@5"`
-  with `best_mode = "max"`). `max_examples` bounds the cost per evaluation.
+  with `best_mode = "max"`). `max_examples` bounds the cost per evaluation: every
+  evaluation scores the same seeded random sample of that many users (`sample_seed`).
   """
 
   def __init__(self, task_feature_lengths: Mapping[str, int] = gin.REQUIRED,
                split: str = "validation",
                max_examples: Optional[int] = 256, num_beams: int = 30,
-               batch_size: int = 16):
+               batch_size: int = 16, sample_seed: int = 0):
     self.input_length = int(task_feature_lengths["inputs"])
     self.split = split
     self.max_examples = max_examples
     self.num_beams = num_beams
     self.batch_size = batch_size
+    self.sample_seed = sample_seed
     self._setup: Optional[RankingSetup] = None
 
   def __call__(self, *, step: int, params, model, trainer=None) -> Dict[str, float]:
@@ -266,7 +292,8 @@ class RankingEvalHook:
     results = evaluate_model(model, params, self._setup.task_names, self._setup.indices,
                              self.split, self.input_length, batch_size=self.batch_size,
                              num_beams=self.num_beams, catalogue=False,
-                             max_examples=self.max_examples, progress=False)
+                             max_examples=self.max_examples, progress=False,
+                             sample_seed=self.sample_seed)
     out = {}
     for key, result in results.items():
       out[f"{key}_ndcg@5"] = result.candidates["NDCG@5"]

@@ -137,12 +137,12 @@ def evaluate(trainer: trainer_lib.Trainer, params: Any,
 
 def _restore_or_init(trainer: trainer_lib.Trainer, checkpoints: checkpoints_lib.TrainCheckpoints,
                      input_shapes: Mapping[str, Any], data_identity: Mapping[str, Any]):
-  """(state, examples consumed, restored step or None)."""
+  """(state, rows consumed, restored step or None, examples seen)."""
   trainer.set_input_shapes(input_shapes)
   target = checkpoints_lib.abstract_state(trainer.state_shape, trainer.state_shardings)
   restored = checkpoints.restore_latest(target)
   if restored is None:
-    return trainer.init_state(input_shapes), 0, None
+    return trainer.init_state(input_shapes), 0, None, 0
   state_step = int(jax.device_get(restored.state.step))
   if state_step != restored.step:
     raise checkpoints_lib.CheckpointError(
@@ -159,7 +159,9 @@ def _restore_or_init(trainer: trainer_lib.Trainer, checkpoints: checkpoints_lib.
                      restored.step, key, position[key], value, position["examples_consumed"])
   logger.info("resuming from step %d (%s)", restored.step,
               checkpoints.step_path(restored.step))
-  return restored.state, int(position["examples_consumed"]), restored.step
+  # Older checkpoints did not count examples apart from rows (one per row, unpacked).
+  examples_seen = int(position.get("examples_seen", position["examples_consumed"]))
+  return restored.state, int(position["examples_consumed"]), restored.step, examples_seen
 
 
 @gin.configurable
@@ -174,6 +176,8 @@ def train(model_dir: str = gin.REQUIRED,
           keep_checkpoints: int = 3,
           log_period: int = 100,
           data_seed: int = 0,
+          pack_lengths: Optional[Mapping[str, int]] = None,
+          target_buckets: Optional[List[int]] = None,
           build_model_fn: Callable[[Any], Any] = encoder_decoder.build_model,
           optimizer: Optional[optimizers_lib.Optimizer] = None,
           partitioner: Optional[partitioning_lib.Partitioner] = None,
@@ -192,6 +196,13 @@ def train(model_dir: str = gin.REQUIRED,
     keep_checkpoints: the most recent checkpoints kept (TrainCheckpoints.keep_last).
     log_period: write training metrics every this many steps (and at the end).
     data_seed: seed of the input stream's shuffling, mixing and template sampling.
+    pack_lengths: None trains on one example per row, padded to `task_feature_lengths`;
+      {"inputs": n, "targets": m} packs examples (each still trimmed to
+      `task_feature_lengths`) into rows of these lengths, T5X-style, and `batch_size`
+      counts rows. Evaluation batches are packed the same way.
+    target_buckets: shorter target lengths (e.g. [8]) to batch examples with short targets
+      at, each batch in one bucket (gensar_jax/train_inputs.py); None: every batch at
+      TASK_FEATURE_LENGTHS. Not together with pack_lengths.
     build_model_fn: vocabulary -> EncoderDecoderModel (gin: `@build_model`).
     optimizer: default `create_optimizer()` (gin-configurable).
     partitioner: default `Partitioner()` (gin-configurable mesh and rules).
@@ -210,6 +221,9 @@ def train(model_dir: str = gin.REQUIRED,
   eval_batches = _positive(eval_batches, "EVAL_BATCHES")
   for feature in ("inputs", "targets"):
     _positive(task_feature_lengths.get(feature), f"TASK_FEATURE_LENGTHS['{feature}']")
+  pack_lengths = train_inputs.check_pack_lengths(task_feature_lengths, pack_lengths)
+  target_buckets = train_inputs.check_target_buckets(task_feature_lengths, target_buckets)
+  row_lengths = pack_lengths or task_feature_lengths
 
   provider = train_inputs.get_provider(mixture_or_task_name)
   model = build_model_fn(provider.output_features["targets"].vocabulary)
@@ -221,31 +235,39 @@ def train(model_dir: str = gin.REQUIRED,
   os.makedirs(model_dir, exist_ok=True)
   checkpoints = checkpoints_lib.TrainCheckpoints(
       os.path.join(model_dir, CHECKPOINTS_SUBDIR), keep_last=keep_checkpoints)
-  input_shapes = {"encoder_input_tokens": (batch_size, task_feature_lengths["inputs"]),
-                  "decoder_input_tokens": (batch_size, task_feature_lengths["targets"])}
+  input_shapes = {"encoder_input_tokens": (batch_size, row_lengths["inputs"]),
+                  "decoder_input_tokens": (batch_size, row_lengths["targets"])}
   data_identity = {"mixture_or_task_name": mixture_or_task_name, "seed": data_seed,
-                   "task_feature_lengths": task_feature_lengths}
+                   "task_feature_lengths": task_feature_lengths,
+                   "pack_lengths": pack_lengths, "target_buckets": target_buckets}
   writer = None
   try:
-    state, examples_consumed, restored_step = _restore_or_init(
+    state, examples_consumed, restored_step, examples_seen = _restore_or_init(
         trainer, checkpoints, input_shapes, data_identity)
     start_step = restored_step or 0
     writer = train_logging.MetricWriter(model_dir, resume_step=start_step)
     host_rows = partitioner.per_host_batch_slice(batch_size)
     batches = train_inputs.train_batches(mixture_or_task_name, task_feature_lengths,
                                          batch_size, host_rows, seed=data_seed,
-                                         examples_to_skip=examples_consumed)
+                                         examples_to_skip=examples_consumed,
+                                         pack_lengths=pack_lengths,
+                                         target_buckets=target_buckets)
     eval_data = None
     train_metrics: Dict[str, float] = {}
     eval_metrics: Dict[str, float] = {}
     pending: List[Mapping[str, Any]] = []
+    # Examples (not rows: a packed row holds several) trained on, counted on this host's
+    # rows and scaled to the global batch; restored from the checkpoint when resuming.
+    pending_examples = 0
     last_log_time = time.time()
     progress = tqdm.tqdm(total=train_steps, initial=start_step, unit="step", desc="train",
                          disable=jax.process_index() != 0, dynamic_ncols=True)
     _write_config(model_dir)
     for step in range(start_step + 1, train_steps + 1):
-      state, metrics = trainer.train_step(state, next(batches))
-      examples_consumed += batch_size
+      batch = next(batches)
+      state, metrics = trainer.train_step(state, batch)
+      examples_consumed += batch_size  # rows of the global stream: the resume position
+      pending_examples += train_inputs.examples_in(batch) * jax.process_count()
       pending.append(metrics)
       progress.update(1)
       last = step == train_steps
@@ -255,13 +277,17 @@ def train(model_dir: str = gin.REQUIRED,
         now = time.time()
         elapsed = max(now - last_log_time, 1e-9)
         train_metrics = _token_weighted(fetched)
+        examples_seen += pending_examples
         train_metrics.update({
             "z_loss": float(np.mean([m["z_loss"] for m in fetched])),
             "grad_norm": float(np.mean([m["grad_norm"] for m in fetched])),
             "learning_rate": float(fetched[-1]["learning_rate"]),
-            "examples_per_sec": batch_size * len(fetched) / elapsed,
+            "examples_per_sec": pending_examples / elapsed,
+            "rows_per_sec": batch_size * len(fetched) / elapsed,
             "steps_per_sec": len(fetched) / elapsed,
+            "examples_seen": float(examples_seen),
         })
+        pending_examples = 0
         writer.write("train", step, train_metrics)
         progress.set_postfix(loss=f"{train_metrics['loss']:.4f}",
                              ex_s=f"{train_metrics['examples_per_sec']:.1f}")
@@ -271,19 +297,22 @@ def train(model_dir: str = gin.REQUIRED,
       if eval_period and (step % eval_period == 0 or last):
         if eval_data is None:
           eval_data = train_inputs.eval_batches(mixture_or_task_name, task_feature_lengths,
-                                                batch_size, host_rows, eval_batches)
+                                                batch_size, host_rows, eval_batches,
+                                                pack_lengths=pack_lengths)
         evaluated = evaluate(trainer, state.params, eval_data)
         if eval_hook is not None:
           extra = eval_hook(step=step, params=state.params, model=model, trainer=trainer)
           evaluated.update({k if k.startswith(EVAL_PREFIX) else EVAL_PREFIX + k: float(v)
                             for k, v in extra.items()})
-        writer.write("eval", step, {k[len(EVAL_PREFIX):]: v for k, v in evaluated.items()})
+        writer.write("eval", step, {**{k[len(EVAL_PREFIX):]: v for k, v in evaluated.items()},
+                                    "examples_seen": float(examples_seen + pending_examples)})
         eval_metrics = evaluated
         last_log_time = time.time()  # evaluation time is not training throughput
 
       tracks_best = evaluated is not None and checkpoints.best_metric is not None
       if step % checkpoint_period == 0 or last or tracks_best:
-        checkpoints.save(step, state, {**data_identity, "examples_consumed": examples_consumed},
+        checkpoints.save(step, state, {**data_identity, "examples_consumed": examples_consumed,
+                                       "examples_seen": examples_seen + pending_examples},
                          metrics=evaluated)
     progress.close()
     checkpoints.wait_until_finished()

@@ -8,6 +8,7 @@ run whose newest checkpoint is truncated must fall back to the previous one, say
 again match; a run with no restorable checkpoint, a missing MODEL_DIR or an unknown
 mixture must stop with exit code 2 and a message naming the problem.
 """
+import collections
 import glob
 import logging
 import os
@@ -23,6 +24,7 @@ from gensar_jax import train as train_lib
 from gensar_jax import train_inputs
 from gensar_jax import train_logging
 from gensar_jax import trainer as trainer_lib
+from gensar_jax.data.schema import DataError
 from gensar_jax.partitioning import Partitioner, create_mesh
 
 from task_world import LENGTHS, build_world
@@ -260,3 +262,57 @@ def test_input_stream_skip_matches_consumption_and_host_slices(world):
                   .get_dataset(LENGTHS, split="validation", shuffle=False))
   assert 0 < real_rows <= 10
   assert weights[:real_rows].sum() > 0 and weights[real_rows:].sum() == 0
+
+
+def test_target_buckets_batch_each_example_once_at_its_bucket_length(world):
+  """Bucketed batches hold the examples of the padded stream, each batch in one bucket with
+  its target features cut to that bucket; skipping N batches resumes exactly."""
+  mixture = world["reg"].mixtures["all"]
+  # Identifier targets are 6 tokens (behaviour + 4 codes + EOS); queries and item texts
+  # vary, so a bucket at 6 splits the stream into at least two buckets.
+  buckets = [6]
+  stream = train_inputs.train_batches(mixture, LENGTHS, BATCH, slice(0, BATCH), seed=5,
+                                      target_buckets=buckets)
+  batches = [next(stream) for _ in range(40)]
+  widths = collections.Counter(b["decoder_target_tokens"].shape[1] for b in batches)
+  assert set(widths) <= {6, LENGTHS["targets"]} and len(widths) == 2, widths
+  for b in batches:
+    width = b["decoder_target_tokens"].shape[1]
+    used = (b["decoder_target_tokens"] > 0).sum(axis=1)  # [batch] target tokens, EOS incl.
+    assert used.max() <= width
+    shorter = [x for x in [0, *buckets, LENGTHS["targets"]] if x < width]
+    assert used.max() > max(shorter), "an example sits in a longer bucket than it needs"
+    assert b["decoder_loss_weights"].shape == b["decoder_input_tokens"].shape == used.shape + (
+        width,)
+  # The same examples as the padded stream: every bucketed target is a padded-stream target.
+  padded = train_inputs.train_batches(mixture, LENGTHS, BATCH, slice(0, BATCH), seed=5)
+  seen = {tuple(row[row > 0]) for _ in range(40)
+          for row in next(padded)["decoder_target_tokens"]}
+  bucketed = [tuple(row[row > 0]) for b in batches[:4] for row in b["decoder_target_tokens"]]
+  assert sum(t in seen for t in bucketed) >= 0.9 * len(bucketed)
+  resumed = next(train_inputs.train_batches(mixture, LENGTHS, BATCH, slice(0, BATCH), seed=5,
+                                            examples_to_skip=7 * BATCH,
+                                            target_buckets=buckets))
+  for key, value in batches[7].items():
+    np.testing.assert_array_equal(resumed[key], value)
+  with pytest.raises(DataError, match="TARGET_BUCKETS"):
+    next(train_inputs.train_batches(mixture, LENGTHS, BATCH, slice(0, BATCH), seed=5,
+                                    target_buckets=[LENGTHS["targets"] + 1]))
+
+
+def test_packed_stream_counts_examples_and_resumes_exactly(world):
+  mixture = world["reg"].mixtures["all"]
+  pack = {"inputs": 2 * LENGTHS["inputs"], "targets": 2 * LENGTHS["targets"]}
+  stream = train_inputs.train_batches(mixture, LENGTHS, BATCH, slice(0, BATCH), seed=2,
+                                      pack_lengths=pack)
+  batches = [next(stream) for _ in range(3)]
+  first = batches[0]
+  assert first["encoder_input_tokens"].shape == (BATCH, pack["inputs"])
+  assert first["decoder_segment_ids"].max() >= 2  # several examples in some row
+  assert train_inputs.examples_in(first) > BATCH
+  resumed = next(train_inputs.train_batches(mixture, LENGTHS, BATCH, slice(0, BATCH), seed=2,
+                                            examples_to_skip=2 * BATCH, pack_lengths=pack))
+  for key, value in batches[2].items():
+    np.testing.assert_array_equal(resumed[key], value)
+  with pytest.raises(DataError, match="PACK_LENGTHS"):
+    train_inputs.check_pack_lengths(LENGTHS, {"inputs": 8, "targets": 64})

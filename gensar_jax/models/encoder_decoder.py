@@ -132,10 +132,13 @@ class EncoderDecoderModel:
 
   # --- training and scoring -------------------------------------------------------------
   def _logits(self, params: Params, batch: Batch, dropout_rng: Optional[Array]) -> Array:
+    """Teacher-forced logits; a packed batch (segment ids present) is masked per example."""
     rngs = None if dropout_rng is None else {"dropout": dropout_rng}
     return self.module.apply({"params": params}, batch["encoder_input_tokens"],
                              batch["decoder_input_tokens"],
-                             enable_dropout=dropout_rng is not None, rngs=rngs)
+                             enable_dropout=dropout_rng is not None, rngs=rngs,
+                             encoder_segment_ids=batch.get("encoder_segment_ids"),
+                             decoder_segment_ids=batch.get("decoder_segment_ids"))
 
   def loss_fn(self, params: Params, batch: Batch,
               dropout_rng: Optional[Array]) -> Tuple[Array, Dict[str, Array]]:
@@ -147,15 +150,19 @@ class EncoderDecoderModel:
     loss = sums["loss_sum"] / jnp.maximum(sums["weight_sum"], 1e-8)
     return loss, sums
 
-  def score_batch(self, params: Params, batch: Batch) -> Array:
-    """[batch] float32: sum over target positions of weight * log p(target)."""
-    _require(batch, TRAIN_FEATURES, "score_batch")
+  def token_scores(self, params: Params, batch: Batch) -> Array:
+    """[batch, length] float32: weight * log p(target) at every target position (a packed
+    row's positions belong to the examples its decoder_segment_ids name)."""
+    _require(batch, TRAIN_FEATURES, "token_scores")
     logits = self._logits(params, batch, None)  # [batch, length, vocab]
     log_probs = jax.nn.log_softmax(logits, axis=-1)
     target_log_probs = jnp.take_along_axis(
         log_probs, batch["decoder_target_tokens"][..., None], axis=-1)[..., 0]  # [batch, length]
-    weights = jnp.asarray(batch["decoder_loss_weights"], jnp.float32)
-    return jnp.sum(target_log_probs * weights, axis=-1)
+    return target_log_probs * jnp.asarray(batch["decoder_loss_weights"], jnp.float32)
+
+  def score_batch(self, params: Params, batch: Batch) -> Array:
+    """[batch] float32: sum over target positions of weight * log p(target) (unpacked)."""
+    return jnp.sum(self.token_scores(params, batch), axis=-1)
 
   # --- decoding building blocks ---------------------------------------------------------
   def encode(self, params: Params, encoder_input_tokens: Array) -> Array:

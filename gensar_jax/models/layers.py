@@ -321,6 +321,18 @@ def key_padding_mask(key_tokens: Array) -> Array:
   return key_valid[:, None, None, :]
 
 
+def segment_mask(query_segments: Array, key_segments: Array) -> Array:
+  """[batch, 1, q, k] True where query and key belong to the same packed example.
+
+  Segment ids come from SeqIO's packing feature converter: 1, 2, ... for the examples
+  packed into one row, 0 for padding. A padding key (segment 0) is never attended to, so
+  a padding query sees no key at all and softmaxes to uniform weights (MASK_VALUE, not
+  -inf); its output carries no loss weight.
+  """
+  same = query_segments[:, :, None] == key_segments[:, None, :]  # [batch, q, k]
+  return (same & (key_segments[:, None, :] > 0))[:, None]
+
+
 def causal_mask(length: int) -> Array:
   """[1, 1, length, length] True where key position <= query position."""
   positions = jnp.arange(length)

@@ -8,6 +8,12 @@ cache (`decode=True`, 'cache' collection); see `MultiHeadAttention`. Its cross-a
 keys/values depend only on the encoder output, so a decode loop computes them once
 (`Transformer.cross_attention_kv`) and passes them in place of `encoded` at every step.
 
+Packed rows (several examples per row, SeqIO's `EncDecFeatureConverter(pack=True)`) are
+honoured through the segment ids alone: attention is masked to the query's own segment,
+and the relative position bias needs no per-segment positions, because it depends only on
+key position - query position, which is the same whether positions restart at each
+segment or run along the row. A row without segment ids is one example (padding = id 0).
+
 Layers are a plain Python loop (`layers_0`, `layers_1`, ...), not `nn.scan`: a handful of
 layers compiles fast enough and keeps parameter paths readable.
 """
@@ -21,7 +27,8 @@ import jax.numpy as jnp
 
 from gensar_jax.models.layers import (Dense, Embed, GatedGeluMlp, KeyValue,
                                       MultiHeadAttention, RelativePositionBias, RMSNorm,
-                                      causal_mask, constrain, key_padding_mask)
+                                      causal_mask, constrain, key_padding_mask,
+                                      segment_mask)
 from gensar_jax.models.t5_config import T5Config
 
 Array = jax.Array
@@ -110,13 +117,17 @@ class Encoder(nn.Module):
   token_embedder: nn.Module
 
   @nn.compact
-  def __call__(self, encoder_input_tokens: Array, deterministic: bool = True) -> Array:
+  def __call__(self, encoder_input_tokens: Array, deterministic: bool = True,
+               encoder_segment_ids: Optional[Array] = None) -> Array:
     cfg = self.config
     length = encoder_input_tokens.shape[1]
     x = self.token_embedder(encoder_input_tokens)  # [batch, length, embed]
     x = constrain(x, ("batch", "length", "embed"))
     x = _residual_dropout(cfg, x, deterministic)
-    mask = key_padding_mask(encoder_input_tokens)  # [batch, 1, 1, length]
+    if encoder_segment_ids is None:
+      mask = key_padding_mask(encoder_input_tokens)  # [batch, 1, 1, length]
+    else:  # packed: each token sees its own example only
+      mask = segment_mask(encoder_segment_ids, encoder_segment_ids)  # [batch, 1, len, len]
     positions = jnp.arange(length)
     bias = RelativePositionBias(
         num_heads=cfg.num_heads, bidirectional=True,
@@ -146,11 +157,15 @@ class Decoder(nn.Module):
   @nn.compact
   def __call__(self, encoded: Encoded, encoder_input_tokens: Array,
                decoder_input_tokens: Array, decode: bool = False,
-               max_decode_length: Optional[int] = None, deterministic: bool = True) -> Array:
+               max_decode_length: Optional[int] = None, deterministic: bool = True,
+               encoder_segment_ids: Optional[Array] = None,
+               decoder_segment_ids: Optional[Array] = None) -> Array:
     """-> logits [batch, target_length, vocab] in float32.
 
     `encoded` is the encoder output [batch, input_length, embed] or its
     `cross_attention_kv`; the latter skips re-projecting it at every decoding step.
+    With segment ids (packed rows, teacher forcing only) each target token attends to the
+    earlier tokens of its own example and to that example's input tokens.
     In decode mode the decoder keeps its own scalar step counter (`decode_position`) to
     place the single new query for the relative position bias; `max_decode_length` is the
     length of the KV cache (the bias row covers every cache slot).
@@ -187,7 +202,18 @@ class Decoder(nn.Module):
     else:
       memory = [jnp.asarray(encoded, cfg.compute_dtype)] * cfg.num_decoder_layers
       encoded_shape = encoded.shape
-    cross_mask = key_padding_mask(encoder_input_tokens)  # [batch, 1, 1, input_length]
+    packed = encoder_segment_ids is not None or decoder_segment_ids is not None
+    if packed:
+      if decode or encoder_segment_ids is None or decoder_segment_ids is None:
+        raise ValueError("Decoder: packed rows need both encoder and decoder segment ids, "
+                         "and are for teacher forcing, not incremental decoding")
+      # [batch, 1, target_length, target_length]
+      self_mask = jnp.logical_and(self_mask, segment_mask(decoder_segment_ids,
+                                                          decoder_segment_ids))
+      # [batch, 1, target_length, input_length]
+      cross_mask = segment_mask(decoder_segment_ids, encoder_segment_ids)
+    else:
+      cross_mask = key_padding_mask(encoder_input_tokens)  # [batch, 1, 1, input_length]
     # The decoder batch may be a multiple of the encoder batch (beams or samples per
     # example, beam-major within each example); cross-attention groups them.
     if (encoded_shape[0] != cross_mask.shape[0]
@@ -226,10 +252,12 @@ class Transformer(nn.Module):
     self.encoder = Encoder(cfg, token_embedder=self.token_embedder)
     self.decoder = Decoder(cfg, token_embedder=self.token_embedder)
 
-  def encode(self, encoder_input_tokens: Array, enable_dropout: bool = False) -> Array:
+  def encode(self, encoder_input_tokens: Array, enable_dropout: bool = False,
+             encoder_segment_ids: Optional[Array] = None) -> Array:
     """[batch, input_length] -> [batch, input_length, embed]."""
     _check_tokens("encoder_input_tokens", encoder_input_tokens)
-    return self.encoder(encoder_input_tokens, deterministic=not enable_dropout)
+    return self.encoder(encoder_input_tokens, deterministic=not enable_dropout,
+                        encoder_segment_ids=encoder_segment_ids)
 
   def cross_attention_kv(self, encoded: Array) -> CrossAttentionKV:
     """The decoder's per-layer cross-attention keys/values of `encoded` (see Decoder)."""
@@ -237,20 +265,30 @@ class Transformer(nn.Module):
 
   def decode(self, encoded: Encoded, encoder_input_tokens: Array,
              decoder_input_tokens: Array, decode: bool = False,
-             max_decode_length: Optional[int] = None, enable_dropout: bool = False) -> Array:
+             max_decode_length: Optional[int] = None, enable_dropout: bool = False,
+             encoder_segment_ids: Optional[Array] = None,
+             decoder_segment_ids: Optional[Array] = None) -> Array:
     """-> logits [batch, target_length, vocab] (float32); `encoded` may be the output of
     `cross_attention_kv`."""
     _check_tokens("decoder_input_tokens", decoder_input_tokens)
     return self.decoder(encoded, encoder_input_tokens, decoder_input_tokens, decode=decode,
                         max_decode_length=max_decode_length,
-                        deterministic=not enable_dropout)
+                        deterministic=not enable_dropout,
+                        encoder_segment_ids=encoder_segment_ids,
+                        decoder_segment_ids=decoder_segment_ids)
 
   def __call__(self, encoder_input_tokens: Array, decoder_input_tokens: Array,
-               enable_dropout: bool = False) -> Array:
-    """Teacher-forced forward pass -> logits [batch, target_length, vocab] (float32)."""
-    encoded = self.encode(encoder_input_tokens, enable_dropout=enable_dropout)
+               enable_dropout: bool = False, encoder_segment_ids: Optional[Array] = None,
+               decoder_segment_ids: Optional[Array] = None) -> Array:
+    """Teacher-forced forward pass -> logits [batch, target_length, vocab] (float32).
+
+    Segment ids [batch, length] (both or neither) mark the examples of packed rows.
+    """
+    encoded = self.encode(encoder_input_tokens, enable_dropout=enable_dropout,
+                          encoder_segment_ids=encoder_segment_ids)
     return self.decode(encoded, encoder_input_tokens, decoder_input_tokens,
-                       enable_dropout=enable_dropout)
+                       enable_dropout=enable_dropout, encoder_segment_ids=encoder_segment_ids,
+                       decoder_segment_ids=decoder_segment_ids)
 
 
 def _check_tokens(name: str, tokens: Array) -> None:
