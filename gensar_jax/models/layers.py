@@ -79,8 +79,13 @@ class Dense(nn.Module):
                         (x.shape[-1], self.features), self.param_dtype)
     x = jnp.asarray(x, self.dtype)
     kernel = jnp.asarray(kernel, self.dtype)
-    # [..., in] x [in, out] -> [..., out]
-    return lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+    # [..., in] -> [rows, in] x [in, out] -> [..., out]. One 2-D matmul rather than a
+    # dot_general with free leading dimensions: XLA's CPU backend runs the backward pass of
+    # the latter far slower (a gated MLP's step took 93 ms instead of 53 ms at
+    # [32, 144, 128] x [128, 512]); on TPU/GPU the two compile to the same kernel.
+    rows = x.reshape((-1, x.shape[-1]))  # [rows, in]
+    out = lax.dot_general(rows, kernel, (((1,), (0,)), ((), ())))  # [rows, out]
+    return out.reshape(x.shape[:-1] + (self.features,))
 
 
 class Embed(nn.Module):
@@ -291,23 +296,37 @@ class MultiHeadAttention(nn.Module):
       raise ValueError(f"MultiHeadAttention: query batch {batch_q} is not a multiple of the "
                        f"key batch {batch_k}")
     group = batch_q // batch_k
-    query = query.reshape((batch_k, group) + query.shape[1:])  # [batch_k, group, q, heads, kv]
-    # [batch_k, group, heads, q, k], float32 for a stable softmax
-    logits = jnp.einsum("bgqhd,bkhd->bghqk", query, key, preferred_element_type=jnp.float32)
-    if bias is not None:
-      logits = logits + jnp.asarray(bias, jnp.float32)[:, None]
+    q_len, k_len = query.shape[1], key.shape[1]
+    # Heads-major layout, the group's queries stacked on the query axis, so both products
+    # are plain batched matmuls over (example, head): XLA's CPU backend ran the earlier
+    # five-axis einsums (and their gradients) at about half the speed.
+    # [batch_k, heads, group * q, kv]
+    query = query.reshape((batch_k, group) + query.shape[1:]).transpose(0, 3, 1, 2, 4)
+    query = query.reshape((batch_k, self.num_heads, group * q_len, self.head_dim))
+    key = key.transpose(0, 2, 1, 3)  # [batch_k, heads, k, kv]
+    value = jnp.asarray(value, self.dtype).transpose(0, 2, 1, 3)  # [batch_k, heads, k, kv]
+    batched = ((0, 1), (0, 1))
+    # [batch_k, heads, group, q, k], float32 for a stable softmax
+    logits = lax.dot_general(query, key, (((3,), (3,)), batched),
+                             preferred_element_type=jnp.float32)
+    logits = logits.reshape((batch_k, self.num_heads, group, q_len, k_len))
+    if bias is not None:  # [1, heads, q, k] -> [1, heads, 1, q, k]
+      logits = logits + jnp.asarray(bias, jnp.float32)[:, :, None]
     if mask is not None:
-      if mask.shape[0] == batch_q and group > 1:  # per-row mask: [batch_k, group, 1, q, k]
-        mask = mask.reshape((batch_k, group) + mask.shape[1:])
+      if mask.shape[0] == batch_q and group > 1:  # per-row mask -> [batch_k, 1, group, q, k]
+        mask = mask.reshape((batch_k, group) + mask.shape[1:]).transpose(0, 2, 1, 3, 4)
       else:                                       # per-example mask, shared by the group
-        mask = mask[:, None]
+        mask = mask[:, :, None]                   # [batch_k | 1, 1, 1, q, k]
       logits = jnp.where(mask, logits, MASK_VALUE)
     weights = jax.nn.softmax(logits, axis=-1)
     weights = nn.Dropout(self.dropout_rate)(weights, deterministic=deterministic)
-    weights = jnp.asarray(weights, self.dtype)
-    # [batch_q, q, heads, kv]
-    context = jnp.einsum("bghqk,bkhd->bgqhd", weights, jnp.asarray(value, self.dtype))
-    context = context.reshape((batch_q,) + context.shape[2:])
+    weights = jnp.asarray(weights, self.dtype).reshape(
+        (batch_k, self.num_heads, group * q_len, k_len))
+    context = lax.dot_general(weights, value, (((3,), (2,)), batched))  # [bk, h, g*q, kv]
+    # -> [batch_q, q, heads, kv]
+    context = context.reshape((batch_k, self.num_heads, group, q_len, self.head_dim))
+    context = context.transpose(0, 2, 3, 1, 4).reshape(
+        (batch_q, q_len, self.num_heads, self.head_dim))
     context = constrain(context, ("batch", "length", "heads", "kv"))
     context = context.reshape(context.shape[:2] + (self.num_heads * self.head_dim,))
     out = Dense(inputs_q.shape[-1], ("joined_kv", "embed"), dtype=self.dtype,
