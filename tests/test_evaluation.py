@@ -101,3 +101,26 @@ def test_identifier_tokens_reject_a_foreign_catalogue(setup):
   with pytest.raises(ValueError, match="no identifier"):
     evaluation.IdentifierTokens(table, world["reg"].vocabulary, "sid", "<src_item>",
                                 ["I00", "not-an-item"])
+
+
+def test_max_examples_scores_a_seeded_random_sample_of_users(setup):
+  """A bounded evaluation samples users (the same ones for both tasks), not the first N of
+  a split written in user order."""
+  import seqio
+  world, _, _, indices = setup
+  reg = world["reg"]
+  rec, search = (seqio.get_mixture_or_task(reg.tasks[k])
+                 for k in ("next_rec_item", "next_search_item"))
+  all_users = sorted({ex["user_id"] for ex in rec.source.get_dataset(
+      "validation", shuffle=False).as_numpy_iterator()})
+  assert len(all_users) == 10
+  picks = {seed: evaluation.sampled_users(rec, "validation", 4, seed) for seed in range(6)}
+  assert all(len(p) == 4 and set(p) <= set(all_users) for p in picks.values())
+  assert len({tuple(p) for p in picks.values()}) > 1          # the seed matters
+  assert any(p != all_users[:4] for p in picks.values())      # not simply the first users
+  assert evaluation.sampled_users(search, "validation", 4, 0) == picks[0]
+  assert evaluation.sampled_users(rec, "validation", 10, 0) is None  # all of them: no sample
+  batches = list(evaluation.eval_batches(reg.tasks["next_rec_item"], "validation",
+                                         INPUT_LENGTH, 8, indices["rec"], max_examples=4,
+                                         sample_seed=0))
+  assert sum(int(b.valid.sum()) for b in batches) == 4

@@ -37,6 +37,9 @@ def write_spec(path):
       "bindings": {"TRAIN_STEPS": 2, "BATCH_SIZE": 8, "EVAL_PERIOD": 2, "EVAL_BATCHES": 1,
                    "CHECKPOINT_PERIOD": 2, "KEEP_CHECKPOINTS": 1, "LOG_PERIOD": 1,
                    "WARMUP_STEPS": 1, "MIXTURE_VARIANT": "'rec_only'",
+                   # Select by loss; the ranking hook (train.gin's default) is not under test.
+                   "train.eval_hook": "None", "TrainCheckpoints.best_metric": "'eval/loss'",
+                   "TrainCheckpoints.best_mode": "'min'",
                    "TASK_FEATURE_LENGTHS": {"'inputs'": LENGTHS["inputs"],
                                             "'targets'": LENGTHS["targets"]}},
       "grid": {"LEARNING_RATE": [1e-2, 1e-3], "Trainer.seed": [0, 1]},

@@ -65,7 +65,10 @@ def cli_args(world, model_dir, *extra):
           f"--gin.BATCH_SIZE={BATCH}", "--gin.EVAL_PERIOD=10", "--gin.EVAL_BATCHES=1",
           "--gin.CHECKPOINT_PERIOD=5", "--gin.KEEP_CHECKPOINTS=2", "--gin.LOG_PERIOD=1",
           "--gin.WARMUP_STEPS=2", "--gin.LEARNING_RATE=3e-3", "--gin.DROPOUT_RATE=0.1",
-          *extra]
+          # Keep-best by validation loss: the ranking hook of train.gin is tested in
+          # tests/test_evaluate_cli.py.
+          "--gin.train.eval_hook=None", "--gin.TrainCheckpoints.best_metric='eval/loss'",
+          "--gin.TrainCheckpoints.best_mode='min'", *extra]
 
 
 def run_cli(argv):
