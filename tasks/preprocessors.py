@@ -12,10 +12,19 @@ Everything runs inside tf.data (no Python per example):
     validation and test splits always use template 0. The template is rendered with a
     `tf.switch_case` over the templates of tasks/prompts.py.
 
+Prompt budget. Given the task's input length (SeqIO's `sequence_length`), a prompt is made
+to fit *before* it is rendered, so SeqIO's trim-from-the-end never cuts what matters most:
+history prompts drop their oldest events first (the instruction and the search query stay
+whole), item prompts cut the item text (the instruction stays whole). Token counts come
+from the task's own vocabulary; `prompt_shortened` (int32, 0/1) records whether anything
+was dropped, and `python -m tasks.show` reports the share. Without a length (sequence_length
+None, e.g. inspection) prompts are rendered whole.
+
 Besides "inputs" and "targets" (strings here; tokenized by `seqio.preprocessors.tokenize`)
 each example keeps a few features for evaluation and inspection; the feature converters
 and mixtures drop them:
   template                int32, the template index used
+  prompt_shortened        int32, 1 if the prompt budget dropped history events or item text
   target_item             the target's item id
   rec/search/query tasks: user_id, timestamp, history_item, history_timestamp
   rec/search tasks:       candidate_items [c] and candidate_identifiers [c]: the candidates'
@@ -109,15 +118,62 @@ def template_index(task: str, split: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
   return tf.where(tf.equal(split, TRAIN), drawn, tf.constant(0, tf.int32))
 
 
-def render_history(kinds: tf.Tensor, items: tf.Tensor, queries: tf.Tensor,
+def history_events(kinds: tf.Tensor, items: tf.Tensor, queries: tf.Tensor,
                    rec_table: tf.lookup.StaticHashTable,
                    search_table: tf.lookup.StaticHashTable) -> tf.Tensor:
-  """[h] history events -> the {history} slot (a scalar string)."""
+  """[h] history events -> [h] event strings, oldest first."""
   rec = tf.strings.join([REC_ITEM, rec_table.lookup(items)])  # [h]
   search = tf.strings.join([SRC_QUERY, " ", queries, SRC_ITEM,
                             search_table.lookup(items)])  # [h]
-  events = tf.where(tf.equal(kinds, "rec"), rec, search)  # [h]
-  return tf.strings.reduce_join(events, separator=prompts.HISTORY_SEPARATOR)
+  return tf.where(tf.equal(kinds, "rec"), rec, search)  # [h]
+
+
+def _token_count(vocabulary: seqio.Vocabulary, text: tf.Tensor) -> tf.Tensor:
+  return tf.size(vocabulary.encode_tf(text), out_type=tf.int32)
+
+
+def input_budget(sequence_length: Optional[Mapping[str, int]]) -> Optional[int]:
+  """Tokens a prompt may have before EOS, or None (no length: render whole)."""
+  if not sequence_length or not sequence_length.get("inputs"):
+    return None
+  return int(sequence_length["inputs"]) - 1
+
+
+def budgeted_history(task: str, index: tf.Tensor, slots: Mapping[str, tf.Tensor],
+                     events: tf.Tensor, vocabulary: seqio.Vocabulary, budget: int):
+  """(prompt, events dropped): the newest events that fit `budget` tokens with the rest of
+  the prompt whole. Event costs are estimated from each event's own tokens, then the
+  rendered prompt is checked exactly (and one more event dropped while it does not fit)."""
+  num_events = tf.size(events)
+  fixed = _token_count(vocabulary, render_template(task, index, {**slots,
+                                                                 "history": tf.constant("")}))
+  costs = vocabulary.encode_tf(
+      tf.strings.join([prompts.HISTORY_SEPARATOR, events])).row_lengths()  # [h]
+  newest_first = tf.cumsum(tf.reverse(tf.cast(costs, tf.int32), [0]))    # [h]
+  estimate = tf.reduce_sum(tf.cast(newest_first <= budget - fixed, tf.int32))
+
+  def prompt(keep):
+    history = tf.strings.reduce_join(events[num_events - keep:],
+                                     separator=prompts.HISTORY_SEPARATOR)
+    return render_template(task, index, {**slots, "history": history})
+
+  keep = tf.while_loop(
+      lambda keep: (keep > 0) & (_token_count(vocabulary, prompt(keep)) > budget),
+      lambda keep: [keep - 1], [estimate])
+  keep = keep[0] if isinstance(keep, (list, tuple)) else keep
+  return prompt(keep), num_events - keep
+
+
+def budgeted_item_text(task: str, index: tf.Tensor, slots: Mapping[str, tf.Tensor],
+                       item: tf.Tensor, vocabulary: seqio.Vocabulary, budget: int):
+  """(item slot, cut): the item text cut to the tokens the rest of the prompt leaves."""
+  fixed = _token_count(vocabulary, render_template(task, index, {**slots,
+                                                                 "item": tf.constant("")}))
+  tokens = vocabulary.encode_tf(item)
+  room = tf.maximum(budget - fixed, 0)
+  cut = tf.size(tokens, out_type=tf.int32) > room
+  text = tf.cond(cut, lambda: vocabulary.decode_tf(tokens[:room]), lambda: item)
+  return text, cut
 
 
 def item_slot(text: tf.Tensor) -> tf.Tensor:
@@ -144,20 +200,32 @@ def history_task(task: str, strings: IdentifierStrings) -> Preprocessor:
     raise ValueError(f"{task} is not a history task")
   kind = "rec" if task == prompts.REC else "search"
 
-  def preprocess(ds: tf.data.Dataset) -> tf.data.Dataset:
+  def preprocess(ds: tf.data.Dataset, sequence_length=None,
+                 output_features=None) -> tf.data.Dataset:
     tables = strings.tables()
     rec_table, search_table = tables[strings.rec_space], tables[strings.search_space]
     ds = ds.filter(lambda ex: tf.equal(ex["kind"], kind))
+    budget = input_budget(sequence_length)
 
     @seqio.map_over_dataset(num_seeds=1)
     def build(ex, seed):
-      slots = {"history": render_history(ex["history_kind"], ex["history_item"],
-                                         ex["history_query"], rec_table, search_table)}
+      events = history_events(ex["history_kind"], ex["history_item"], ex["history_query"],
+                              rec_table, search_table)
+      slots = {}
       if task == prompts.SEARCH:
         slots["query"] = tf.strings.join([SRC_QUERY, " ", ex["query"]])
       index = template_index(task, ex[SPLIT], seed)
+      if budget is None:
+        inputs = render_template(task, index, {
+            **slots, "history": tf.strings.reduce_join(
+                events, separator=prompts.HISTORY_SEPARATOR)})
+        dropped = tf.constant(0, tf.int32)
+      else:
+        inputs, dropped = budgeted_history(task, index, slots, events,
+                                           output_features["inputs"].vocabulary, budget)
       out = {
-          "inputs": render_template(task, index, slots),
+          "inputs": inputs,
+          "prompt_shortened": tf.cast(dropped > 0, tf.int32),
           "template": index,
           "user_id": ex["user_id"],
           "timestamp": ex["timestamp"],
@@ -206,18 +274,24 @@ def adhoc_search(strings: IdentifierStrings) -> Preprocessor:
 def item_to_id(strings: IdentifierStrings) -> Preprocessor:
   """Item text -> identifier in the row's space (behaviour token of that space first)."""
 
-  def preprocess(ds: tf.data.Dataset) -> tf.data.Dataset:
+  def preprocess(ds: tf.data.Dataset, sequence_length=None,
+                 output_features=None) -> tf.data.Dataset:
     tables = strings.tables()
+    budget = input_budget(sequence_length)
 
     @seqio.map_over_dataset(num_seeds=1)
     def build(ex, seed):
       index = template_index(prompts.ITEM_TO_ID, ex[SPLIT], seed)
       behaviour, space_name = _behaviour_and_space(ex["space"])
       identifier = _lookup_in_space(tables, ex["space"], ex["item_id"])
+      item, cut = item_slot(ex["item_text"]), tf.constant(False)
+      if budget is not None:
+        item, cut = budgeted_item_text(prompts.ITEM_TO_ID, index, {"space": space_name},
+                                       item, output_features["inputs"].vocabulary, budget)
       return {
           "inputs": render_template(prompts.ITEM_TO_ID, index,
-                                    {"item": item_slot(ex["item_text"]),
-                                     "space": space_name}),
+                                    {"item": item, "space": space_name}),
+          "prompt_shortened": tf.cast(cut, tf.int32),
           "targets": tf.strings.join([behaviour, identifier]),
           "template": index,
           "target_item": ex["item_id"],

@@ -6,8 +6,9 @@
 
 For every registered task it prints `num_examples` examples of `split` decoded from their
 token ids (so what you read is exactly what the model gets, EOS shown as </s>), then a
-table of input and target lengths in tokens (EOS included) over `stats_split`, with the
-share of examples that the lengths bound in gin (TASK_FEATURE_LENGTHS) would truncate and a
+table of the whole prompts' input and target lengths in tokens (EOS included) over
+`stats_split`, with the share of examples longer than the lengths bound in gin
+(TASK_FEATURE_LENGTHS), how many prompts the prompt budget shortens to fit them, and a
 suggested pair of lengths (the largest 99th and 100th percentiles, rounded up to a
 multiple of 8). A task that cannot be built (ad-hoc search before doc2query) is reported
 with its error and skipped.
@@ -67,6 +68,31 @@ def length_stats(task_name: str, split: str, seed: int,
           "targets": np.concatenate(targets) if targets else np.zeros(0, np.int32)}
 
 
+def shortened_count(task_name: str, split: str, feature_lengths: Mapping[str, int],
+                    seed: int, max_examples: Optional[int] = None) -> Dict[str, int]:
+  """{"examples", "shortened"}: how many prompts the budget at `feature_lengths` shortened
+  (history events dropped, item text cut; tasks/preprocessors.py)."""
+  task = seqio.get_mixture_or_task(task_name)
+  ds = task.get_dataset(sequence_length=dict(feature_lengths), split=split, shuffle=False,
+                        seed=seed)
+  if max_examples:
+    ds = ds.take(max_examples)
+  ds = ds.map(lambda ex: ex.get("prompt_shortened", tf.constant(0, tf.int32)),
+              num_parallel_calls=tf.data.AUTOTUNE).batch(4096)
+  flags = [np.asarray(b) for b in ds.as_numpy_iterator()]
+  flags = np.concatenate(flags) if flags else np.zeros(0, np.int32)
+  return {"examples": int(flags.size), "shortened": int(flags.sum())}
+
+
+def format_shortened(counts: Mapping[str, Dict[str, int]], inputs_length: int) -> str:
+  lines = [f"prompts shortened to fit inputs={inputs_length} (oldest history events dropped, "
+           "item text cut; instruction and query kept whole):"]
+  for task, c in counts.items():
+    share = c["shortened"] / max(c["examples"], 1)
+    lines.append(f"  {task:<34}{c['shortened']:>8} of {c['examples']:<8}{share:>7.1%}")
+  return "\n".join(lines)
+
+
 def _round_up(x: float, multiple: int = 8) -> int:
   return int(math.ceil(x / multiple) * multiple)
 
@@ -120,6 +146,7 @@ def show_tasks(num_examples: int = 3, split: str = "train", stats_split: str = "
   names = registration.tasks
   keys = list(tasks) if tasks else list(names)
   all_stats = {}
+  shortened = {}
   for key in keys:
     name = names[key]
     print(f"=== {name}")
@@ -133,10 +160,16 @@ def show_tasks(num_examples: int = 3, split: str = "train", stats_split: str = "
       task_split = stats_split if stats_split in splits else "train"
       all_stats[f"{name}:{task_split}"] = length_stats(name, task_split, seed,
                                                         max_stat_examples)
+      if feature_lengths:
+        shortened[f"{name}:{task_split}"] = shortened_count(
+            name, task_split, feature_lengths, seed, max_stat_examples)
     except FileNotFoundError as e:
       print(f"(skipped: {e})")
     print()
   print(format_length_table(all_stats, feature_lengths))
+  if shortened:
+    print()
+    print(format_shortened(shortened, feature_lengths["inputs"]))
   return all_stats
 
 

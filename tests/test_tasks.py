@@ -389,7 +389,7 @@ def test_ranking_metrics_equal_hand_computed(world):
 def test_show_prints_examples_and_length_stats(world, capsys):
   bindings = [f"PREPARED_DIR = '{world['prepared']}'", f"IDENTIFIERS_DIR = '{world['dual']}'",
               f"VOCAB_PATH = '{world['vocab_path']}'", "TASK_PREFIX = 't4_show'",
-              "show_tasks.num_examples = 3",
+              "show_tasks.num_examples = 3", f"TASK_FEATURE_LENGTHS = {LENGTHS}",
               "show_tasks.tasks = ['next_rec_item', 'adhoc_search', 'next_query']"]
   stats = parse_and_call([os.path.join(REPO, "gin", "runs", "show_tasks.gin")], bindings,
                          show.show_tasks)
@@ -402,3 +402,66 @@ def test_show_prints_examples_and_length_stats(world, capsys):
   assert "suggested (p99 / max over tasks" in out and "bound in gin: inputs=" in out
   rec = stats["t4_show_next_rec_item:train"]
   assert (rec["targets"] == 6).all() and rec["inputs"].min() > 10
+  # Whole 10-event prompts do not fit 48 tokens: the budget shortened some, and says so.
+  assert f"prompts shortened to fit inputs={LENGTHS['inputs']}" in out
+  line = next(l for l in out.splitlines() if l.startswith("  t4_show_next_rec_item:"))
+  shortened, total = int(line.split()[1]), int(line.split()[3])
+  assert 0 < shortened <= total == rec["inputs"].size
+  assert shortened == int((rec["inputs"] > LENGTHS["inputs"]).sum())
+
+
+def slot_values(key, ex, prompt):
+  """The slot values of `prompt`, parsed with the example's own template."""
+  pattern, names = "", []
+  for literal, field in prompts.segments(key, int(ex["template"])):
+    pattern += re.escape(literal)
+    if field is not None:
+      pattern += "(.*)"
+      names.append(field)
+  match = re.fullmatch(pattern, prompt)
+  assert match, (prompt, pattern)
+  return dict(zip(names, match.groups()))
+
+
+@pytest.mark.parametrize("key", [prompts.REC, prompts.SEARCH])
+def test_prompt_budget_drops_the_oldest_history_first(world, key):
+  """With an input length shorter than the whole prompt, the oldest events go; the task
+  prefix, the instruction and the query stay whole, and nothing is cut from the end."""
+  t = task(world, key)
+  whole = examples(t, "train")
+  budgeted = examples(t, "train", lengths=LENGTHS)
+  assert len(whole) == len(budgeted) > 10
+  separator = prompts.HISTORY_SEPARATOR
+  shortened = 0
+  for full, short in zip(whole, budgeted):
+    assert len(short["inputs"]) <= LENGTHS["inputs"]
+    assert short["inputs"][-1] == 1  # EOS kept: the prompt fitted, no trim from the end
+    full_prompt, prompt = text(full["inputs_pretokenized"]), text(short["inputs_pretokenized"])
+    shortened += int(short["prompt_shortened"])
+    if not short["prompt_shortened"]:
+      assert prompt == full_prompt
+      continue
+    # Same template, whole instruction and query: only the history slot differs.
+    full_slots, slots = slot_values(key, short, full_prompt), slot_values(key, short, prompt)
+    assert slots.get("query") == full_slots.get("query")
+    events = full_slots["history"].split(separator)
+    kept = slots["history"].split(separator) if slots["history"] else []
+    assert len(kept) < len(events) and events[len(events) - len(kept):] == kept
+  assert shortened > 0
+
+
+def test_prompt_budget_cuts_item_text_not_the_instruction(world):
+  t = task(world, prompts.ITEM_TO_ID)
+  lengths = {"inputs": 20, "targets": LENGTHS["targets"]}
+  whole = examples(t, "train")
+  budgeted = examples(t, "train", lengths=lengths)
+  cut = 0
+  for full, short in zip(whole, budgeted):
+    assert len(short["inputs"]) <= lengths["inputs"] and short["inputs"][-1] == 1
+    template = prompts.template(prompts.ITEM_TO_ID, int(short["template"]))
+    closing = template.split("}")[-1]  # the words after the last slot
+    assert text(short["inputs_pretokenized"]).endswith(closing)
+    cut += int(short["prompt_shortened"])
+    if short["prompt_shortened"]:
+      assert len(short["inputs_pretokenized"]) < len(full["inputs_pretokenized"])
+  assert cut > 0
