@@ -50,6 +50,7 @@ from tqdm import tqdm
 
 from gensar_jax import comparison
 from gensar_jax import gin_utils
+from gensar_jax import learning_curves
 from gensar_jax import results as results_lib
 from gensar_jax.identifiers.rqvae import MODES
 from tasks.gensar import MIXTURE_SUFFIXES
@@ -83,6 +84,8 @@ class Job:
   stages: Tuple[str, ...]
   bindings: Tuple[str, ...]
   eval_dir: Optional[str] = None  # where its result JSON lands (train jobs)
+  model_dir: Optional[str] = None  # its trained model (train jobs): the learning curve
+  system: Optional[str] = None     # the comparison row it belongs to (train jobs)
 
 
 def parse_systems(systems: Sequence[Sequence[str]]) -> List[System]:
@@ -119,13 +122,20 @@ def _string(value: str) -> str:
 
 def plan(systems: Sequence[System], seeds: Sequence[int], run_dir: str, identifiers_dir: str,
          base_system: str, base_seed: int, base_mixture: str,
-         base_eval_dir: str, catalogue: bool = False
+         base_eval_dir: str, catalogue: bool = False, subdir: str = "ablations",
+         base_stages: Sequence[str] = (), base_model_dir: Optional[str] = None
          ) -> Tuple[List[Job], List[Job], List[Job]]:
-  """(base, identifier, train) jobs. The base system at the base seed is the base run."""
+  """(base, identifier, train) jobs. The base system at the base seed is the base run,
+  unless `base_stages` stops the base pipeline before it trains (then every system is a
+  job of its own)."""
   if len(set(seeds)) != len(seeds) or not seeds:
     raise ValueError(f"ablations.seeds must be distinct and non-empty, got {list(seeds)}")
-  root = os.path.join(run_dir, "ablations")
-  base = [Job("base pipeline", run_dir, (), (), eval_dir=base_eval_dir)]
+  root = os.path.join(run_dir, subdir)
+  base_trains = not base_stages or "train" in base_stages
+  base = [Job("base pipeline", run_dir, tuple(base_stages), (),
+              eval_dir=base_eval_dir if base_trains else None,
+              model_dir=base_model_dir if base_trains else None,
+              system=base_system if base_trains else None)]
   tables = {BASE_MODE: identifiers_dir}
   identify = []
   for mode in dict.fromkeys(s.identifiers for s in systems):
@@ -139,8 +149,8 @@ def plan(systems: Sequence[System], seeds: Sequence[int], run_dir: str, identifi
   train = []
   for system in systems:
     for seed in seeds:
-      if (system.name == base_system and seed == base_seed and system.mixture == base_mixture
-          and system.identifiers == BASE_MODE):
+      if (base_trains and system.name == base_system and seed == base_seed
+          and system.mixture == base_mixture and system.identifiers == BASE_MODE):
         continue  # this row's run is the base pipeline's own
       job_dir = os.path.join(root, system.slug, f"seed{seed}")
       eval_dir = os.path.join(job_dir, "results")
@@ -153,7 +163,7 @@ def plan(systems: Sequence[System], seeds: Sequence[int], run_dir: str, identifi
            f"MODEL_DIR = {_string(os.path.join(job_dir, 'model'))}",
            f"pipeline.eval_dir = {_string(eval_dir)}",
            f"evaluate.catalogue = {bool(catalogue)}"),
-          eval_dir=eval_dir))
+          eval_dir=eval_dir, model_dir=os.path.join(job_dir, "model"), system=system.name))
   return base, identify, train
 
 
@@ -207,6 +217,8 @@ def ablations(gin_files: Sequence[str], user_bindings: Sequence[str] = (),
               base_eval_dir: str = gin.REQUIRED, base_system: str = gin.REQUIRED,
               base_seed: int = gin.REQUIRED, base_mixture: str = gin.REQUIRED,
               comparison_dir: Optional[str] = None, catalogue: bool = False,
+              subdir: str = "ablations", base_stages: Sequence[str] = (),
+              base_model_dir: Optional[str] = None, curves_dir: Optional[str] = None,
               dry_run: bool = False,
               runner: Callable[[Job, Sequence[str], Dict[str, str]], float] = run_job
               ) -> List[comparison.SystemSummary]:
@@ -223,16 +235,23 @@ def ablations(gin_files: Sequence[str], user_bindings: Sequence[str] = (),
     comparison_dir: default `<run_dir>/ablations/comparison`.
     catalogue: also rank each ablation run against the whole catalogue (slower; the
       comparison's columns are the candidate metrics).
+    subdir: the grid's directory under run_dir (several grids can share one base run).
+    base_stages: the base pipeline's stages; () runs all of them (the base system's run is
+      then the base pipeline's own). Stopping before "train" makes every system a job here.
+    base_model_dir: the base run's MODEL_DIR (its learning curve), when it trains.
+    curves_dir: also write learning curves (gensar_jax/learning_curves.py) of the first
+      seed of every system here.
     dry_run: print every job's command line and stop.
     runner: runs one job (tests swap it).
   """
   parsed = parse_systems(systems)
   base, identify, train = plan(parsed, list(seeds), run_dir, identifiers_dir, base_system,
-                               base_seed, base_mixture, base_eval_dir, catalogue)
-  comparison_dir = comparison_dir or os.path.join(run_dir, "ablations", "comparison")
+                               base_seed, base_mixture, base_eval_dir, catalogue, subdir,
+                               base_stages, base_model_dir)
+  comparison_dir = comparison_dir or os.path.join(run_dir, subdir, "comparison")
   env = dict(os.environ)
   env.setdefault("JAX_COMPILATION_CACHE_DIR",
-                 os.path.abspath(os.path.join(run_dir, "ablations", "jax_cache")))
+                 os.path.abspath(os.path.join(run_dir, subdir, "jax_cache")))
   jobs = base + identify + train
   if dry_run:
     for job in jobs:
@@ -253,6 +272,15 @@ def ablations(gin_files: Sequence[str], user_bindings: Sequence[str] = (),
   with open(os.path.join(comparison_dir, comparison.MD_FILE), encoding="utf-8") as f:
     print(f.read(), flush=True)
   print(f"[ablations] table, JSON and plot in {comparison_dir}", flush=True)
+  if curves_dir:
+    runs: Dict[str, str] = {}
+    for job in base + train:  # the first seed of each system (the base run first)
+      if job.system and job.model_dir and job.system not in runs:
+        runs[job.system] = job.model_dir
+    learning_curves.write_curves(runs, curves_dir)
+    with open(os.path.join(curves_dir, learning_curves.MD_FILE), encoding="utf-8") as f:
+      print(f.read().split("\n\n")[0], flush=True)
+    print(f"[ablations] learning curves in {curves_dir}", flush=True)
   return rows
 
 
@@ -263,7 +291,8 @@ def cli(argv: Optional[Sequence[str]] = None) -> None:
   def main():
     try:
       ablations(gin_files=files, user_bindings=bindings)
-    except (AblationError, results_lib.ResultError, ValueError) as e:
+    except (AblationError, results_lib.ResultError, learning_curves.CurveError,
+            ValueError) as e:
       print(f"error: {e}", file=sys.stderr)
       raise SystemExit(1) from None
 

@@ -268,7 +268,8 @@ def ranking_setup(prepared_dir: str = gin.REQUIRED, identifiers_dir: str = gin.R
 class RankingEvalHook:
   """The training loop's eval hook: HR/NDCG on validation candidates, for keep-best.
 
-  Reports `{rec,search}_ndcg@5`, `{rec,search}_hr@10` and `mean_ndcg@5` (the paper's
+  Reports `{rec,search}_ndcg@5`, `{rec,search}_ndcg@10`, `{rec,search}_hr@10` and
+  `mean_ndcg@5` (the paper's
   checkpoint-selection metric; bind `TrainCheckpoints.best_metric = "eval/mean_ndcg@5"`
   with `best_mode = "max"`). `max_examples` bounds the cost per evaluation: every
   evaluation scores the same seeded random sample of that many users (`sample_seed`).
@@ -297,6 +298,7 @@ class RankingEvalHook:
     out = {}
     for key, result in results.items():
       out[f"{key}_ndcg@5"] = result.candidates["NDCG@5"]
+      out[f"{key}_ndcg@10"] = result.candidates["NDCG@10"]
       out[f"{key}_hr@10"] = result.candidates["HR@10"]
     out["mean_ndcg@5"] = mean_ndcg5(results)
     return out

@@ -137,12 +137,12 @@ def evaluate(trainer: trainer_lib.Trainer, params: Any,
 
 def _restore_or_init(trainer: trainer_lib.Trainer, checkpoints: checkpoints_lib.TrainCheckpoints,
                      input_shapes: Mapping[str, Any], data_identity: Mapping[str, Any]):
-  """(state, rows consumed, restored step or None, examples seen)."""
+  """(state, rows consumed, restored step or None, data position)."""
   trainer.set_input_shapes(input_shapes)
   target = checkpoints_lib.abstract_state(trainer.state_shape, trainer.state_shardings)
   restored = checkpoints.restore_latest(target)
   if restored is None:
-    return trainer.init_state(input_shapes), 0, None, 0
+    return trainer.init_state(input_shapes), 0, None, {}
   state_step = int(jax.device_get(restored.state.step))
   if state_step != restored.step:
     raise checkpoints_lib.CheckpointError(
@@ -159,9 +159,46 @@ def _restore_or_init(trainer: trainer_lib.Trainer, checkpoints: checkpoints_lib.
                      restored.step, key, position[key], value, position["examples_consumed"])
   logger.info("resuming from step %d (%s)", restored.step,
               checkpoints.step_path(restored.step))
-  # Older checkpoints did not count examples apart from rows (one per row, unpacked).
-  examples_seen = int(position.get("examples_seen", position["examples_consumed"]))
-  return restored.state, int(position["examples_consumed"]), restored.step, examples_seen
+  return restored.state, int(position["examples_consumed"]), restored.step, position
+
+
+class EarlyStopping:
+  """Counts evaluations without improvement of the keep-best metric; restart-safe (its state
+  rides in the checkpoint's data position)."""
+
+  def __init__(self, patience: Optional[int], metric: Optional[str], mode: str,
+               position: Mapping[str, Any]):
+    if patience is not None and (not isinstance(patience, int) or patience < 1):
+      raise DataError(f"train.early_stopping_evals={patience!r} must be None or an int >= 1")
+    if patience is not None and metric is None:
+      raise DataError("train.early_stopping_evals needs TrainCheckpoints.best_metric: the "
+                      "metric whose improvement it waits for")
+    self.patience, self.metric, self.mode = patience, metric, mode
+    self.best = position.get("early_stopping_best")
+    self.evals_since_best = int(position.get("early_stopping_evals_since_best", 0))
+
+  @property
+  def stopped(self) -> bool:
+    return self.patience is not None and self.evals_since_best >= self.patience
+
+  def update(self, evaluated: Mapping[str, float]) -> bool:
+    """Records one evaluation; True when it is the one that stops training."""
+    if self.patience is None:
+      return False
+    value = evaluated.get(self.metric)
+    better = value is not None and np.isfinite(value) and (
+        self.best is None or (value > self.best if self.mode == "max" else value < self.best))
+    if better:
+      self.best, self.evals_since_best = float(value), 0
+    else:
+      self.evals_since_best += 1
+    return self.stopped
+
+  def state(self) -> Dict[str, Any]:
+    if self.patience is None:
+      return {}
+    return {"early_stopping_best": self.best,
+            "early_stopping_evals_since_best": self.evals_since_best}
 
 
 @gin.configurable
@@ -178,6 +215,7 @@ def train(model_dir: str = gin.REQUIRED,
           data_seed: int = 0,
           pack_lengths: Optional[Mapping[str, int]] = None,
           target_buckets: Optional[List[int]] = None,
+          early_stopping_evals: Optional[int] = None,
           build_model_fn: Callable[[Any], Any] = encoder_decoder.build_model,
           optimizer: Optional[optimizers_lib.Optimizer] = None,
           partitioner: Optional[partitioning_lib.Partitioner] = None,
@@ -203,6 +241,9 @@ def train(model_dir: str = gin.REQUIRED,
     target_buckets: shorter target lengths (e.g. [8]) to batch examples with short targets
       at, each batch in one bucket (gensar_jax/train_inputs.py); None: every batch at
       TASK_FEATURE_LENGTHS. Not together with pack_lengths.
+    early_stopping_evals: stop once this many evaluations in a row have not improved
+      `TrainCheckpoints.best_metric` (train "until validation NDCG stops improving"); the
+      count survives a restart. None trains to `train_steps`.
     build_model_fn: vocabulary -> EncoderDecoderModel (gin: `@build_model`).
     optimizer: default `create_optimizer()` (gin-configurable).
     partitioner: default `Partitioner()` (gin-configurable mesh and rules).
@@ -242,8 +283,12 @@ def train(model_dir: str = gin.REQUIRED,
                    "pack_lengths": pack_lengths, "target_buckets": target_buckets}
   writer = None
   try:
-    state, examples_consumed, restored_step, examples_seen = _restore_or_init(
+    state, examples_consumed, restored_step, position = _restore_or_init(
         trainer, checkpoints, input_shapes, data_identity)
+    # Older checkpoints did not count examples apart from rows (one per row, unpacked).
+    examples_seen = int(position.get("examples_seen", examples_consumed))
+    stopper = EarlyStopping(early_stopping_evals, checkpoints.best_metric,
+                            checkpoints.best_mode, position)
     start_step = restored_step or 0
     writer = train_logging.MetricWriter(model_dir, resume_step=start_step)
     host_rows = partitioner.per_host_batch_slice(batch_size)
@@ -263,7 +308,13 @@ def train(model_dir: str = gin.REQUIRED,
     progress = tqdm.tqdm(total=train_steps, initial=start_step, unit="step", desc="train",
                          disable=jax.process_index() != 0, dynamic_ncols=True)
     _write_config(model_dir)
+    final_step = max(start_step, train_steps)
+    if stopper.stopped:
+      logger.info("early stopping already reached at step %d: nothing to train", start_step)
+      final_step = start_step
     for step in range(start_step + 1, train_steps + 1):
+      if stopper.stopped:
+        break
       batch = next(batches)
       state, metrics = trainer.train_step(state, batch)
       examples_consumed += batch_size  # rows of the global stream: the resume position
@@ -306,18 +357,24 @@ def train(model_dir: str = gin.REQUIRED,
                             for k, v in extra.items()})
         writer.write("eval", step, {**{k[len(EVAL_PREFIX):]: v for k, v in evaluated.items()},
                                     "examples_seen": float(examples_seen + pending_examples)})
+        if stopper.update(evaluated):
+          logger.info("early stopping at step %d: %s has not improved for %d evaluations "
+                      "(best %.4f)", step, stopper.metric, stopper.evals_since_best,
+                      stopper.best)
+          final_step = step
         eval_metrics = evaluated
         last_log_time = time.time()  # evaluation time is not training throughput
 
       tracks_best = evaluated is not None and checkpoints.best_metric is not None
-      if step % checkpoint_period == 0 or last or tracks_best:
+      if step % checkpoint_period == 0 or last or tracks_best or stopper.stopped:
         checkpoints.save(step, state, {**data_identity, "examples_consumed": examples_consumed,
-                                       "examples_seen": examples_seen + pending_examples},
+                                       "examples_seen": examples_seen + pending_examples,
+                                       **stopper.state()},
                          metrics=evaluated)
     progress.close()
     checkpoints.wait_until_finished()
     _write_config(model_dir)
-    return TrainSummary(start_step=start_step, final_step=max(start_step, train_steps),
+    return TrainSummary(start_step=start_step, final_step=final_step,
                         train_metrics=train_metrics, eval_metrics=eval_metrics,
                         checkpoint_steps=checkpoints.all_steps())
   finally:

@@ -135,3 +135,48 @@ def test_a_failed_run_stops_the_grid_with_its_log(tmp_path):
                      ".*the reason it broke"):
     ablations_lib.run_job(job, command, dict(os.environ))
   assert "the reason it broke" in (tmp_path / "run" / "log.txt").read_text()
+
+
+def test_learning_curves_grid_trains_every_system_and_draws_their_curves(tmp_path):
+  """With the base pipeline stopped before training, every system (the base one too) is a
+  job of the grid; each job's metrics.jsonl becomes one curve."""
+  baselines = str(tmp_path / "baselines")
+  _write(baselines, "BM25", None, None, 0.4, family="baseline")
+  calls = []
+
+  def runner(job, command, env):
+    calls.append((job.title, job.stages))
+    if job.model_dir:  # what training and evaluation would leave
+      os.makedirs(job.model_dir, exist_ok=True)
+      single = dict((s[0], s[2]) for s in SYSTEMS)[job.system]
+      with open(os.path.join(job.model_dir, "metrics.jsonl"), "w") as f:
+        for k in range(1, 4):
+          record = {"step": 10 * k, "split": "eval", "examples_seen": 320 * k}
+          if single != "search_only":
+            record["rec_ndcg@10"] = 0.1 * k
+          if single != "rec_only":
+            record["search_ndcg@10"] = 0.3 - 0.05 * k
+          f.write(json.dumps(record) + "\n")
+      _write(job.eval_dir, job.system, 0, None if single == "search_only" else 0.1,
+             None if single == "rec_only" else 0.2)
+    return 1.0
+
+  systems = SYSTEMS[:3]
+  curves_dir = tmp_path / "curves"
+  ablations_lib.ablations(
+      gin_files=[EXPERIMENT], systems=systems, seeds=[0], run_dir=str(tmp_path),
+      identifiers_dir="ids", baselines_dir=baselines, base_eval_dir=str(tmp_path / "results"),
+      base_system="GenSAR", base_seed=0, base_mixture="all", runner=runner,
+      subdir="learning_curves", base_stages=["prepare", "identify"],
+      curves_dir=str(curves_dir))
+  assert calls[0] == ("base pipeline", ("prepare", "identify"))
+  trained = [title for title, stages in calls[1:] if stages != ("identify",)]
+  assert trained == [f"{s[0]} seed 0" for s in systems]
+  assert (tmp_path / "learning_curves" / "comparison" / "comparison.md").exists()
+  table = (curves_dir / "curves.md").read_text()
+  assert (curves_dir / "curves.png").stat().st_size > 0
+  gensar_line = next(l for l in table.splitlines() if l.startswith("| GenSAR |"))
+  assert "0.3000 (960, still rising)" in gensar_line   # rec: best at the last evaluation
+  assert "0.2500 (320)" in gensar_line                 # search: best at the first
+  rec_only = next(l for l in table.splitlines() if l.startswith("| GenSAR (rec only) |"))
+  assert "—" in rec_only

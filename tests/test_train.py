@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from gensar_jax import gin_utils
 from gensar_jax import train as train_lib
 from gensar_jax import train_inputs
 from gensar_jax import train_logging
@@ -319,3 +320,31 @@ def test_packed_stream_counts_examples_and_resumes_exactly(world):
     np.testing.assert_array_equal(resumed[key], value)
   with pytest.raises(DataError, match="PACK_LENGTHS"):
     train_inputs.check_pack_lengths(LENGTHS, {"inputs": 8, "targets": 64})
+
+
+def test_early_stopping_ends_a_run_that_stopped_improving_and_stays_stopped(world, tmp_path):
+  """Selecting the *highest* validation loss while training lowers it: no evaluation after
+  the first improves, so with a patience of 2 training stops at the third evaluation;
+  rerun, it trains nothing."""
+  model_dir = str(tmp_path / "stop")
+  flags = ("--gin.TrainCheckpoints.best_mode='max'", "--gin.LEARNING_RATE=1e-2",
+           "--gin.EVAL_PERIOD=2", "--gin.EARLY_STOPPING_EVALS=2")
+  def train_once():
+    gin.clear_config()
+    try:
+      gin_utils.parse_gin(cli_args(world, model_dir, *flags))
+      return train_lib.train()
+    finally:
+      gin.clear_config()
+
+  summary = train_once()
+  assert summary.final_step == 6 and summary.start_step == 0
+  evals = train_logging.read_jsonl_metrics(model_dir, "eval")
+  assert [e["step"] for e in evals] == [2, 4, 6]
+  assert 6 in checkpoint_steps(model_dir)
+  again = train_once()
+  assert again.final_step == again.start_step == 6
+  stopper = train_lib.EarlyStopping(2, "eval/x", "max", {})
+  assert not stopper.update({"eval/x": 1.0}) and not stopper.update({"eval/x": 0.5})
+  assert not stopper.update({"eval/x": 2.0}) and stopper.evals_since_best == 0
+  assert not stopper.update({}) and stopper.update({"eval/x": 2.0})

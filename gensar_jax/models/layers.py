@@ -12,6 +12,7 @@ the query initialiser (so the forward pass has no explicit scaling).
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, NamedTuple, Optional, Sequence, Tuple, Union
 
@@ -241,6 +242,67 @@ class MultiHeadAttention(nn.Module):
     return KeyValue(self._split_heads(self.key(inputs_kv)),
                     self._split_heads(self.value(inputs_kv)))
 
+  def _attend_heads_major(self, query, key, value, mask, bias, group, dropout):
+    """Teacher-forced attention: [batch_q, q, heads, kv] -> [batch_q, q, heads, kv].
+
+    Heads-major layout, the group's queries stacked on the query axis, so both products
+    are plain batched matmuls over (example, head): XLA's CPU backend ran the five-axis
+    einsums of `_attend_one_query` (and their gradients) markedly slower for long queries.
+    """
+    batch_q, q_len = query.shape[:2]
+    batch_k, k_len = key.shape[:2]
+    # [batch_k, heads, group * q, kv]
+    query = query.reshape((batch_k, group) + query.shape[1:]).transpose(0, 3, 1, 2, 4)
+    query = query.reshape((batch_k, self.num_heads, group * q_len, self.head_dim))
+    key = key.transpose(0, 2, 1, 3)  # [batch_k, heads, k, kv]
+    value = jnp.asarray(value, self.dtype).transpose(0, 2, 1, 3)  # [batch_k, heads, k, kv]
+    batched = ((0, 1), (0, 1))
+    # [batch_k, heads, group, q, k], float32 for a stable softmax
+    logits = lax.dot_general(query, key, (((3,), (3,)), batched),
+                             preferred_element_type=jnp.float32)
+    logits = logits.reshape((batch_k, self.num_heads, group, q_len, k_len))
+    if bias is not None:  # [1, heads, q, k] -> [1, heads, 1, q, k]
+      logits = logits + jnp.asarray(bias, jnp.float32)[:, :, None]
+    if mask is not None:
+      if mask.shape[0] == batch_q and group > 1:  # per-row mask -> [batch_k, 1, group, q, k]
+        mask = mask.reshape((batch_k, group) + mask.shape[1:]).transpose(0, 2, 1, 3, 4)
+      else:                                       # per-example mask, shared by the group
+        mask = mask[:, :, None]                   # [batch_k | 1, 1, 1, q, k]
+      logits = jnp.where(mask, logits, MASK_VALUE)
+    weights = jax.nn.softmax(logits, axis=-1)
+    weights = dropout(weights)
+    weights = jnp.asarray(weights, self.dtype).reshape(
+        (batch_k, self.num_heads, group * q_len, k_len))
+    context = lax.dot_general(weights, value, (((3,), (2,)), batched))  # [bk, h, g*q, kv]
+    context = context.reshape((batch_k, self.num_heads, group, q_len, self.head_dim))
+    return context.transpose(0, 2, 3, 1, 4).reshape(
+        (batch_q, q_len, self.num_heads, self.head_dim))
+
+  def _attend_one_query(self, query, key, value, mask, bias, group, dropout):
+    """Incremental decoding (one query position): [batch_q, 1, heads, kv] -> the same.
+
+    Keys stay in their cache layout [batch_k, k, heads, kv]: transposing a whole KV cache
+    at every step would cost more than the one-row products it feeds.
+    """
+    batch_q = query.shape[0]
+    batch_k = key.shape[0]
+    query = query.reshape((batch_k, group) + query.shape[1:])  # [batch_k, group, q, heads, kv]
+    # [batch_k, group, heads, q, k], float32 for a stable softmax
+    logits = jnp.einsum("bgqhd,bkhd->bghqk", query, key, preferred_element_type=jnp.float32)
+    if bias is not None:
+      logits = logits + jnp.asarray(bias, jnp.float32)[:, None]
+    if mask is not None:
+      if mask.shape[0] == batch_q and group > 1:  # per-row mask: [batch_k, group, 1, q, k]
+        mask = mask.reshape((batch_k, group) + mask.shape[1:])
+      else:                                       # per-example mask, shared by the group
+        mask = mask[:, None]
+      logits = jnp.where(mask, logits, MASK_VALUE)
+    weights = jax.nn.softmax(logits, axis=-1)
+    weights = dropout(weights)
+    weights = jnp.asarray(weights, self.dtype)
+    context = jnp.einsum("bghqk,bkhd->bgqhd", weights, jnp.asarray(value, self.dtype))
+    return context.reshape((batch_q,) + context.shape[2:])  # [batch_q, q, heads, kv]
+
   @nn.compact
   def __call__(self, inputs_q: Array, inputs_kv: Union[Array, KeyValue],
                mask: Optional[Array] = None, bias: Optional[Array] = None,
@@ -296,37 +358,12 @@ class MultiHeadAttention(nn.Module):
       raise ValueError(f"MultiHeadAttention: query batch {batch_q} is not a multiple of the "
                        f"key batch {batch_k}")
     group = batch_q // batch_k
-    q_len, k_len = query.shape[1], key.shape[1]
-    # Heads-major layout, the group's queries stacked on the query axis, so both products
-    # are plain batched matmuls over (example, head): XLA's CPU backend ran the earlier
-    # five-axis einsums (and their gradients) at about half the speed.
-    # [batch_k, heads, group * q, kv]
-    query = query.reshape((batch_k, group) + query.shape[1:]).transpose(0, 3, 1, 2, 4)
-    query = query.reshape((batch_k, self.num_heads, group * q_len, self.head_dim))
-    key = key.transpose(0, 2, 1, 3)  # [batch_k, heads, k, kv]
-    value = jnp.asarray(value, self.dtype).transpose(0, 2, 1, 3)  # [batch_k, heads, k, kv]
-    batched = ((0, 1), (0, 1))
-    # [batch_k, heads, group, q, k], float32 for a stable softmax
-    logits = lax.dot_general(query, key, (((3,), (3,)), batched),
-                             preferred_element_type=jnp.float32)
-    logits = logits.reshape((batch_k, self.num_heads, group, q_len, k_len))
-    if bias is not None:  # [1, heads, q, k] -> [1, heads, 1, q, k]
-      logits = logits + jnp.asarray(bias, jnp.float32)[:, :, None]
-    if mask is not None:
-      if mask.shape[0] == batch_q and group > 1:  # per-row mask -> [batch_k, 1, group, q, k]
-        mask = mask.reshape((batch_k, group) + mask.shape[1:]).transpose(0, 2, 1, 3, 4)
-      else:                                       # per-example mask, shared by the group
-        mask = mask[:, :, None]                   # [batch_k | 1, 1, 1, q, k]
-      logits = jnp.where(mask, logits, MASK_VALUE)
-    weights = jax.nn.softmax(logits, axis=-1)
-    weights = nn.Dropout(self.dropout_rate)(weights, deterministic=deterministic)
-    weights = jnp.asarray(weights, self.dtype).reshape(
-        (batch_k, self.num_heads, group * q_len, k_len))
-    context = lax.dot_general(weights, value, (((3,), (2,)), batched))  # [bk, h, g*q, kv]
-    # -> [batch_q, q, heads, kv]
-    context = context.reshape((batch_k, self.num_heads, group, q_len, self.head_dim))
-    context = context.transpose(0, 2, 3, 1, 4).reshape(
-        (batch_q, q_len, self.num_heads, self.head_dim))
+    # Created here, in the compact method, and applied by the helper.
+    dropout = functools.partial(nn.Dropout(self.dropout_rate), deterministic=deterministic)
+    if query.shape[1] == 1:
+      context = self._attend_one_query(query, key, value, mask, bias, group, dropout)
+    else:
+      context = self._attend_heads_major(query, key, value, mask, bias, group, dropout)
     context = constrain(context, ("batch", "length", "heads", "kv"))
     context = context.reshape(context.shape[:2] + (self.num_heads * self.head_dim,))
     out = Dense(inputs_q.shape[-1], ("joined_kv", "embed"), dtype=self.dtype,
