@@ -53,7 +53,15 @@ def parse_gin(argv: Sequence[str], skip_unknown: bool = False) -> None:
   for f in files:
     if not any(os.path.exists(os.path.join(p, f)) for p in ("", os.getcwd(), REPO_ROOT)):
       raise SystemExit(f"--gin_file={f}: file not found (looked in . and {REPO_ROOT})")
-  gin.parse_config_files_and_bindings(files, bindings, skip_unknown=skip_unknown)
+  try:
+    gin.parse_config_files_and_bindings(files, bindings, skip_unknown=skip_unknown)
+  except (SystemError, SyntaxError) as e:
+    # CPython 3.11 before 3.11.8 can fail `ast.literal_eval` (which gin parses values
+    # with, reporting a SyntaxError) with this spurious error while another thread
+    # compiles code (gh-106905); parsing again is safe: every binding is set once more.
+    if "recursion depth mismatch" not in str(e):
+      raise
+    gin.parse_config_files_and_bindings(files, bindings, skip_unknown=skip_unknown)
 
 
 # Gin's words for a required value left unset: a `%gin.REQUIRED` macro (at parse time) and
