@@ -49,3 +49,34 @@ def test_bound_values_run_and_other_errors_still_raise():
 
   with pytest.raises(ValueError, match="a real bug"):
     gin_utils.run(broken, [])
+
+
+def _parse_unfinalised(files, bindings=()):
+  """Parse as the binaries do, without the REQUIRED checks (no run directories given)."""
+  gin.parse_config_files_and_bindings(list(files), list(bindings), skip_unknown=True,
+                                      finalize_config=False)
+
+
+@pytest.mark.parametrize("data_file, lengths", [
+    ("ml100k.gin", {"inputs": 144, "targets": 32}),
+    ("amazon2014.gin", {"inputs": 320, "targets": 64}),
+])
+def test_dataset_gin_file_sets_its_token_lengths_over_the_default(data_file, lengths):
+  """The data file comes after gin/runs/train.gin (which includes gin/tasks.gin's default),
+  so training, the eval hook and evaluation all get that dataset's lengths."""
+  _parse_unfinalised(["gin/runs/train.gin", "gin/runs/evaluate.gin", f"gin/data/{data_file}"])
+  assert gin.query_parameter("%TASK_FEATURE_LENGTHS") == lengths
+  for user in ("train.task_feature_lengths", "evaluate.task_feature_lengths",
+               "RankingEvalHook.task_feature_lengths"):
+    assert str(gin.query_parameter(user)) == "%TASK_FEATURE_LENGTHS"
+  gin.clear_config()
+
+
+def test_quickstart_trains_with_ml100k_lengths():
+  _parse_unfinalised(["gin/experiments/ml100k_quickstart.gin"])
+  assert gin.query_parameter("%TASK_FEATURE_LENGTHS") == {"inputs": 144, "targets": 32}
+  gin.clear_config()
+  _parse_unfinalised(["gin/experiments/ml100k_quickstart.gin"],
+                     ["TASK_FEATURE_LENGTHS = {'inputs': 200, 'targets': 16}"])
+  assert gin.query_parameter("%TASK_FEATURE_LENGTHS") == {"inputs": 200, "targets": 16}
+  gin.clear_config()
