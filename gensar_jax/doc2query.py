@@ -17,7 +17,7 @@ from __future__ import annotations
 
 if __name__ == "__main__":  # one gin registration: run as the importable module
   import gensar_jax.gin_utils as _gin_utils
-  _gin_utils.run_module("gensar_jax.doc2query")
+  _gin_utils.run_module("gensar_jax.doc2query", devices=True)
 
 import json
 import os

@@ -85,13 +85,23 @@ def missing_binding_message(error: Exception) -> Optional[str]:
   return None
 
 
-def run(main: Callable[[], object], argv: Optional[Sequence[str]] = None) -> None:
+def run(main: Callable[[], object], argv: Optional[Sequence[str]] = None,
+        devices: bool = False) -> None:
   """Parses gin flags and calls `main`. Data errors and required gin values left unset
-  become one line on stderr and exit code 2, not a traceback."""
+  become one line on stderr and exit code 2, not a traceback.
+
+  `devices`: the entry point computes on accelerators, so this process joins the
+  distributed runtime (gensar_jax/distributed.py) between parsing gin and `main`, before
+  anything else can touch JAX. On a pod worker the launcher's environment turns it on;
+  elsewhere it only logs the topology line.
+  """
+  from gensar_jax import distributed  # registers initialize_distributed with gin
   from gensar_jax.data.schema import DataError
   argv = sys.argv[1:] if argv is None else argv
   try:
     parse_gin(argv)
+    if devices:
+      distributed.initialize_distributed()
     main()
   except DataError as e:
     print(f"error: {e}", file=sys.stderr)
@@ -104,19 +114,20 @@ def run(main: Callable[[], object], argv: Optional[Sequence[str]] = None) -> Non
     raise SystemExit(2) from None
 
 
-def run_module(name: str) -> None:
+def run_module(name: str, devices: bool = False) -> None:
   """`python -m <name>`, run as the importable module `name` rather than as `__main__`.
 
   A gin configurable is registered under its module's name. Run as a script, an entry
   point's configurables would register as `__main__.x` and again as `<name>.x` once a gin
   file imports the module (directly or through the pipeline), and gin then rejects `x` as
   ambiguous. Each entry point therefore starts with a guard that hands over to this
-  function before defining anything, so only the importable copy exists.
+  function before defining anything, so only the importable copy exists. `devices`: as
+  for `run` (entry points that compute on accelerators pass True).
   """
   import importlib
   module = importlib.import_module(name)
   if hasattr(module, "cli"):
     module.cli()
   else:
-    run(module.main)
+    run(module.main, devices=devices)
   raise SystemExit(0)

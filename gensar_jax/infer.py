@@ -24,7 +24,7 @@ from __future__ import annotations
 
 if __name__ == "__main__":  # one gin registration: run as the importable module
   import gensar_jax.gin_utils as _gin_utils
-  _gin_utils.run_module("gensar_jax.infer")
+  _gin_utils.run_module("gensar_jax.infer", devices=True)
 
 import ast
 import dataclasses

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 if __name__ == "__main__":  # one gin registration: run as the importable module
   import gensar_jax.gin_utils as _gin_utils
-  _gin_utils.run_module("gensar_jax.pipeline")
+  _gin_utils.run_module("gensar_jax.pipeline", devices=True)
 
 import dataclasses
 import hashlib

@@ -399,7 +399,7 @@ def main() -> None:
 
 
 def cli(argv: Optional[List[str]] = None) -> None:
-  gin_utils.run(main, argv)
+  gin_utils.run(main, argv, devices=True)
 
 
 if __name__ == "__main__":
