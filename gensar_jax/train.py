@@ -14,6 +14,8 @@ MODEL_DIR afterwards:
   train/, eval/            TensorBoard event files
   metrics.jsonl            one line per logged step and per evaluation
   config.gin               the operative gin config
+  trainer.lock             while a trainer runs: who it is (gensar_jax/run_lock.py); a
+                           second trainer on the directory stops with exit code 2
 
 The loop, top to bottom: build the model from the mixture's vocabulary, the partitioner
 and the trainer; restore or initialise the sharded state; then per step: one host batch ->
@@ -44,6 +46,7 @@ from gensar_jax import checkpoints as checkpoints_lib
 from gensar_jax import gin_utils
 from gensar_jax import optimizers as optimizers_lib
 from gensar_jax import partitioning as partitioning_lib
+from gensar_jax import run_lock
 from gensar_jax import train_inputs
 from gensar_jax import train_logging
 from gensar_jax import trainer as trainer_lib
@@ -102,6 +105,26 @@ def _write_config(model_dir: str) -> None:
   with open(f"{path}.tmp", "w", encoding="utf-8") as f:
     f.write(gin.operative_config_str())
   os.replace(f"{path}.tmp", path)
+
+
+def _lock_run(model_dir: str) -> Optional[run_lock.RunLock]:
+  """Process 0 takes MODEL_DIR's trainer lock; every process stops if it could not."""
+  lock, error = None, None
+  if jax.process_index() == 0:
+    lock = run_lock.RunLock(model_dir)
+    try:
+      lock.acquire()
+    except run_lock.RunInUseError as e:
+      lock, error = None, e
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    refused = int(multihost_utils.broadcast_one_to_all(np.int32(error is not None)))
+    if refused and error is None:
+      error = run_lock.RunInUseError(f"{model_dir} is in use by another trainer (process "
+                                     "0's log names it)")
+  if error is not None:
+    raise error
+  return lock
 
 
 def _token_weighted(metrics: List[Mapping[str, Any]]) -> Dict[str, float]:
@@ -274,8 +297,16 @@ def train(model_dir: str = gin.REQUIRED,
   logger.info("training %s on %s", mixture_or_task_name, partitioner.describe())
 
   os.makedirs(model_dir, exist_ok=True)
-  checkpoints = checkpoints_lib.TrainCheckpoints(
-      os.path.join(model_dir, CHECKPOINTS_SUBDIR), keep_last=keep_checkpoints)
+  # Before the checkpoint manager, which cleans up unfinished saves it finds: another
+  # trainer's, if one were running here.
+  lock = _lock_run(model_dir)
+  try:
+    checkpoints = checkpoints_lib.TrainCheckpoints(
+        os.path.join(model_dir, CHECKPOINTS_SUBDIR), keep_last=keep_checkpoints)
+  except BaseException:
+    if lock is not None:
+      lock.release()
+    raise
   input_shapes = {"encoder_input_tokens": (batch_size, row_lengths["inputs"]),
                   "decoder_input_tokens": (batch_size, row_lengths["targets"])}
   data_identity = {"mixture_or_task_name": mixture_or_task_name, "seed": data_seed,
@@ -324,6 +355,8 @@ def train(model_dir: str = gin.REQUIRED,
       last = step == train_steps
 
       if step % log_period == 0 or last:
+        if lock is not None:
+          lock.assert_held()
         fetched = jax.device_get(pending)
         now = time.time()
         elapsed = max(now - last_log_time, 1e-9)
@@ -381,6 +414,8 @@ def train(model_dir: str = gin.REQUIRED,
     checkpoints.close()
     if writer is not None:
       writer.close()
+    if lock is not None:
+      lock.release()
 
 
 def main() -> None:

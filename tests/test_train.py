@@ -13,6 +13,9 @@ import glob
 import logging
 import os
 import shutil
+import subprocess
+import sys
+import time
 
 import gin
 import jax
@@ -30,6 +33,7 @@ from gensar_jax.partitioning import Partitioner, create_mesh
 
 from task_world import LENGTHS, build_world
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 20
 BATCH = 8
 PREFIX = "ttrain"
@@ -348,3 +352,72 @@ def test_early_stopping_ends_a_run_that_stopped_improving_and_stays_stopped(worl
   assert not stopper.update({"eval/x": 1.0}) and not stopper.update({"eval/x": 0.5})
   assert not stopper.update({"eval/x": 2.0}) and stopper.evals_since_best == 0
   assert not stopper.update({}) and stopper.update({"eval/x": 2.0})
+
+
+def _subprocess_env():
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+  env["JAX_PLATFORMS"] = "cpu"
+  env["PYTHONPATH"] = os.pathsep.join([REPO, env.get("PYTHONPATH", "")])
+  return env
+
+
+def test_second_trainer_on_a_directory_in_use_exits_2_and_the_first_finishes(world, tmp_path,
+                                                                            capsys):
+  model_dir = str(tmp_path / "shared")
+  steps = 60
+  first = subprocess.Popen([sys.executable, "-m", "gensar_jax.train",
+                            *cli_args(world, model_dir, f"--gin.TRAIN_STEPS={steps}",
+                                      "--gin.EVAL_PERIOD=0")],
+                           env=_subprocess_env(), stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+  try:
+    lock = os.path.join(model_dir, "trainer.lock")
+    deadline = time.time() + 240
+    while not os.path.exists(lock):
+      assert first.poll() is None, first.communicate()[0][-3000:]
+      assert time.time() < deadline
+      time.sleep(0.2)
+    with pytest.raises(SystemExit) as exit_info:
+      run_cli(cli_args(world, model_dir, f"--gin.TRAIN_STEPS={steps}"))
+    assert exit_info.value.code == 2
+    assert f"{model_dir} is in use by another trainer: pid {first.pid}" in \
+        capsys.readouterr().err
+    out, _ = first.communicate(timeout=400)
+  finally:
+    if first.poll() is None:
+      first.kill()
+  assert first.returncode == 0, out[-3000:]
+  records = train_logging.read_jsonl_metrics(model_dir, "train")
+  assert [r["step"] for r in records] == list(range(1, steps + 1))  # one writer's lines
+  assert not os.path.exists(lock)  # released at the end
+
+
+def test_a_failing_checkpoint_save_ends_the_run_with_an_error(world, tmp_path):
+  """A save that cannot be written must end the trainer with an error, not leave it
+  hanging. Here the checkpoint directory is replaced by a plain file after the first save
+  (permissions would not stop a root test runner)."""
+  model_dir = str(tmp_path / "broken")
+  proc = subprocess.Popen([sys.executable, "-m", "gensar_jax.train",
+                           *cli_args(world, model_dir, "--gin.TRAIN_STEPS=400",
+                                     "--gin.EVAL_PERIOD=0", "--gin.LOG_PERIOD=5")],
+                          env=_subprocess_env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  checkpoints = os.path.join(model_dir, "checkpoints")
+  try:
+    deadline = time.time() + 240
+    while not (os.path.isdir(checkpoints) and checkpoint_steps(model_dir)):
+      assert proc.poll() is None, proc.communicate()[0][-3000:]
+      assert time.time() < deadline
+      time.sleep(0.05)
+    os.rename(checkpoints, checkpoints + ".moved")
+    with open(checkpoints, "w") as f:
+      f.write("not a directory")
+    out, _ = proc.communicate(timeout=240)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  assert proc.returncode != 0, out[-3000:]
+  assert "checkpoint" in out.lower()
+  metrics = train_logging.read_jsonl_metrics(model_dir, "train")
+  assert metrics[-1]["step"] < 400

@@ -1,0 +1,188 @@
+"""One trainer per MODEL_DIR: a lock file with a heartbeat.
+
+Two trainers on one run directory (a relaunch while the old job still runs, two hosts that
+each think they are alone) would delete each other's unfinished checkpoints and interleave
+`metrics.jsonl`. So process 0 of a trainer holds `MODEL_DIR/trainer.lock` for as long as it
+trains: created exclusively (`O_EXCL`, so of two simultaneous starts exactly one wins),
+holding who owns it, and rewritten every `heartbeat_s` seconds by a background thread.
+
+A lock left behind by a trainer that died (SIGKILL, a preempted VM) must not block the
+relaunch, so a lock counts as stale, and is taken over with a warning, when
+  - its owner ran on this host and that process no longer exists, or
+  - its heartbeat is older than `stale_after_s` (an owner on another host cannot be asked).
+Otherwise the new trainer stops at once with RunInUseError (exit code 2 in the CLI), naming
+the owner and what to do. A lock file that cannot be parsed (a writer killed mid-write) is
+judged by its modification time in the same way.
+
+The trainer checks `assert_held()` as it trains: if another process has taken the lock
+over (this one was presumed dead), it stops instead of writing on.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from typing import Optional
+
+import gin
+
+from gensar_jax.data.schema import DataError
+
+logger = logging.getLogger(__name__)
+
+LOCK_NAME = "trainer.lock"
+
+
+class RunInUseError(DataError):
+  """Another trainer holds this MODEL_DIR (exit code 2 in CLIs)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LockOwner:
+  host: str
+  pid: int
+  token: str
+  started: float
+  heartbeat: float
+
+  def describe(self) -> str:
+    started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.started))
+    return (f"pid {self.pid} on host {self.host} (started {started}, last heartbeat "
+            f"{time.time() - self.heartbeat:.0f} s ago)")
+
+
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # exists, owned by someone else
+    return True
+  return True
+
+
+def read_owner(path: str) -> Optional[LockOwner]:
+  """The lock's owner, or None if the file is missing or unreadable."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      record = json.load(f)
+    return LockOwner(host=str(record["host"]), pid=int(record["pid"]),
+                     token=str(record["token"]), started=float(record["started"]),
+                     heartbeat=float(record["heartbeat"]))
+  except (OSError, ValueError, KeyError, TypeError):
+    return None
+
+
+@gin.configurable
+class RunLock:
+  """The lock of one run directory, held by this process while it trains."""
+
+  def __init__(self, model_dir: str, stale_after_s: float = 120.0, heartbeat_s: float = 20.0):
+    if heartbeat_s <= 0 or stale_after_s <= 2 * heartbeat_s:
+      raise ValueError(f"RunLock: need 0 < heartbeat_s ({heartbeat_s}) and stale_after_s "
+                       f"({stale_after_s}) > 2 x heartbeat_s, or a live owner looks stale")
+    self.path = os.path.join(model_dir, LOCK_NAME)
+    self.stale_after_s = stale_after_s
+    self.heartbeat_s = heartbeat_s
+    self.owner: Optional[LockOwner] = None
+    self._stop = threading.Event()
+    self._thread: Optional[threading.Thread] = None
+    self._lost: Optional[str] = None
+
+  # ------------------------------------------------------------------ acquiring
+
+  def _stale_reason(self, owner: Optional[LockOwner]) -> Optional[str]:
+    """Why the existing lock may be taken over, or None if its owner may be alive."""
+    if owner is None:
+      try:
+        age = time.time() - os.path.getmtime(self.path)
+      except FileNotFoundError:
+        return "it disappeared"
+      return (f"it is unreadable and {age:.0f} s old" if age > self.stale_after_s else None)
+    if owner.host == socket.gethostname() and not _pid_alive(owner.pid):
+      return f"its owner {owner.describe()} is no longer running"
+    if time.time() - owner.heartbeat > self.stale_after_s:
+      return f"its owner {owner.describe()} stopped its heartbeat"
+    return None
+
+  def _record(self, owner: LockOwner) -> str:
+    return json.dumps(dataclasses.asdict(owner)) + "\n"
+
+  def acquire(self) -> LockOwner:
+    """Takes the lock (a stale one is taken over); raises RunInUseError if it is held."""
+    os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+    now = time.time()
+    owner = LockOwner(host=socket.gethostname(), pid=os.getpid(), token=uuid.uuid4().hex,
+                      started=now, heartbeat=now)
+    for attempt in range(2):
+      try:
+        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+      except FileExistsError:
+        current = read_owner(self.path)
+        reason = self._stale_reason(current)
+        if reason is None or attempt:
+          held_by = current.describe() if current else "an unreadable lock file"
+          raise RunInUseError(
+              f"{os.path.dirname(self.path)} is in use by another trainer: {held_by}. "
+              f"Stop that run first, or train into another MODEL_DIR; if no trainer is "
+              f"running, remove {self.path}") from None
+        logger.warning("taking over the lock %s: %s", self.path, reason)
+        try:
+          os.remove(self.path)
+        except FileNotFoundError:
+          pass
+        continue
+      with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(self._record(owner))
+      break
+    self.owner = owner
+    self._thread = threading.Thread(target=self._beat, name="run-lock-heartbeat",
+                                    daemon=True)
+    self._thread.start()
+    return owner
+
+  # ------------------------------------------------------------------ holding
+
+  def _beat(self) -> None:
+    while not self._stop.wait(self.heartbeat_s):
+      current = read_owner(self.path)
+      if current is None or current.token != self.owner.token:
+        self._lost = (f"{self.path} was taken over by "
+                      f"{current.describe() if current else 'another process'}")
+        logger.error("%s; this trainer stops", self._lost)
+        return
+      owner = dataclasses.replace(self.owner, heartbeat=time.time())
+      tmp = f"{self.path}.{self.owner.token}.tmp"
+      with open(tmp, "w", encoding="utf-8") as f:
+        f.write(self._record(owner))
+      os.replace(tmp, self.path)
+      self.owner = owner
+
+  def assert_held(self) -> None:
+    """Raises RunInUseError once another process has taken this lock over."""
+    if self._lost:
+      raise RunInUseError(f"{self._lost} while this trainer was running (it was presumed "
+                          "dead); stopping without writing further")
+
+  def release(self) -> None:
+    """Stops the heartbeat and removes the lock if it is still this process's."""
+    self._stop.set()
+    if self._thread is not None:
+      self._thread.join()
+      self._thread = None
+    current = read_owner(self.path)
+    if self.owner is not None and current is not None and current.token == self.owner.token:
+      os.remove(self.path)
+    self.owner = None
+
+  def __enter__(self) -> "RunLock":
+    self.acquire()
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.release()
