@@ -35,6 +35,7 @@ import logging
 import os
 import sys
 import time
+import traceback
 from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol
 
 import gin
@@ -105,6 +106,12 @@ def _write_config(model_dir: str) -> None:
   with open(f"{path}.tmp", "w", encoding="utf-8") as f:
     f.write(gin.operative_config_str())
   os.replace(f"{path}.tmp", path)
+
+
+def _max_over_processes(value: int) -> int:
+  """The largest `value` any process has (every process calls it at the same point)."""
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return int(np.max(multihost_utils.process_allgather(np.int32(value))))
 
 
 def _lock_run(model_dir: str) -> Optional[run_lock.RunLock]:
@@ -239,6 +246,7 @@ def train(model_dir: str = gin.REQUIRED,
           pack_lengths: Optional[Mapping[str, int]] = None,
           target_buckets: Optional[List[int]] = None,
           early_stopping_evals: Optional[int] = None,
+          input_shards: Optional[int] = None,
           build_model_fn: Callable[[Any], Any] = encoder_decoder.build_model,
           optimizer: Optional[optimizers_lib.Optimizer] = None,
           partitioner: Optional[partitioning_lib.Partitioner] = None,
@@ -267,6 +275,10 @@ def train(model_dir: str = gin.REQUIRED,
     early_stopping_evals: stop once this many evaluations in a row have not improved
       `TrainCheckpoints.best_metric` (train "until validation NDCG stops improving"); the
       count survives a restart. None trains to `train_steps`.
+    input_shards: disjoint SeqIO shards of the input, each feeding an equal block of every
+      batch, each process reading only its own (train_inputs.train_batches). None: one per
+      process, so no host reads another's examples; a resumed run keeps its shard count
+      only if it is given explicitly (set INPUT_SHARDS before changing the host count).
     build_model_fn: vocabulary -> EncoderDecoderModel (gin: `@build_model`).
     optimizer: default `create_optimizer()` (gin-configurable).
     partitioner: default `Partitioner()` (gin-configurable mesh and rules).
@@ -288,6 +300,8 @@ def train(model_dir: str = gin.REQUIRED,
   pack_lengths = train_inputs.check_pack_lengths(task_feature_lengths, pack_lengths)
   target_buckets = train_inputs.check_target_buckets(task_feature_lengths, target_buckets)
   row_lengths = pack_lengths or task_feature_lengths
+  input_shards = jax.process_count() if input_shards is None else _positive(
+      input_shards, "INPUT_SHARDS")
 
   provider = train_inputs.get_provider(mixture_or_task_name)
   model = build_model_fn(provider.output_features["targets"].vocabulary)
@@ -311,7 +325,8 @@ def train(model_dir: str = gin.REQUIRED,
                   "decoder_input_tokens": (batch_size, row_lengths["targets"])}
   data_identity = {"mixture_or_task_name": mixture_or_task_name, "seed": data_seed,
                    "task_feature_lengths": task_feature_lengths,
-                   "pack_lengths": pack_lengths, "target_buckets": target_buckets}
+                   "pack_lengths": pack_lengths, "target_buckets": target_buckets,
+                   "input_shards": input_shards}
   writer = None
   try:
     state, examples_consumed, restored_step, position = _restore_or_init(
@@ -327,7 +342,11 @@ def train(model_dir: str = gin.REQUIRED,
                                          batch_size, host_rows, seed=data_seed,
                                          examples_to_skip=examples_consumed,
                                          pack_lengths=pack_lengths,
-                                         target_buckets=target_buckets)
+                                         target_buckets=target_buckets,
+                                         num_input_shards=input_shards,
+                                         agree_target_length=(
+                                             _max_over_processes
+                                             if jax.process_count() > 1 else None))
     eval_data = None
     train_metrics: Dict[str, float] = {}
     eval_metrics: Dict[str, float] = {}
@@ -434,7 +453,19 @@ def main() -> None:
 
 
 def cli(argv: Optional[List[str]] = None) -> None:
-  gin_utils.run(main, argv, devices=True)
+  """The entry point. A trainer that fails exits at once with status 1 and its traceback:
+  after a failed asynchronous checkpoint save, orbax's signalling threads (not daemons)
+  wait forever for the save's other steps, and a normal interpreter exit would join them
+  and hang (seen with a checkpoint directory that vanished mid-run)."""
+  try:
+    gin_utils.run(main, argv, devices=True)
+  except SystemExit:
+    raise
+  except BaseException:  # pylint: disable=broad-except
+    traceback.print_exc()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)  # pylint: disable=protected-access
 
 
 if __name__ == "__main__":

@@ -23,9 +23,13 @@ one); the resume position is counted in whole batches of the bucketed stream.
 Packing (`pack_lengths`) is the T5X answer to the same waste and the model honours it
 (segment ids -> attention masks), but on the GenSAR mixture the history prompts already
 fill 79% of a 144-token row, so longer packed rows trade the target padding for quadratic
-attention over the row: measured, no faster than padded rows on the CPU. (Every host reads and tokenises the whole global batch; for a pod with
-a heavy input pipeline, sharding the sources with `shard_info` is the next step, at the
-price of tying the position to the host count.)
+attention over the row: measured, no faster than padded rows on the CPU.
+
+Input shards. With one input shard (one process) the stream above is read whole. With
+`num_input_shards` N > 1 (train.py's default: one per process) the sources are split into
+N disjoint SeqIO shards and each feeds its own block of every global batch, so each host
+reads and tokenises only its own rows; the batches then depend on N, not on the host
+count, and resume exactly whenever N is kept (see train_batches).
 
 Eval batches. A fixed number of batches from the start of each member task's validation
 split (unshuffled, packed like training when training packs), built once and kept on the
@@ -34,7 +38,7 @@ keeping one compiled shape without changing the loss.
 """
 from __future__ import annotations
 
-from typing import Dict, Iterator, List, Mapping, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence
 
 import numpy as np
 import seqio
@@ -68,14 +72,16 @@ def check_pack_lengths(task_feature_lengths: Mapping[str, int],
 
 def converted_dataset(name: str, task_feature_lengths: Mapping[str, int],
                       pack_lengths: Optional[Mapping[str, int]], split: str, shuffle: bool,
-                      num_epochs: Optional[int], seed: Optional[int] = None
-                      ) -> tf.data.Dataset:
+                      num_epochs: Optional[int], seed: Optional[int] = None,
+                      shard_info: Optional[seqio.ShardInfo] = None) -> tf.data.Dataset:
   """Model-feature rows of a task or mixture: examples trimmed to `task_feature_lengths`,
-  then padded to them (pack_lengths None) or packed into rows of `pack_lengths`."""
+  then padded to them (pack_lengths None) or packed into rows of `pack_lengths`.
+  `shard_info`: only that shard of every member task's source (SeqIO shards by file when a
+  source has enough files, else by example)."""
   ds = seqio.get_dataset(name, dict(task_feature_lengths),
                          feature_converter=seqio.PassThroughFeatureConverter(),
                          dataset_split=split, shuffle=shuffle, num_epochs=num_epochs,
-                         seed=seed, verbose=False)
+                         seed=seed, shard_info=shard_info, verbose=False)
   ds = ds.map(lambda ex: {"inputs": ex["inputs"], "targets": ex["targets"]},
               num_parallel_calls=tf.data.AUTOTUNE)
   if pack_lengths is None:
@@ -142,15 +148,81 @@ def bucketed_batches(ds: tf.data.Dataset, buckets: Sequence[int],
   return ds.group_by_window(bucket_of, cut, window_size=batch_size)
 
 
+def input_shards_of(global_batch_size: int, host_rows: slice,
+                    num_input_shards: int) -> range:
+  """The input shards that make up this process's rows: shard k feeds rows
+  [k * B / N, (k + 1) * B / N) of every global batch of B rows."""
+  if num_input_shards < 1 or global_batch_size % num_input_shards:
+    raise DataError(f"INPUT_SHARDS={num_input_shards} must be >= 1 and divide BATCH_SIZE="
+                    f"{global_batch_size} (each shard feeds an equal block of every batch)")
+  block = global_batch_size // num_input_shards
+  start, stop = host_rows.start or 0, host_rows.stop
+  if start % block or stop % block:
+    raise DataError(f"INPUT_SHARDS={num_input_shards}: this process owns rows {start}:{stop} "
+                    f"of the batch of {global_batch_size}, not whole blocks of {block}; use a "
+                    "multiple of the process count")
+  return range(start // block, stop // block)
+
+
+def _pad_targets(block: Batch, length: int) -> Batch:
+  """A block's target features zero-padded to `length` (padding carries no loss)."""
+  out = {}
+  for key, value in block.items():
+    if key in TARGET_FEATURES and value.shape[1] < length:
+      value = np.pad(value, [(0, 0), (0, length - value.shape[1])])
+    out[key] = value
+  return out
+
+
+def _sharded_train_batches(mixture_or_task_name, task_feature_lengths, global_batch_size,
+                           shards: range, num_input_shards: int, seed: int,
+                           examples_to_skip: int, pack_lengths, buckets,
+                           agree_target_length: Optional[Callable[[int], int]]
+                           ) -> Iterator[Batch]:
+  """This process's rows from its own input shards, block by block (see train_batches)."""
+  if examples_to_skip % global_batch_size:
+    raise DataError(f"the input position ({examples_to_skip} rows) is not a whole number of "
+                    f"batches of {global_batch_size}: a run on INPUT_SHARDS > 1 resumes with "
+                    "the BATCH_SIZE it was trained with")
+  block = global_batch_size // num_input_shards
+  streams = []
+  for shard in shards:
+    ds = converted_dataset(mixture_or_task_name, task_feature_lengths, pack_lengths, "train",
+                           shuffle=True, num_epochs=None, seed=seed,
+                           shard_info=seqio.ShardInfo(shard, num_input_shards))
+    ds = (bucketed_batches(ds, buckets, block) if buckets
+          else ds.batch(block, drop_remainder=True))
+    ds = ds.skip(examples_to_skip // global_batch_size).prefetch(tf.data.AUTOTUNE)
+    streams.append(ds.as_numpy_iterator())
+  for blocks in zip(*streams):
+    if buckets:  # every block of a step, on every process, at one target length
+      length = max(b["decoder_target_tokens"].shape[1] for b in blocks)
+      if agree_target_length is not None:
+        length = agree_target_length(length)
+      blocks = [_pad_targets(b, length) for b in blocks]
+    yield {key: np.concatenate([b[key] for b in blocks]) for key in blocks[0]}
+
+
 def train_batches(mixture_or_task_name: str, task_feature_lengths: Mapping[str, int],
                   global_batch_size: int, host_rows: slice, seed: int,
                   examples_to_skip: int = 0,
                   pack_lengths: Optional[Mapping[str, int]] = None,
-                  target_buckets: Optional[Sequence[int]] = None) -> Iterator[Batch]:
+                  target_buckets: Optional[Sequence[int]] = None,
+                  num_input_shards: int = 1,
+                  agree_target_length: Optional[Callable[[int], int]] = None
+                  ) -> Iterator[Batch]:
   """Endless host batches (this process's rows of each global batch), as numpy.
 
   `examples_to_skip` counts rows of the converted stream (packed rows when packing); with
   target buckets it must be a whole number of batches, which are skipped after bucketing.
+
+  `num_input_shards` N > 1 splits the input into N disjoint SeqIO shards (`shard_info`),
+  shard k feeding block k of every global batch, and this process reads only the shards of
+  its own rows, so no host reads or tokenises another host's examples. The batches are a
+  pure function of N (not of the process count): the same N resumes exactly on any number
+  of processes that divides it. With target buckets, a step's blocks are padded to the
+  longest bucket among them; `agree_target_length` (the maximum over processes) makes
+  every process pad to the same length.
   """
   if global_batch_size < 1:
     raise DataError(f"BATCH_SIZE must be >= 1, got {global_batch_size}")
@@ -160,6 +232,12 @@ def train_batches(mixture_or_task_name: str, task_feature_lengths: Mapping[str, 
   if buckets and pack_lengths:
     raise DataError("TARGET_BUCKETS and PACK_LENGTHS are two answers to the same padding; "
                     "set one of them")
+  if num_input_shards != 1:
+    shards = input_shards_of(global_batch_size, host_rows, num_input_shards)
+    return _sharded_train_batches(mixture_or_task_name, task_feature_lengths,
+                                  global_batch_size, shards, num_input_shards, seed,
+                                  int(examples_to_skip), pack_lengths, buckets,
+                                  agree_target_length)
   ds = converted_dataset(mixture_or_task_name, task_feature_lengths, pack_lengths, "train",
                          shuffle=True, num_epochs=None, seed=seed)
   if buckets:

@@ -7,7 +7,9 @@ index (on a TPU VM, jax.distributed finds both in the VM metadata), 4 CPU device
 process standing in for a worker's 4 chips, and a local MODEL_DIR in place of the bucket
 (both processes share this machine's disk, as the workers share the bucket).
 
-Against a 1-process run on 8 local devices with the same flags: the same 8-device mesh,
+Each worker reads only its own input shard (one of 2; INPUT_SHARDS defaults to the
+process count). Against a 1-process run on 8 local devices with the same flags, reading
+both shards: the same 8-device mesh,
 the same loss at every step, one metrics file and one set of checkpoints; killed after a
 checkpoint and relaunched, the pair resumes and still logs the same losses.
 """
@@ -158,8 +160,10 @@ def losses(model_dir):
 
 @pytest.fixture(scope="module")
 def reference(world, tmp_path_factory):
-  """One process, 8 local devices, the workers' flags: what the pair must reproduce."""
+  """One process, 8 local devices, the workers' flags, reading the 2 input shards the two
+  workers read one each: what the pair must reproduce."""
   _, argv = worker_command(world)
+  argv = [*argv, "--gin.INPUT_SHARDS=2"]
   model_dir = str(tmp_path_factory.mktemp("pod_reference") / "run")
   result = subprocess.run([sys.executable, "-m", "gensar_jax.train",
                            *_with_model_dir(argv, model_dir)], env=_base_env(8), cwd=REPO,

@@ -272,6 +272,65 @@ def test_input_stream_skip_matches_consumption_and_host_slices(world):
   assert weights[:real_rows].sum() > 0 and weights[real_rows:].sum() == 0
 
 
+def _rows(batch):
+  return {tuple(row[row > 0]) for row in batch["encoder_input_tokens"]}
+
+
+def test_input_shards_give_each_process_its_own_disjoint_examples(world):
+  """Two input shards: one process reading both builds the global batch a pair of
+  processes builds reading one each; the shards hold different examples; resume skips
+  whole batches of every shard."""
+  mixture = world["reg"].mixtures["all"]
+  both = train_inputs.train_batches(mixture, LENGTHS, BATCH, slice(0, BATCH), seed=3,
+                                    num_input_shards=2)
+  first = [next(both) for _ in range(4)]
+  second_half = train_inputs.train_batches(mixture, LENGTHS, BATCH, slice(4, 8), seed=3,
+                                           num_input_shards=2)
+  for batch in first:
+    half = next(second_half)
+    for key in batch:
+      np.testing.assert_array_equal(half[key], batch[key][4:8])
+  # The rec task's examples (one per user and position): no example in both shards.
+  rec = world["reg"].tasks["next_rec_item"]
+  shards = [train_inputs.train_batches(rec, LENGTHS, BATCH, slice(4 * k, 4 * k + 4), seed=3,
+                                       num_input_shards=2) for k in range(2)]
+  seen = [set().union(*(_rows(next(stream)) for _ in range(5))) for stream in shards]
+  assert len(seen[0]) > 10 and len(seen[1]) > 10 and not seen[0] & seen[1]
+  unsharded = train_inputs.train_batches(mixture, LENGTHS, BATCH, slice(0, BATCH), seed=3)
+  assert _rows(next(unsharded)) != _rows(first[0])  # another stream than one shard's
+  resumed = train_inputs.train_batches(mixture, LENGTHS, BATCH, slice(0, BATCH), seed=3,
+                                       num_input_shards=2, examples_to_skip=2 * BATCH)
+  np.testing.assert_array_equal(next(resumed)["encoder_input_tokens"],
+                                first[2]["encoder_input_tokens"])
+  with pytest.raises(DataError, match="must be >= 1 and divide BATCH_SIZE"):
+    train_inputs.train_batches(mixture, LENGTHS, BATCH, slice(0, BATCH), seed=3,
+                               num_input_shards=3)
+  with pytest.raises(DataError, match="not whole blocks of 2"):
+    train_inputs.train_batches(mixture, LENGTHS, BATCH, slice(3, 8), seed=3,
+                               num_input_shards=4)
+
+
+def test_input_shards_with_target_buckets_agree_on_one_length_per_step(world):
+  mixture = world["reg"].mixtures["all"]
+  full = LENGTHS["targets"]
+  local = train_inputs.train_batches(mixture, LENGTHS, BATCH, slice(0, BATCH), seed=5,
+                                     num_input_shards=2, target_buckets=[8])
+  agreed = train_inputs.train_batches(mixture, LENGTHS, BATCH, slice(0, BATCH), seed=5,
+                                      num_input_shards=2, target_buckets=[8],
+                                      agree_target_length=lambda length: full)
+  lengths = set()
+  for _ in range(12):
+    a, b = next(local), next(agreed)
+    length = a["decoder_target_tokens"].shape[1]
+    lengths.add(length)
+    assert b["decoder_target_tokens"].shape[1] == full
+    for key in train_inputs.TARGET_FEATURES:
+      if key in a:
+        np.testing.assert_array_equal(b[key][:, :length], a[key])
+        assert not b[key][:, length:].any()  # padding only: no loss, no tokens
+  assert lengths <= {8, full} and 8 in lengths
+
+
 def test_target_buckets_batch_each_example_once_at_its_bucket_length(world):
   """Bucketed batches hold the examples of the padded stream, each batch in one bucket with
   its target features cut to that bucket; skipping N batches resumes exactly."""
@@ -395,8 +454,9 @@ def test_second_trainer_on_a_directory_in_use_exits_2_and_the_first_finishes(wor
 
 def test_a_failing_checkpoint_save_ends_the_run_with_an_error(world, tmp_path):
   """A save that cannot be written must end the trainer with an error, not leave it
-  hanging. Here the checkpoint directory is replaced by a plain file after the first save
-  (permissions would not stop a root test runner)."""
+  hanging (orbax's signalling threads used to keep the failed process alive, in about
+  half the runs). Here the checkpoint directory is replaced by a plain file after the first
+  save (permissions would not stop a root test runner)."""
   model_dir = str(tmp_path / "broken")
   proc = subprocess.Popen([sys.executable, "-m", "gensar_jax.train",
                            *cli_args(world, model_dir, "--gin.TRAIN_STEPS=400",
@@ -417,7 +477,7 @@ def test_a_failing_checkpoint_save_ends_the_run_with_an_error(world, tmp_path):
   finally:
     if proc.poll() is None:
       proc.kill()
-  assert proc.returncode != 0, out[-3000:]
-  assert "checkpoint" in out.lower()
+  assert proc.returncode == 1, out[-3000:]
+  assert "Not a directory" in out  # the failed save, named (orbax or tensorstore wording)
   metrics = train_logging.read_jsonl_metrics(model_dir, "train")
   assert metrics[-1]["step"] < 400
