@@ -77,6 +77,7 @@ class LaunchSpec:
   watch: bool
   max_restarts: int
   max_wait_polls: int
+  teardown: bool = False  # delete the slice and do nothing else
 
 
 def gcloud_tpu(spec: LaunchSpec, verb: str, *args: str) -> List[str]:

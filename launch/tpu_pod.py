@@ -256,8 +256,22 @@ def parse_args(argv: Sequence[str]) -> Tuple[LaunchSpec, bool, float]:
   p.add_argument("--train_module", default="gensar_jax.train")
   p.add_argument("--archive_dir", default=tempfile.gettempdir())
   p.add_argument("--dry_run", action="store_true", help="print the commands, run nothing")
+  p.add_argument("--teardown", action="store_true",
+                 help="delete the slice (its local disks go with it; MODEL_DIR on the bucket "
+                 "stays) and do nothing else")
   args = p.parse_args(own)
   shape = slice_shape(args.accelerator_type)
+  if args.teardown:
+    if gin_flags:
+      raise LaunchError("--teardown deletes the slice only: drop the gin flags")
+    spec = LaunchSpec(
+        name=args.name, zone=args.zone, project=args.project, shape=shape,
+        runtime=args.version or shape.runtime, spot=args.spot, preemptible=args.preemptible,
+        train_flags=(), train_module=args.train_module, remote_dir=args.remote_dir,
+        python=args.python, jax_requirement=args.jax_requirement, archive_path="",
+        git_ref=args.git_ref, install=False, watch=False, max_restarts=0,
+        max_wait_polls=args.max_wait_polls, teardown=True)
+    return spec, args.dry_run, args.poll_seconds
   # Checked before the slice's mesh file is added: that one alone trains nothing.
   if not any(f.startswith("--gin_file=") for f in gin_flags):
     raise LaunchError("no --gin_file given: pass the run and model gin files, e.g. "
@@ -289,6 +303,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   try:
     spec, dry_run, poll_seconds = parse_args(sys.argv[1:] if argv is None else argv)
     runner = CommandRunner(dry_run, poll_seconds=poll_seconds)
+    if spec.teardown:
+      return runner.run(gcloud_tpu(spec, "delete", spec.name, "--quiet")).returncode
     runner.note(f"{spec.shape.accelerator_type}: {spec.shape.chips} chips on "
                 f"{spec.shape.workers} worker(s), runtime {spec.runtime}")
     return launch(spec, runner)

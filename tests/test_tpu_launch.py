@@ -349,3 +349,49 @@ def test_two_cpu_processes_join_one_runtime():
   for r in results:
     assert (r["count"], r["local"], r["global_"], r["distributed"]) == (2, 2, 4, True)
     assert r["total"] == 6.0  # 2 x 1.0 from process 0 + 2 x 2.0 from process 1
+
+
+# --- the runbook in launch/README.md ------------------------------------------------------
+
+
+def _runbook_commands():
+  """The shell commands of launch/README.md's runbook section, in order."""
+  with open(os.path.join(REPO, "launch", "README.md"), encoding="utf-8") as f:
+    text = f.read()
+  section = text.split("### Runbook", 1)[1].split("\n### ", 1)[0]
+  commands, in_block = [], False
+  for line in section.splitlines():
+    stripped = line.strip()
+    if stripped.startswith("```"):
+      in_block = not in_block
+      continue
+    if in_block and stripped:
+      commands.append(shlex.split(stripped))
+  return commands
+
+
+def test_every_runbook_command_runs_dry_and_names_one_slice_and_model_dir():
+  commands = _runbook_commands()
+  launches = [c for c in commands if c[:2] == ["python", "launch/tpu_pod.py"]]
+  assert len(launches) == 4 and len(commands) == 6
+  names, model_dirs, trains = set(), set(), set()
+  for argv in launches:
+    flags = argv[2:] + ([] if "--dry_run" in argv else ["--dry_run"])
+    done = _run_launcher(flags)
+    assert done.returncode == 0, (argv, done.stderr)
+    verbs = [c[4] for c in _commands(done.stdout) if c[0] == "gcloud"]
+    names.update(a.split("=", 1)[1] for a in argv if a.startswith("--name="))
+    model_dirs.update(a.split("=", 1)[1].strip("'") for a in argv
+                      if a.startswith("--gin.MODEL_DIR="))
+    if "--teardown" in argv:
+      assert verbs == ["delete"]
+      continue
+    assert verbs[:6] == ["describe", "create", "delete", "scp", "ssh", "ssh"]
+    trains.add(next(line for line in done.stdout.splitlines() if "gensar_jax.train" in line))
+  # Look, launch and resume by hand all run the one training command (so a rerun resumes).
+  assert len(trains) == 1
+  assert names == {"gensar-v5p"} and len(model_dirs) == 1
+  (model_dir,) = model_dirs
+  for argv in commands:
+    if argv[0] in ("gcloud", "tensorboard"):  # reading results: the run's own MODEL_DIR
+      assert any(a.startswith(model_dir) for a in argv), argv
