@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import traceback
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import gin
@@ -126,8 +127,25 @@ def run_module(name: str, devices: bool = False) -> None:
   """
   import importlib
   module = importlib.import_module(name)
-  if hasattr(module, "cli"):
-    module.cli()
-  else:
-    run(module.main, devices=devices)
+  try:
+    if hasattr(module, "cli"):
+      module.cli()
+    else:
+      run(module.main, devices=devices)
+  except SystemExit:
+    raise
+  except BaseException as e:  # pylint: disable=broad-except
+    _exit_now_with_traceback(130 if isinstance(e, KeyboardInterrupt) else 1)
   raise SystemExit(0)
+
+
+def _exit_now_with_traceback(code: int) -> None:
+  """Ends a failed entry-point process at once. After a failed asynchronous checkpoint
+  save, orbax's signalling threads (not daemons) wait forever for the save's other steps,
+  and a normal interpreter exit joins them and hangs (seen with a checkpoint directory that
+  vanished mid-run). Only processes started through `run_module` do this; a `cli()` called
+  in-process (tests) raises as usual."""
+  traceback.print_exc()
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(code)  # pylint: disable=protected-access

@@ -33,9 +33,7 @@ if __name__ == "__main__":  # one gin registration: run as the importable module
 import dataclasses
 import logging
 import os
-import sys
 import time
-import traceback
 from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol
 
 import gin
@@ -453,20 +451,9 @@ def main() -> None:
 
 
 def cli(argv: Optional[List[str]] = None) -> None:
-  """The entry point. A trainer that fails exits at once with status 1 and its traceback:
-  after a failed asynchronous checkpoint save, orbax's signalling threads (not daemons)
-  wait forever for the save's other steps, and a normal interpreter exit would join them
-  and hang (seen with a checkpoint directory that vanished mid-run)."""
-  try:
-    gin_utils.run(main, argv, devices=True)
-  except SystemExit:
-    raise
-  except BaseException:  # pylint: disable=broad-except
-    traceback.print_exc()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(1)  # pylint: disable=protected-access
-
+  """The entry point (`python -m gensar_jax.train` reaches it through gin_utils.run_module,
+  which also ends a failed process at once)."""
+  gin_utils.run(main, argv, devices=True)
 
 if __name__ == "__main__":
   cli()
