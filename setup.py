@@ -2,7 +2,8 @@
 
 Every dependency is pinned on purpose; the comment says why we need it. Ranges admit
 Python 3.11 with JAX 0.10.x (CPU development machines) and Python 3.12 with JAX 0.11
-(GPU/TPU machines).
+(GPU/TPU machines). `make` installs with constraints.txt, the exact versions the test suite
+last passed with, so a clean clone gets the environment that was tested.
 """
 import setuptools
 
@@ -16,6 +17,11 @@ INSTALL_REQUIRES = [
     "optax>=0.2.5,<0.3",
     # Checkpoints: async, sharded, CheckpointManager with keep-best.
     "orbax-checkpoint>=0.11.20,<0.13",
+    # The filesystem layer of run directories (gensar_jax/io_utils.py): local paths and gs://
+    # through etils.epath (orbax's own layer); gcsfs is its bucket client with EPATH_USE_TF=0.
+    "etils[epath]>=1.7",
+    "fsspec>=2024.6",
+    "gcsfs>=2024.6",
     # Tasks, mixtures, vocabularies and feature converters, the way T5X users know them.
     "seqio==0.0.20",
     # SeqIO needs the full TensorFlow (tf.data) and tensorflow-text; TFDS writes the prepared
@@ -48,7 +54,8 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS_REQUIRE = {
-    "test": ["pytest>=8.0", "pytest-timeout>=2.3"],
+    # gcp-storage-emulator: a GCS JSON API on loopback, for the gs:// run-directory tests.
+    "test": ["pytest>=8.0", "pytest-timeout>=2.3", "gcp-storage-emulator>=2026.7"],
 }
 
 setuptools.setup(

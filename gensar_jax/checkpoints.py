@@ -32,7 +32,6 @@ import dataclasses
 import logging
 import math
 import os
-import shutil
 import time
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
@@ -40,6 +39,7 @@ import gin
 import jax
 import orbax.checkpoint as ocp
 
+from gensar_jax import io_utils
 from gensar_jax.data.schema import DataError
 
 logger = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ class TrainCheckpoints:
       raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
     if best_metric is not None and keep_best < 1:
       raise ValueError(f"keep_best must be >= 1 when best_metric is set (got {keep_best})")
-    self.directory = os.path.abspath(directory)
+    self.directory = directory if io_utils.is_remote(directory) else os.path.abspath(directory)
     self.best_metric = best_metric
     self.best_mode = best_mode
     policies: List[Any] = [ocp.checkpoint_managers.LatestN(n=keep_last)]
@@ -225,9 +225,8 @@ class TrainCheckpoints:
   def _move_aside(self, step: int) -> None:
     """Moves a broken step out of the managed directory (kept for inspection)."""
     if jax.process_index() == 0:
-      os.makedirs(self._corrupt_dir(), exist_ok=True)
-      destination = os.path.join(self._corrupt_dir(), f"{step}-{int(time.time())}")
-      shutil.move(self.step_path(step), destination)
+      destination = io_utils.join(self._corrupt_dir(), f"{step}-{int(time.time())}")
+      io_utils.move(self.step_path(step), destination)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       multihost_utils.sync_global_devices(f"checkpoints_move_aside_{step}")

@@ -20,14 +20,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import json
 import os
 import sys
-import uuid
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import BinaryIO, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from gensar_jax import io_utils
 from gensar_jax import results as results_lib
 
 MD_FILE = "comparison.md"
@@ -169,7 +170,8 @@ def comparison_json(summaries: Sequence[SystemSummary], split: str, dataset: str
           "systems": systems}
 
 
-def plot_tradeoff(summaries: Sequence[SystemSummary], path: str, title: str) -> None:
+def plot_tradeoff(summaries: Sequence[SystemSummary], path: Union[str, BinaryIO],
+                  title: str) -> None:
   """Rec NDCG@10 against search NDCG@10; single-task systems at 0 on the missing axis."""
   import matplotlib
   matplotlib.use("Agg")
@@ -204,47 +206,33 @@ def plot_tradeoff(summaries: Sequence[SystemSummary], path: str, title: str) -> 
     fig.text(0.01, 0.01, "Open markers: the system does only one task and is drawn at 0 on "
              "the other axis. Squares: baselines; circles: generative.", fontsize=7)
   fig.tight_layout(rect=(0, 0.03, 1, 1))
-  fig.savefig(path, dpi=120)
+  fig.savefig(path, dpi=120, format="png")
   plt.close(fig)
 
 
-def _atomic_write(path: str, write) -> None:
-  tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-"
-                     f"{uuid.uuid4().hex[:8]}{os.path.splitext(path)[1]}")
-  try:
-    write(tmp)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+def _same_dir(a: str, b: str) -> bool:
+  if io_utils.is_remote(a) or io_utils.is_remote(b):
+    return a.rstrip("/") == b.rstrip("/")
+  return os.path.abspath(a) == os.path.abspath(b)
 
 
 def compare(results_dirs: Sequence[str], output_dir: str) -> List[SystemSummary]:
   """Reads, aggregates, and writes comparison.md, comparison.json and tradeoff.png."""
-  out = os.path.abspath(output_dir)
-  if any(os.path.abspath(d) == out for d in results_dirs):
+  if any(_same_dir(d, output_dir) for d in results_dirs):
     raise results_lib.ResultError(f"{output_dir}: output_dir must differ from the results "
                                   "directories (comparison.json would be read as a result)")
   loaded = load_results(results_dirs)
   split = _single_value(loaded, "split")
   dataset = _single_value(loaded, "dataset")
   summaries = summarise(loaded)
-  os.makedirs(out, exist_ok=True)
-
-  def write_text(text):
-    def write(path):
-      with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
-    return write
-
-  _atomic_write(os.path.join(out, MD_FILE), write_text(markdown_table(summaries, split,
-                                                                      dataset)))
-  _atomic_write(os.path.join(out, JSON_FILE), write_text(
-      json.dumps(comparison_json(summaries, split, dataset), indent=2, ensure_ascii=False)
-      + "\n"))
-  _atomic_write(os.path.join(out, PLOT_FILE), lambda p: plot_tradeoff(
-      summaries, p, f"search vs recommendation, {dataset} {split}"))
+  io_utils.makedirs(output_dir)
+  io_utils.write_text(io_utils.join(output_dir, MD_FILE),
+                      markdown_table(summaries, split, dataset))
+  io_utils.write_text(io_utils.join(output_dir, JSON_FILE), json.dumps(
+      comparison_json(summaries, split, dataset), indent=2, ensure_ascii=False) + "\n")
+  png = io.BytesIO()
+  plot_tradeoff(summaries, png, f"search vs recommendation, {dataset} {split}")
+  io_utils.write_bytes(io_utils.join(output_dir, PLOT_FILE), png.getvalue())
   return summaries
 
 
@@ -259,8 +247,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   except results_lib.ResultError as e:
     print(f"error: {e}", file=sys.stderr)
     raise SystemExit(2) from None
-  with open(os.path.join(args.output_dir, MD_FILE), encoding="utf-8") as f:
-    print(f.read())
+  print(io_utils.read_text(io_utils.join(args.output_dir, MD_FILE)))
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ import numpy as np
 from gensar_jax import gin_utils
 from gensar_jax.decoding import build_trie, identifier_search
 from gensar_jax.decoding import trie as trie_lib
+from gensar_jax import io_utils
 from gensar_jax.io_utils import atomic_output_dir, write_json, write_jsonl
 from gensar_jax.serving import artifact as artifact_lib
 from gensar_jax.vocabulary import BEHAVIOUR_TOKENS, REC_ITEM, SRC_ITEM, SRC_QUERY
@@ -173,7 +174,7 @@ def write_serving_artifact(export_dir: str, *, model, params: Any, indices: Mapp
         with open(os.path.join(tmp, artifact_lib.function_file(task, bucket)), "wb") as f:
           f.write(blob)
     write_json(os.path.join(tmp, artifact_lib.METADATA_FILE), metadata)
-  return os.path.abspath(export_dir)
+  return export_dir if io_utils.is_remote(export_dir) else os.path.abspath(export_dir)
 
 
 @gin.configurable
@@ -184,7 +185,7 @@ def export(model_dir: str = gin.REQUIRED, export_dir: str = gin.REQUIRED,
            search_history: int = 5, platforms: Optional[Sequence[str]] = None,
            overwrite: bool = False) -> str:
   """Restores the run's chosen checkpoint and writes its serving artifact to `export_dir`."""
-  if os.path.exists(export_dir) and not overwrite:
+  if io_utils.exists(export_dir) and not overwrite:
     # Before the minutes of restoring and tracing, not after.
     raise FileExistsError(f"{export_dir} already exists; bind export.overwrite = True to "
                           "replace it")

@@ -30,7 +30,6 @@ import ast
 import dataclasses
 import hashlib
 import logging
-import os
 import re
 from typing import Dict, Iterator, List, Mapping, Optional, Union
 
@@ -41,6 +40,7 @@ from tqdm import tqdm
 
 from gensar_jax import evaluation
 from gensar_jax import gin_utils
+from gensar_jax import io_utils
 from gensar_jax import restore
 # The run's own gin files come first on the command line; gin/runs/train.gin binds `train`.
 from gensar_jax import train as _train_configurables  # noqa: F401  # pylint: disable=unused-import
@@ -49,7 +49,6 @@ from gensar_jax.data.prepared import load_prepared
 from gensar_jax.data.schema import DataError
 from gensar_jax.decoding import build_candidate_tries, build_trie, decode_identifiers
 from gensar_jax.identifiers.table import IDENTIFIERS_FILE
-from gensar_jax.io_utils import write_jsonl
 from gensar_jax.models.encoder_decoder import build_model
 from tasks import prompts
 
@@ -74,24 +73,22 @@ class InferSummary:
 
 
 def _file_digest(path: str) -> str:
-  with open(path, "rb") as f:
-    return hashlib.sha256(f.read()).hexdigest()
+  return hashlib.sha256(io_utils.read_bytes(path)).hexdigest()
 
 
 def _trained_macro(model_dir: str, macro: str) -> Optional[str]:
   """A string macro of the run's operative config (MODEL_DIR/config.gin), if written there."""
-  path = os.path.join(model_dir, TRAINED_CONFIG)
-  if not os.path.isfile(path):
+  path = io_utils.join(model_dir, TRAINED_CONFIG)
+  if not io_utils.isfile(path):
     return None
-  with open(path, encoding="utf-8") as f:
-    for line in f:
-      match = re.match(rf"^{macro}\s*=\s*(.+?)\s*$", line)
-      if match:
-        try:
-          value = ast.literal_eval(match.group(1))
-        except (ValueError, SyntaxError):
-          return None
-        return value if isinstance(value, str) else None
+  for line in io_utils.read_text(path).splitlines():
+    match = re.match(rf"^{macro}\s*=\s*(.+?)\s*$", line)
+    if match:
+      try:
+        value = ast.literal_eval(match.group(1))
+      except (ValueError, SyntaxError):
+        return None
+      return value if isinstance(value, str) else None
   return None
 
 
@@ -108,16 +105,16 @@ def check_run_inputs(model_dir: str, vocab_path: str, identifiers_dir: str) -> N
     trained = _trained_macro(model_dir, macro)
     if trained is None:
       continue
-    trained_file = os.path.join(trained, file_name) if file_name else trained
-    given_file = os.path.join(given, file_name) if file_name else given
-    if not os.path.isfile(trained_file):
+    trained_file = io_utils.join(trained, file_name) if file_name else trained
+    given_file = io_utils.join(given, file_name) if file_name else given
+    if not io_utils.isfile(trained_file):
       logger.info("%s: trained with %s=%r, which is not here; not compared", model_dir,
                   macro, trained)
       continue
-    if not os.path.isfile(given_file):
+    if not io_utils.isfile(given_file):
       continue  # the setup reports a missing input with its own message
     if _file_digest(trained_file) != _file_digest(given_file):
-      config = os.path.join(model_dir, TRAINED_CONFIG)
+      config = io_utils.join(model_dir, TRAINED_CONFIG)
       raise CheckpointError(
           f"{model_dir}: trained with {macro}={trained!r} ({config}), but {given_file} "
           f"has other contents; decode with the {macro} the run was trained with")
@@ -232,7 +229,7 @@ def infer(model_dir: str = gin.REQUIRED, prepared_dir: str = gin.REQUIRED,
   titles = dict(zip((str(i) for i in items["item_id"]), (str(t) for t in items["title"])))
   identifiers = _identifier_strings(index, setup.vocabulary)
   catalogue_trie = build_trie(index.tokens) if constraint == "catalogue" else None
-  output_path = output_path or os.path.join(model_dir, f"predictions_{key}_{split}.jsonl")
+  output_path = output_path or io_utils.join(model_dir, f"predictions_{key}_{split}.jsonl")
 
   def rows() -> Iterator[Dict]:
     metadata = _example_metadata(task_name, split, input_length, max_examples)
@@ -275,15 +272,7 @@ def infer(model_dir: str = gin.REQUIRED, prepared_dir: str = gin.REQUIRED,
   collected = list(rows())
   if not collected:
     raise DataError(f"{task_name}/{split} has no examples to decode")
-  parent = os.path.dirname(os.path.abspath(output_path))
-  os.makedirs(parent, exist_ok=True)
-  tmp = f"{output_path}.tmp-{os.getpid()}"
-  try:
-    write_jsonl(tmp, collected)
-    os.replace(tmp, output_path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  io_utils.write_jsonl(output_path, collected)
   return InferSummary(output_path=output_path, num_examples=len(collected),
                       checkpoint_step=step, task=task_name, constraint=constraint)
 

@@ -14,10 +14,10 @@ Written to a temporary directory and renamed into place, so a reader never sees 
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Dict, List, Mapping, Sequence, Tuple
 
+from gensar_jax import io_utils
 from gensar_jax.io_utils import atomic_output_dir, write_json
 from gensar_jax.train_logging import JSONL_NAME, read_jsonl_metrics
 
@@ -32,7 +32,7 @@ class CurveError(ValueError):
 def read_curve(model_dir: str) -> List[Dict[str, float]]:
   """[{step, examples_seen, rec, search}] of one run's evaluations (a task it does not do
   is absent from its points)."""
-  if not os.path.exists(os.path.join(model_dir, JSONL_NAME)):
+  if not io_utils.exists(io_utils.join(model_dir, JSONL_NAME)):
     raise CurveError(f"{model_dir}: no {JSONL_NAME}; has this run trained?")
   points = []
   for record in read_jsonl_metrics(model_dir, "eval"):
@@ -113,5 +113,4 @@ def write_curves(runs: Mapping[str, str], output_dir: str) -> Dict[str, List[Dic
 
 
 def read_curves(output_dir: str) -> Dict[str, List[Dict]]:
-  with open(os.path.join(output_dir, JSON_FILE), encoding="utf-8") as f:
-    return json.load(f)
+  return io_utils.read_json(io_utils.join(output_dir, JSON_FILE))

@@ -34,10 +34,7 @@ if __name__ == "__main__":  # one gin registration: run as the importable module
 
 import dataclasses
 import hashlib
-import json
-import os
 import re
-import shutil
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -51,11 +48,11 @@ from gensar_jax import doc2query as doc2query_lib
 from gensar_jax import evaluate as evaluate_lib
 from gensar_jax import gin_utils
 from gensar_jax import identify as identify_lib
+from gensar_jax import io_utils
 from gensar_jax import prepare as prepare_lib
 from gensar_jax import train as train_lib
 from gensar_jax.baselines import run as baselines_lib
 from gensar_jax.data.stats import format_stats_table
-from gensar_jax.io_utils import write_json
 
 STAGES = ("prepare", "identify", "vocab", "baselines", "doc2query", "pseudo_queries", "train",
           "evaluate", "compare")
@@ -121,19 +118,16 @@ def stage_fingerprint(stage: str, upstream: str = "") -> str:
 
 
 def _marker(run_dir: str, stage: str, suffix: str = "") -> str:
-  return os.path.join(run_dir, "stages", f"{stage}{suffix}.json")
+  return io_utils.join(run_dir, "stages", f"{stage}{suffix}.json")
 
 
 def _read_fingerprint(path: str) -> Optional[str]:
-  try:
-    with open(path, encoding="utf-8") as f:
-      return json.load(f).get("fingerprint")
-  except (OSError, json.JSONDecodeError, AttributeError):
-    return None
+  marker = io_utils.read_json_if_valid(path)
+  return marker.get("fingerprint") if isinstance(marker, dict) else None
 
 
 def is_complete(run_dir: str, stage: str, output: str, fingerprint: str) -> bool:
-  return os.path.exists(output) and _read_fingerprint(_marker(run_dir, stage)) == fingerprint
+  return io_utils.exists(output) and _read_fingerprint(_marker(run_dir, stage)) == fingerprint
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,8 +196,7 @@ def _stages(run_dir: str, prepared_dir: str, identifiers_dir: str, vocab_path: O
 
   def compare():
     comparison.compare([d for d in (baselines_dir, eval_dir) if d], comparison_dir)
-    with open(os.path.join(comparison_dir, "comparison.md"), encoding="utf-8") as f:
-      return {"table": f.read()}
+    return {"table": io_utils.read_text(io_utils.join(comparison_dir, "comparison.md"))}
 
   stages += [
       Stage("baselines", baselines_dir or "", baselines, lambda s: s["table"]),
@@ -237,15 +230,13 @@ def pipeline(run_dir: str = gin.REQUIRED, prepared_dir: str = gin.REQUIRED,
   missing = [f"pipeline.{outputs[s][0]}" for s in stages if s in outputs and not outputs[s][1]]
   if missing:
     raise ValueError(f"the pipeline's stages {list(stages)} need {missing} to be bound")
-  os.makedirs(os.path.join(run_dir, "stages"), exist_ok=True)
-  with open(os.path.join(run_dir, "config.gin"), "w", encoding="utf-8") as f:
-    f.write(gin.config_str())
-  log_path = os.path.join(run_dir, LOG_FILE)
+  io_utils.makedirs(io_utils.join(run_dir, "stages"))
+  io_utils.write_text(io_utils.join(run_dir, "config.gin"), gin.config_str())
+  log_path = io_utils.join(run_dir, LOG_FILE)
 
   def say(text: str) -> None:
     print(text, flush=True)
-    with open(log_path, "a", encoding="utf-8") as log:
-      log.write(text + "\n")
+    io_utils.append_text(log_path, text + "\n")
 
   say(f"=== pipeline {time.strftime('%Y-%m-%d %H:%M:%S %Z')}: stages {list(stages)}")
   report: List[str] = []
@@ -261,25 +252,24 @@ def pipeline(run_dir: str = gin.REQUIRED, prepared_dir: str = gin.REQUIRED,
       previous = fingerprint
     if stage.name not in stages:
       continue
-    stats_path = os.path.join(run_dir, "stages", f"{stage.name}_stats.json")
+    stats_path = io_utils.join(run_dir, "stages", f"{stage.name}_stats.json")
     if is_complete(run_dir, stage.name, stage.output, fingerprint):
       say(f"[{stage.name}] complete for this config, skipped ({stage.output})")
-      with open(stats_path, encoding="utf-8") as f:
-        stats = json.load(f)
+      stats = io_utils.read_json(stats_path)
     else:
       started = _marker(run_dir, stage.name, ".started")
-      if stage.name in RESUMABLE and os.path.exists(stage.output):
+      if stage.name in RESUMABLE and io_utils.exists(stage.output):
         if _read_fingerprint(started) == fingerprint:
           say(f"[{stage.name}] resuming in {stage.output}")
         else:  # checkpoints of another configuration: never resume from them
-          shutil.rmtree(stage.output)
+          io_utils.rmtree(stage.output)
       say(f"[{stage.name}] running -> {stage.output}")
-      write_json(started, {"fingerprint": fingerprint})
+      io_utils.write_json(started, {"fingerprint": fingerprint})
       start = time.time()
       stats = stage.run()
-      write_json(stats_path, stats)
+      io_utils.write_json(stats_path, stats)
       seconds = round(time.time() - start, 1)
-      write_json(_marker(run_dir, stage.name), {"fingerprint": fingerprint,
+      io_utils.write_json(_marker(run_dir, stage.name), {"fingerprint": fingerprint,
                                                 "seconds": seconds})
       say(f"[{stage.name}] done in {seconds} s")
     text = stage.report(stats)

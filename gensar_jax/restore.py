@@ -8,10 +8,10 @@ to the latest when none was tracked; a step number picks that step.
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any, Optional, Tuple, Union
 
 from gensar_jax import checkpoints as checkpoints_lib
+from gensar_jax import io_utils
 from gensar_jax import optimizers as optimizers_lib
 from gensar_jax import partitioning as partitioning_lib
 from gensar_jax import trainer as trainer_lib
@@ -24,8 +24,8 @@ def load_params(model_dir: str, model: Any, checkpoint: Union[str, int] = "best"
                 partitioner: Optional[partitioning_lib.Partitioner] = None
                 ) -> Tuple[Any, int]:
   """(params placed with the partitioner's shardings, the step restored)."""
-  directory = os.path.join(model_dir, CHECKPOINTS_SUBDIR)
-  if not os.path.isdir(directory):
+  directory = io_utils.join(model_dir, CHECKPOINTS_SUBDIR)
+  if not io_utils.isdir(directory):
     raise checkpoints_lib.CheckpointError(
         f"{model_dir}: no checkpoints/ directory; train a model there first "
         "(python -m gensar_jax.train)")

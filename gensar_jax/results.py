@@ -17,11 +17,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import re
-import uuid
 from typing import Any, Dict, List, Optional
 
+from gensar_jax import io_utils
 from gensar_jax import metrics as metrics_lib
 
 FAMILIES = ("baseline", "generative")
@@ -113,25 +112,13 @@ def write_result(path: str, result: SystemResult) -> str:
   """Validates and writes one result; readers never see a half-written file."""
   obj = result.to_json()
   validate_result(obj, f"result for {result.system!r} (about to be written to {path})")
-  parent = os.path.dirname(os.path.abspath(path))
-  os.makedirs(parent, exist_ok=True)
-  tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
-  try:
-    with open(tmp, "w", encoding="utf-8") as f:
-      json.dump(obj, f, indent=2)
-      f.write("\n")
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  io_utils.write_json(path, obj)
   return path
 
 
 def read_result(path: str) -> SystemResult:
   try:
-    with open(path, encoding="utf-8") as f:
-      obj = json.load(f)
+    obj = io_utils.read_json(path)
   except json.JSONDecodeError as e:
     raise ResultError(f"{path}: not valid JSON ({e})") from None
   return validate_result(obj, path)
@@ -139,13 +126,13 @@ def read_result(path: str) -> SystemResult:
 
 def result_files(results_dir: str) -> List[str]:
   """Paths of every *.json directly inside `results_dir`, in name order (at least one)."""
-  if not os.path.isdir(results_dir):
+  if not io_utils.isdir(results_dir):
     raise ResultError(f"{results_dir}: results directory not found")
-  names = sorted(n for n in os.listdir(results_dir)
-                 if n.endswith(".json") and not n.startswith("."))
+  names = [n for n in io_utils.listdir(results_dir)
+           if n.endswith(".json") and not n.startswith(".")]
   if not names:
     raise ResultError(f"{results_dir}: no result files (*.json)")
-  return [os.path.join(results_dir, n) for n in names]
+  return [io_utils.join(results_dir, n) for n in names]
 
 
 def read_results(results_dir: str) -> List[SystemResult]:

@@ -16,6 +16,12 @@ judged by its modification time in the same way.
 
 The trainer checks `assert_held()` as it trains: if another process has taken the lock
 over (this one was presumed dead), it stops instead of writing on.
+
+On a bucket (`gs://` MODEL_DIR) there is no O_EXCL through the filesystem layer, so the
+lock is taken by writing the owner record, waiting `settle_s`, and reading it back: of two
+trainers that start within the same moment, only the one whose record survived goes on
+(object writes are last-writer-wins). That is best effort, not a consensus protocol; it
+catches the cases that happen (a relaunch while the old job runs, a second launch).
 """
 from __future__ import annotations
 
@@ -31,6 +37,7 @@ from typing import Optional
 
 import gin
 
+from gensar_jax import io_utils
 from gensar_jax.data.schema import DataError
 
 logger = logging.getLogger(__name__)
@@ -69,8 +76,7 @@ def _pid_alive(pid: int) -> bool:
 def read_owner(path: str) -> Optional[LockOwner]:
   """The lock's owner, or None if the file is missing or unreadable."""
   try:
-    with open(path, encoding="utf-8") as f:
-      record = json.load(f)
+    record = json.loads(io_utils.read_text(path))
     return LockOwner(host=str(record["host"]), pid=int(record["pid"]),
                      token=str(record["token"]), started=float(record["started"]),
                      heartbeat=float(record["heartbeat"]))
@@ -82,11 +88,13 @@ def read_owner(path: str) -> Optional[LockOwner]:
 class RunLock:
   """The lock of one run directory, held by this process while it trains."""
 
-  def __init__(self, model_dir: str, stale_after_s: float = 120.0, heartbeat_s: float = 20.0):
+  def __init__(self, model_dir: str, stale_after_s: float = 120.0, heartbeat_s: float = 20.0,
+               settle_s: float = 2.0):
     if heartbeat_s <= 0 or stale_after_s <= 2 * heartbeat_s:
       raise ValueError(f"RunLock: need 0 < heartbeat_s ({heartbeat_s}) and stale_after_s "
                        f"({stale_after_s}) > 2 x heartbeat_s, or a live owner looks stale")
-    self.path = os.path.join(model_dir, LOCK_NAME)
+    self.path = io_utils.join(model_dir, LOCK_NAME)
+    self.settle_s = settle_s
     self.stale_after_s = stale_after_s
     self.heartbeat_s = heartbeat_s
     self.owner: Optional[LockOwner] = None
@@ -100,7 +108,7 @@ class RunLock:
     """Why the existing lock may be taken over, or None if its owner may be alive."""
     if owner is None:
       try:
-        age = time.time() - os.path.getmtime(self.path)
+        age = time.time() - io_utils.mtime(self.path)
       except FileNotFoundError:
         return "it disappeared"
       return (f"it is unreadable and {age:.0f} s old" if age > self.stale_after_s else None)
@@ -115,36 +123,45 @@ class RunLock:
 
   def acquire(self) -> LockOwner:
     """Takes the lock (a stale one is taken over); raises RunInUseError if it is held."""
-    os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+    io_utils.makedirs(os.path.dirname(self.path) or ".")
     now = time.time()
     owner = LockOwner(host=socket.gethostname(), pid=os.getpid(), token=uuid.uuid4().hex,
                       started=now, heartbeat=now)
     for attempt in range(2):
-      try:
-        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-      except FileExistsError:
-        current = read_owner(self.path)
-        reason = self._stale_reason(current)
-        if reason is None or attempt:
-          held_by = current.describe() if current else "an unreadable lock file"
-          raise RunInUseError(
-              f"{os.path.dirname(self.path)} is in use by another trainer: {held_by}. "
-              f"Stop that run first, or train into another MODEL_DIR; if no trainer is "
-              f"running, remove {self.path}") from None
-        logger.warning("taking over the lock %s: %s", self.path, reason)
-        try:
-          os.remove(self.path)
-        except FileNotFoundError:
-          pass
-        continue
-      with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(self._record(owner))
-      break
+      if self._create(owner):
+        break
+      current = read_owner(self.path)
+      reason = self._stale_reason(current)
+      if reason is None or attempt:
+        held_by = current.describe() if current else "an unreadable lock file"
+        raise RunInUseError(
+            f"{os.path.dirname(self.path)} is in use by another trainer: {held_by}. "
+            f"Stop that run first, or train into another MODEL_DIR; if no trainer is "
+            f"running, remove {self.path}")
+      logger.warning("taking over the lock %s: %s", self.path, reason)
+      io_utils.remove(self.path)
     self.owner = owner
     self._thread = threading.Thread(target=self._beat, name="run-lock-heartbeat",
                                     daemon=True)
     self._thread.start()
     return owner
+
+  def _create(self, owner: LockOwner) -> bool:
+    """Creates the lock file holding `owner` unless a lock exists; True if created."""
+    if not io_utils.is_remote(self.path):
+      try:
+        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+      except FileExistsError:
+        return False
+      with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(self._record(owner))
+      return True
+    if io_utils.exists(self.path):
+      return False
+    io_utils.write_text(self.path, self._record(owner))
+    time.sleep(self.settle_s)  # let a simultaneous writer's record land, then compare
+    current = read_owner(self.path)
+    return current is not None and current.token == owner.token
 
   # ------------------------------------------------------------------ holding
 
@@ -157,10 +174,7 @@ class RunLock:
         logger.error("%s; this trainer stops", self._lost)
         return
       owner = dataclasses.replace(self.owner, heartbeat=time.time())
-      tmp = f"{self.path}.{self.owner.token}.tmp"
-      with open(tmp, "w", encoding="utf-8") as f:
-        f.write(self._record(owner))
-      os.replace(tmp, self.path)
+      io_utils.write_text(self.path, self._record(owner))
       self.owner = owner
 
   def assert_held(self) -> None:
@@ -177,7 +191,7 @@ class RunLock:
       self._thread = None
     current = read_owner(self.path)
     if self.owner is not None and current is not None and current.token == self.owner.token:
-      os.remove(self.path)
+      io_utils.remove(self.path)
     self.owner = None
 
   def __enter__(self) -> "RunLock":

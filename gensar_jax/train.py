@@ -43,6 +43,7 @@ import tqdm
 
 from gensar_jax import checkpoints as checkpoints_lib
 from gensar_jax import gin_utils
+from gensar_jax import io_utils
 from gensar_jax import optimizers as optimizers_lib
 from gensar_jax import partitioning as partitioning_lib
 from gensar_jax import run_lock
@@ -100,10 +101,7 @@ def _positive(value: int, macro: str, allow_zero: bool = False) -> int:
 def _write_config(model_dir: str) -> None:
   if jax.process_index() != 0:
     return
-  path = os.path.join(model_dir, CONFIG_NAME)
-  with open(f"{path}.tmp", "w", encoding="utf-8") as f:
-    f.write(gin.operative_config_str())
-  os.replace(f"{path}.tmp", path)
+  io_utils.write_text(io_utils.join(model_dir, CONFIG_NAME), gin.operative_config_str())
 
 
 def _max_over_processes(value: int) -> int:
@@ -308,7 +306,7 @@ def train(model_dir: str = gin.REQUIRED,
   trainer = trainer_lib.Trainer(model=model, partitioner=partitioner, optimizer=optimizer)
   logger.info("training %s on %s", mixture_or_task_name, partitioner.describe())
 
-  os.makedirs(model_dir, exist_ok=True)
+  io_utils.makedirs(model_dir)
   # Before the checkpoint manager, which cleans up unfinished saves it finds: another
   # trainer's, if one were running here.
   lock = _lock_run(model_dir)

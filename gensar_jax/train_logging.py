@@ -10,15 +10,23 @@ event files keep the abandoned points (TensorBoard shows the newest per step).
 
 Only process 0 writes; on other processes the writer is a no-op, so callers need no
 `if jax.process_index() == 0` of their own.
+
+MODEL_DIR may be on a bucket: the JSONL log goes through `io_utils`, and the event files
+are written by tf.summary into a local staging directory and uploaded whole after every
+flush, so the same code runs against a GCS emulator in the tests and against GCS on a pod.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import shutil
+import tempfile
 from typing import Dict, Mapping, Optional
 
 import jax
+
+from gensar_jax import io_utils
 
 JSONL_NAME = "metrics.jsonl"
 SPLITS = ("train", "eval")
@@ -32,17 +40,13 @@ def _json_number(value: float) -> Optional[float]:
 
 def truncate_jsonl_after(path: str, step: int) -> int:
   """Drops lines with step > `step` (atomically); returns how many were dropped."""
-  if not os.path.exists(path):
+  if not io_utils.exists(path):
     return 0
-  with open(path, encoding="utf-8") as f:
-    lines = [line for line in f if line.strip()]
+  lines = [line for line in io_utils.read_text(path).splitlines() if line.strip()]
   keep = [line for line in lines if json.loads(line).get("step", 0) <= step]
   if len(keep) == len(lines):
     return 0
-  tmp = f"{path}.tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.writelines(keep)
-  os.replace(tmp, path)
+  io_utils.write_text(path, "".join(line + "\n" for line in keep))
   return len(lines) - len(keep)
 
 
@@ -51,12 +55,19 @@ class MetricWriter:
 
   def __init__(self, model_dir: str, resume_step: Optional[int] = None):
     self.model_dir = model_dir
-    self.jsonl_path = os.path.join(model_dir, JSONL_NAME)
+    self.jsonl_path = io_utils.join(model_dir, JSONL_NAME)
     self.enabled = jax.process_index() == 0
     self._tf_writers: Dict[str, object] = {}
+    # Event files are written here; for a bucket MODEL_DIR, a local directory uploaded
+    # after each flush (tf.summary's own GCS client cannot be pointed at an emulator).
+    self._event_root = model_dir
+    self._staging: Optional[str] = None
     if not self.enabled:
       return
-    os.makedirs(model_dir, exist_ok=True)
+    io_utils.makedirs(model_dir)
+    if io_utils.is_remote(model_dir):
+      self._staging = tempfile.mkdtemp(prefix="gensar-events-")
+      self._event_root = self._staging
     if resume_step is not None:
       truncate_jsonl_after(self.jsonl_path, resume_step)
     import tensorflow as tf  # pylint: disable=g-import-not-at-top  # heavy; only here
@@ -69,7 +80,8 @@ class MetricWriter:
         plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars")
     ).SerializeToString()
     for split in SPLITS:
-      self._tf_writers[split] = tf.summary.create_file_writer(os.path.join(model_dir, split))
+      self._tf_writers[split] = tf.summary.create_file_writer(
+          os.path.join(self._event_root, split))
 
   def write(self, split: str, step: int, scalars: Mapping[str, float]) -> None:
     """One JSONL line and one TensorBoard point per scalar, for `split` at `step`."""
@@ -83,20 +95,29 @@ class MetricWriter:
         self._tf.summary.write(name, self._tf.constant(value, self._tf.float32),
                                metadata=self._scalar_metadata)
     self._tf_writers[split].flush()
+    self._upload_events(split)
     record = {"step": int(step), "split": split}
     record.update({name: _json_number(v) for name, v in values.items()})
-    with open(self.jsonl_path, "a", encoding="utf-8") as f:
-      f.write(json.dumps(record) + "\n")
+    io_utils.append_text(self.jsonl_path, json.dumps(record) + "\n")
+
+  def _upload_events(self, split: str) -> None:
+    if self._staging is None:
+      return
+    local = os.path.join(self._staging, split)
+    if os.path.isdir(local):
+      io_utils.copytree(local, io_utils.join(self.model_dir, split))
 
   def close(self) -> None:
-    for writer in self._tf_writers.values():
+    for split, writer in self._tf_writers.items():
       writer.close()
+      self._upload_events(split)
     self._tf_writers.clear()
+    if self._staging is not None:
+      shutil.rmtree(self._staging, ignore_errors=True)
+      self._staging = None
 
 
 def read_jsonl_metrics(model_dir: str, split: Optional[str] = None) -> list:
   """The JSONL records of a run, optionally of one split, in file order."""
-  path = os.path.join(model_dir, JSONL_NAME)
-  with open(path, encoding="utf-8") as f:
-    records = [json.loads(line) for line in f if line.strip()]
+  records = io_utils.read_jsonl(io_utils.join(model_dir, JSONL_NAME))
   return [r for r in records if split is None or r.get("split") == split]

@@ -26,12 +26,11 @@ one `launch/tpu_pod.py` command line per unfinished point is printed and written
 At the end (or alone with --summary_only) each point's evaluation lines are read from
 MODEL_DIR/metrics.jsonl, the last one or the best by --metric, plus any results JSON of
 gensar_jax.evaluate, into `summary.md`, `summary.csv` and `summary.png` (the metric per
-point). Standard library only, except matplotlib for the plot and TensorFlow's gfile to
-read a gs:// MODEL_DIR; both are imported only when needed.
+point). Files go through gensar_jax.io_utils, which reads a gs:// MODEL_DIR as it reads a
+local one; matplotlib (the plot) is imported only when needed.
 
 This file is the command line and the run loop; the spec and its points are
-launch/sweep_spec.py, the summary launch/sweep_summary.py, the file helpers (local or
-gs://) launch/sweep_io.py, and the gin-flag handling shared with tpu_pod.py
+launch/sweep_spec.py, the summary launch/sweep_summary.py, and the gin-flag handling shared with tpu_pod.py
 launch/gin_flags.py.
 """
 from __future__ import annotations
@@ -53,7 +52,7 @@ if _HERE not in sys.path:
   sys.path.insert(0, _HERE)
 
 from gin_flags import quote_gin_string, split_gin_flags  # noqa: E402
-import sweep_io  # noqa: E402
+from gensar_jax import io_utils  # noqa: E402
 from sweep_spec import Point, SweepError, expand_points, load_spec  # noqa: E402
 from sweep_summary import summary_rows, write_summary  # noqa: E402
 
@@ -92,15 +91,15 @@ def _write_point_files(point_dir: str, point: Point, model_dir: str,
   lines = [f"# Sweep point {point.index}: {point.name}"]
   lines += [f"{k} = {v}" for k, v in point.bindings.items()]
   lines.append(f"MODEL_DIR = {quote_gin_string(model_dir)}")
-  sweep_io.write_atomic(os.path.join(point_dir, POINT_GIN), "\n".join(lines) + "\n")
-  sweep_io.write_atomic(os.path.join(point_dir, POINT_JSON), json.dumps(
+  io_utils.write_text(os.path.join(point_dir, POINT_GIN), "\n".join(lines) + "\n")
+  io_utils.write_text(os.path.join(point_dir, POINT_JSON), json.dumps(
       {"index": point.index, "name": point.name, "bindings": point.bindings,
        "model_dir": model_dir, "commands": commands}, indent=2) + "\n")
 
 
 def is_done(point_dir: str, commands: Mapping[str, List[str]]) -> bool:
   """Finished with these very commands (a changed TRAIN_STEPS, say, runs the point again)."""
-  done = sweep_io.read_json(os.path.join(point_dir, DONE_JSON))
+  done = io_utils.read_json_if_valid(os.path.join(point_dir, DONE_JSON))
   return bool(done) and done.get("commands") == commands
 
 
@@ -115,9 +114,9 @@ def train_finished(model_dir: str, flags: Sequence[str]) -> bool:
       steps = int(match.group(1))
   if steps is None:
     return False
-  path = sweep_io.join(model_dir, "metrics.jsonl")
+  path = io_utils.join(model_dir, "metrics.jsonl")
   try:
-    text = sweep_io.read_text(path) or ""
+    text = io_utils.read_text_if_exists(path) or ""
   except Exception as e:  # pylint: disable=broad-except  # any gfile/network failure
     print(f"# cannot read {path} ({type(e).__name__}); launching the point", file=sys.stderr)
     return False
@@ -140,7 +139,7 @@ def run_point(point_dir: str, commands: Mapping[str, List[str]], python: str,
         log.write(f"# {stage} exited with {code}\n")
         return False, time.time() - start
   seconds = time.time() - start
-  sweep_io.write_atomic(os.path.join(point_dir, DONE_JSON), json.dumps(
+  io_utils.write_text(os.path.join(point_dir, DONE_JSON), json.dumps(
       {"commands": commands, "seconds": round(seconds, 1)}, indent=2) + "\n")
   return True, seconds
 
@@ -191,7 +190,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
   os.makedirs(args.sweep_dir, exist_ok=True)
-  model_dirs = {p.name: sweep_io.join(model_root, p.name) for p in points}
+  model_dirs = {p.name: io_utils.join(model_root, p.name) for p in points}
   status: Dict[str, str] = {}
   tpu_lines = []
   for point in points:
@@ -236,7 +235,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"{seconds:.0f}s", flush=True)
   if tpu_lines:
     script = os.path.join(args.sweep_dir, "tpu_commands.sh")
-    sweep_io.write_atomic(script, "#!/bin/sh\n# One launch per sweep point (run from the "
+    io_utils.write_text(script, "#!/bin/sh\n# One launch per sweep point (run from the "
                           "repository root).\n" + "\n".join(tpu_lines) + "\n")
     print("\n".join(tpu_lines))
     print(f"# written to {script}", file=sys.stderr)

@@ -4,12 +4,11 @@ A point's row holds its bindings, one of its evaluation lines from MODEL_DIR/met
 (the trainer's eval records: the best by the spec's metric, or the last) and any results
 JSON of gensar_jax.evaluate. Rows are built from what is on disk, not from what this
 invocation ran, so `--summary_only` (and a sweep whose points ran on TPU) tabulates the
-same way. Standard library only, except matplotlib for the plot, imported only there.
+same way. Files go through gensar_jax.io_utils (local or gs://); matplotlib draws the plot.
 """
 from __future__ import annotations
 
 import csv
-import glob
 import io
 import json
 import math
@@ -17,13 +16,13 @@ import os
 import sys
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-import sweep_io
+from gensar_jax import io_utils
 from sweep_spec import Point
 
 
 def eval_lines(model_dir: str) -> List[Dict[str, Any]]:
   """The eval records of MODEL_DIR/metrics.jsonl (gensar_jax/train_logging.py's format)."""
-  text = sweep_io.read_text(sweep_io.join(model_dir, "metrics.jsonl"))
+  text = io_utils.read_text_if_exists(io_utils.join(model_dir, "metrics.jsonl"))
   records = [json.loads(line) for line in (text or "").splitlines() if line.strip()]
   return [r for r in records if r.get("split") == "eval"]
 
@@ -45,10 +44,14 @@ def select_eval(lines: Sequence[Mapping[str, Any]], metric: str, mode: str,
 def result_metrics(model_dir: str) -> Dict[str, float]:
   """Metrics of gensar_jax.evaluate result files (MODEL_DIR/eval_<split>/*.json)."""
   out = {}
-  if "://" in model_dir:
+  if not io_utils.isdir(model_dir):
     return out
-  for path in sorted(glob.glob(os.path.join(model_dir, "eval_*", "*.json"))):
-    result = sweep_io.read_json(path) or {}
+  paths = [io_utils.join(model_dir, d, name)
+           for d in io_utils.listdir(model_dir) if d.startswith("eval_")
+           and io_utils.isdir(io_utils.join(model_dir, d))
+           for name in io_utils.listdir(io_utils.join(model_dir, d)) if name.endswith(".json")]
+  for path in sorted(paths):
+    result = io_utils.read_json_if_valid(path) or {}
     for task in ("rec", "search"):
       block = result.get(task)
       for name, value in (block or {}).items():
@@ -100,14 +103,14 @@ def write_summary(sweep_dir: str, spec: Mapping[str, Any], columns: Sequence[str
                                    for c in columns) + " |")
   paths = {"md": os.path.join(sweep_dir, "summary.md"),
            "csv": os.path.join(sweep_dir, "summary.csv")}
-  sweep_io.write_atomic(paths["md"], "\n".join(lines) + "\n")
+  io_utils.write_text(paths["md"], "\n".join(lines) + "\n")
   buffer = io.StringIO()
   writer = csv.DictWriter(buffer, fieldnames=list(columns), extrasaction="ignore",
                           lineterminator="\n")
   writer.writeheader()
   for row in rows:
     writer.writerow({c: ("" if row.get(c) is None else row.get(c)) for c in columns})
-  sweep_io.write_atomic(paths["csv"], buffer.getvalue())
+  io_utils.write_text(paths["csv"], buffer.getvalue())
   try:
     import matplotlib  # pylint: disable=g-import-not-at-top
     matplotlib.use("Agg")
