@@ -12,7 +12,7 @@ export TF_CPP_MIN_LOG_LEVEL := 2
 export HF_HUB_OFFLINE := 1
 export TFDS_DISABLE_GCS := 1
 
-.PHONY: demo ablations learning-curves test install clean constraints
+.PHONY: demo ablations learning-curves test test-fast install clean constraints
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,10 @@ learning-curves: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# The suite without the tests marked slow (subprocess CLIs): a quick check while editing.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m 'not slow' tests
 
 clean:
 	rm -rf $(VENV) runs

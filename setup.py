@@ -65,6 +65,8 @@ setuptools.setup(
     python_requires=">=3.11,<3.13",
     packages=setuptools.find_packages(include=["gensar_jax", "gensar_jax.*", "tasks", "tasks.*"]),
     package_data={"gensar_jax": ["py.typed"]},
+    # `gensar <stage> --gin_file=... --gin.NAME=value`, the same as python -m gensar_jax.<stage>.
+    entry_points={"console_scripts": ["gensar = gensar_jax.commands:main"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
 )

@@ -298,6 +298,3 @@ def cli(argv: Optional[Sequence[str]] = None) -> None:
 
   gin_utils.run(main, argv)
 
-
-if __name__ == "__main__":
-  cli()

@@ -96,6 +96,3 @@ def format_summary(summary: Dict) -> str:
 def main() -> None:
   print(format_summary(build_vocab()))
 
-
-if __name__ == "__main__":
-  gin_utils.run(main)

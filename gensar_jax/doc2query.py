@@ -1,6 +1,6 @@
 """Doc2query: a text -> query model, and one sampled pseudo-query per catalogue item.
 
-GenSAR's ad-hoc search task (GENSAR_METHOD.md section 3) teaches the model to find items
+GenSAR's ad-hoc search task (docs/method.md section 3) teaches the model to find items
 from queries alone, including items no user ever searched for. The pseudo-queries come
 from the same encoder-decoder architecture trained on (item text, query) pairs of the
 search training split (tasks/doc2query.py), then sampled for every item. The pipeline runs
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 if __name__ == "__main__":  # one gin registration: run as the importable module
   import gensar_jax.gin_utils as _gin_utils
-  _gin_utils.run_module("gensar_jax.doc2query", devices=True)
+  _gin_utils.run_module("gensar_jax.doc2query")
 
 import json
 import os
@@ -165,6 +165,3 @@ def format_stats(stats: Dict) -> str:
 def main() -> None:
   print(format_stats(generate_pseudo_queries()))
 
-
-if __name__ == "__main__":
-  gin_utils.run(main)

@@ -3,7 +3,7 @@
   python -m gensar_jax.evaluate --gin_file=gin/runs/train.gin --gin_file=gin/models/tiny.gin \
       --gin_file=gin/runs/evaluate.gin --gin.MODEL_DIR="'runs/tiny'" ... (task macros)
 
-The paper's protocol (GENSAR_METHOD.md section 4) on both ranking tasks: constrained beam
+The paper's protocol (docs/evaluation.md) on both ranking tasks: constrained beam
 search (beam 30) over each example's 100 candidates, HR@{1,5,10} and NDCG@{5,10}; plus
 HR/NDCG@10 over the whole catalogue (`catalogue_*` in the task blocks). Writes to
 `output_dir`:
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 if __name__ == "__main__":  # one gin registration: run as the importable module
   import gensar_jax.gin_utils as _gin_utils
-  _gin_utils.run_module("gensar_jax.evaluate", devices=True)
+  _gin_utils.run_module("gensar_jax.evaluate")
 
 import json
 import os
@@ -91,6 +91,3 @@ def evaluate(model_dir: str = gin.REQUIRED, output_dir: Optional[str] = None,
 def main() -> None:
   print(evaluate()["table"])
 
-
-if __name__ == "__main__":
-  gin_utils.run(main)

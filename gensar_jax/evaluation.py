@@ -1,7 +1,7 @@
 """Ranking evaluation of a generative model, the paper's protocol and the serving one.
 
 For each eval example of the next-rec-item and next-search-item tasks:
-  * candidates (GENSAR_METHOD.md section 4): constrained beam search over a trie of the
+  * candidates (docs/evaluation.md): constrained beam search over a trie of the
     example's own 100 candidates (target + 99 negatives), beam 30; the target's position
     among the returned beams gives HR@{1,5,10} and NDCG@{5,10};
   * catalogue (beyond the paper): the same search over a trie of every item in the task's

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 if __name__ == "__main__":  # one gin registration: run as the importable module
   import gensar_jax.gin_utils as _gin_utils
-  _gin_utils.run_module("gensar_jax.export", devices=True)
+  _gin_utils.run_module("gensar_jax.export")
 
 import dataclasses
 import os
@@ -209,6 +209,3 @@ def export(model_dir: str = gin.REQUIRED, export_dir: str = gin.REQUIRED,
 def main() -> None:
   export()
 
-
-if __name__ == "__main__":
-  gin_utils.run(main)

@@ -99,6 +99,9 @@ def run(main: Callable[[], object], argv: Optional[Sequence[str]] = None,
   from gensar_jax import distributed  # registers initialize_distributed with gin
   from gensar_jax.data.schema import DataError
   argv = sys.argv[1:] if argv is None else argv
+  if any(a in ("-h", "--help") for a in argv):
+    print(_help_text(main))
+    raise SystemExit(0)
   try:
     parse_gin(argv)
     if devices:
@@ -115,20 +118,36 @@ def run(main: Callable[[], object], argv: Optional[Sequence[str]] = None,
     raise SystemExit(2) from None
 
 
-def run_module(name: str, devices: bool = False) -> None:
+def _help_text(main: Callable[[], object]) -> str:
+  from gensar_jax import commands  # pylint: disable=g-import-not-at-top
+  module = sys.modules.get(getattr(main, "__module__", ""), None)
+  doc = getattr(module, "__doc__", None)
+  for name, stage in commands.STAGES.items():
+    if stage.module == getattr(module, "__name__", None):
+      return commands.stage_help(name, doc, REPO_ROOT)
+  return (doc or "").strip() or "flags: --gin_file=FILE --gin.NAME=VALUE --gin_bindings=B"
+
+
+def run_module(name: str) -> None:
   """`python -m <name>`, run as the importable module `name` rather than as `__main__`.
 
   A gin configurable is registered under its module's name. Run as a script, an entry
   point's configurables would register as `__main__.x` and again as `<name>.x` once a gin
   file imports the module (directly or through the pipeline), and gin then rejects `x` as
   ambiguous. Each entry point therefore starts with a guard that hands over to this
-  function before defining anything, so only the importable copy exists. `devices`: as
-  for `run` (entry points that compute on accelerators pass True).
+  function before defining anything, so only the importable copy exists; the installed
+  `gensar <stage>` command (gensar_jax/commands.py) comes here too. Whether the stage joins
+  the distributed runtime, and whether it takes gin flags at all, is read from
+  `commands.STAGES`.
   """
-  import importlib
-  module = importlib.import_module(name)
+  from gensar_jax import commands  # pylint: disable=g-import-not-at-top
+  stage = commands.stage_of_module(name)
+  devices = bool(stage and stage.devices)
+  module = _import_quietly(name)
   try:
-    if hasattr(module, "cli"):
+    if stage is not None and not stage.gin_flags:
+      module.main()
+    elif hasattr(module, "cli"):
       module.cli()
     else:
       run(module.main, devices=devices)
@@ -137,6 +156,41 @@ def run_module(name: str, devices: bool = False) -> None:
   except BaseException as e:  # pylint: disable=broad-except
     _exit_now_with_traceback(130 if isinstance(e, KeyboardInterrupt) else 1)
   raise SystemExit(0)
+
+
+def _import_quietly(name: str):
+  """Imports an entry point's module with TensorFlow's start-up noise silenced and
+  TensorFlow kept off the accelerators.
+
+  SeqIO and TFDS bring TensorFlow, which logs from C++ before its logging is set up (so
+  TF_CPP_MIN_LOG_LEVEL does not reach it): oneDNN notices, "Could not find cuda drivers",
+  "failed call to cuInit". Those lines go to file descriptor 2 while the module is
+  imported and TensorFlow's devices are configured, and are dropped; Python exceptions
+  still propagate and are printed after stderr is back. TensorFlow is only the input
+  pipeline here, so it is given no GPU or TPU: JAX must own them (TF would otherwise
+  reserve GPU memory).
+  """
+  import importlib
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  sys.stderr.flush()
+  saved = os.dup(2)
+  devnull = os.open(os.devnull, os.O_WRONLY)
+  os.dup2(devnull, 2)
+  try:
+    module = importlib.import_module(name)
+    tf = sys.modules.get("tensorflow")
+    if tf is not None:
+      for kind in ("GPU", "TPU"):
+        try:
+          tf.config.set_visible_devices([], kind)
+        except (RuntimeError, ValueError):  # no such devices, or TF already initialised
+          pass
+  finally:
+    sys.stderr.flush()
+    os.dup2(saved, 2)
+    os.close(saved)
+    os.close(devnull)
+  return module
 
 
 def _exit_now_with_traceback(code: int) -> None:

@@ -1,4 +1,4 @@
-"""Stage 2: the prepared dataset -> dual-purpose identifiers (GENSAR_METHOD.md section 2).
+"""Stage 2: the prepared dataset -> dual-purpose identifiers (docs/method.md section 1).
 
   python -m gensar_jax.identify --gin_file=gin/runs/identify.gin \
       --gin.PREPARED_DIR="'runs/ml100k/data'" --gin.IDENTIFIERS_DIR="'runs/ml100k/ids'"
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 if __name__ == "__main__":  # one gin registration: run as the importable module
   import gensar_jax.gin_utils as _gin_utils
-  _gin_utils.run_module("gensar_jax.identify", devices=True)
+  _gin_utils.run_module("gensar_jax.identify")
 
 import os
 from typing import Dict, List, Optional, Tuple
@@ -149,6 +149,3 @@ def main() -> None:
   stats = identify()
   print(format_identifier_stats(stats))
 
-
-if __name__ == "__main__":
-  gin_utils.run(main)

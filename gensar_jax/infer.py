@@ -24,7 +24,7 @@ from __future__ import annotations
 
 if __name__ == "__main__":  # one gin registration: run as the importable module
   import gensar_jax.gin_utils as _gin_utils
-  _gin_utils.run_module("gensar_jax.infer", devices=True)
+  _gin_utils.run_module("gensar_jax.infer")
 
 import ast
 import dataclasses
@@ -283,6 +283,3 @@ def main() -> None:
         f"trie, checkpoint step {summary.checkpoint_step}) to {summary.output_path}",
         flush=True)
 
-
-if __name__ == "__main__":
-  gin_utils.run(main)

@@ -3,7 +3,7 @@ same configuration.
 
   python -m gensar_jax.pipeline --gin_file=gin/experiments/ml100k_quickstart.gin
 
-Stages (GENSAR_METHOD.md, ARCHITECTURE.md):
+Stages (docs/architecture.md):
   prepare         raw log -> prepared dataset (splits, histories, candidates)
   identify        -> dual-purpose identifiers (+ the SASRec baseline's metrics)
   vocab           -> SentencePiece vocabulary with every identifier token whole
@@ -30,7 +30,7 @@ from __future__ import annotations
 
 if __name__ == "__main__":  # one gin registration: run as the importable module
   import gensar_jax.gin_utils as _gin_utils
-  _gin_utils.run_module("gensar_jax.pipeline", devices=True)
+  _gin_utils.run_module("gensar_jax.pipeline")
 
 import dataclasses
 import hashlib
@@ -281,6 +281,3 @@ def pipeline(run_dir: str = gin.REQUIRED, prepared_dir: str = gin.REQUIRED,
 def main() -> None:
   pipeline()
 
-
-if __name__ == "__main__":
-  gin_utils.run(main)

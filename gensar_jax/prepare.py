@@ -187,6 +187,3 @@ def main() -> None:
   stats = prepare()
   print(format_stats_table(stats))
 
-
-if __name__ == "__main__":
-  gin_utils.run(main)

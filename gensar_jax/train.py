@@ -452,6 +452,3 @@ def cli(argv: Optional[List[str]] = None) -> None:
   """The entry point (`python -m gensar_jax.train` reaches it through gin_utils.run_module,
   which also ends a failed process at once)."""
   gin_utils.run(main, argv, devices=True)
-
-if __name__ == "__main__":
-  cli()

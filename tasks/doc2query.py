@@ -1,4 +1,4 @@
-"""The doc2query task: item text -> a query that found it (GENSAR_METHOD.md section 3).
+"""The doc2query task: item text -> a query that found it (docs/method.md section 3).
 
 GenSAR's ad-hoc search task needs queries for items nobody searched for. The published
 recipe trains the same encoder-decoder on (item text, query) pairs from the search training

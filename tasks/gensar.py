@@ -5,7 +5,7 @@
                           pseudo_queries_path=None, prefix="gensar")
     seqio.get_mixture_or_task(reg.mixtures["all"]).get_dataset(...)
 
-Tasks (`{prefix}_{key}`; GENSAR_METHOD.md section 3):
+Tasks (`{prefix}_{key}`; docs/method.md section 3):
   next_rec_item     history -> "<rec_item>" + CID            train / validation / test
   next_search_item  history + query -> "<src_item>" + SID    train / validation / test
   next_query        history -> "<src_query> " + query text   train / validation / test

@@ -1,6 +1,6 @@
 """Postprocessors and SeqIO metric functions of the GenSAR evaluation tasks.
 
-Evaluation ranks the candidates by beam score (GENSAR_METHOD.md section 4): the model
+Evaluation ranks the candidates by beam score (docs/evaluation.md): the model
 decodes, constrained to the example's candidate identifiers, a ranked list of beams, best
 first. SeqIO hands each metric function the postprocessed targets and predictions of the
 whole split:

@@ -3,7 +3,7 @@
 Everything runs inside tf.data (no Python per example):
   * item id -> identifier string through one `tf.lookup.StaticHashTable` per identifier
     space, built when a dataset is requested;
-  * the history slot is rendered with vectorised string ops (GENSAR_METHOD.md section 1):
+  * the history slot is rendered with vectorised string ops (docs/method.md section 2):
     rec events "<rec_item>" + CID, search events "<src_query> " + query + "<src_item>" +
     SID, oldest first, joined with "; ";
   * the instruction template is drawn per example with a stateless uniform draw from the

@@ -25,7 +25,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from gensar_jax.vocabulary import REC_ITEM, SRC_ITEM, SRC_QUERY
 
-# Task keys, in the order of GENSAR_METHOD.md section 3.
+# Task keys, in the order of docs/method.md section 3.
 REC = "next_rec_item"
 SEARCH = "next_search_item"
 QUERY = "next_query"

@@ -176,6 +176,3 @@ def show_tasks(num_examples: int = 3, split: str = "train", stats_split: str = "
 def main() -> None:
   show_tasks()
 
-
-if __name__ == "__main__":
-  gin_utils.run(main)

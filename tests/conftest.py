@@ -22,3 +22,10 @@ import jax  # noqa: E402
 
 jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="gensar_xla_cache_"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def pytest_configure(config):
+  """The markers of this suite (`make test` runs everything; `make test-fast` skips slow)."""
+  config.addinivalue_line("markers", "slow: starts CLIs as subprocesses or trains for many "
+                          "steps (minutes on 2 cores)")
+  config.addinivalue_line("markers", "timeout(seconds): pytest-timeout's per-test limit")

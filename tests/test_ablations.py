@@ -17,6 +17,8 @@ from gensar_jax import gin_utils
 from gensar_jax import pipeline as pipeline_lib  # registers every stage's configurables
 from gensar_jax import results as results_lib
 
+pytestmark = pytest.mark.slow  # end-to-end runs of minutes; `make test-fast` skips them
+
 EXPERIMENT = "gin/experiments/ml100k_ablations.gin"
 SYSTEMS = [("GenSAR", "dual", "all"), ("GenSAR (rec only)", "dual", "rec_only"),
            ("GenSAR (SID only)", "sid_only", "all"),

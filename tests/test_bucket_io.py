@@ -24,6 +24,8 @@ import pytest
 
 from task_world import LENGTHS, build_world
 
+pytestmark = pytest.mark.slow  # end-to-end runs of minutes; `make test-fast` skips them
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PREFIX = "tbucket"
 BUCKET = "gensar-test"

@@ -13,6 +13,8 @@ from gensar_jax import train_logging
 from gensar_jax.checkpoints import CheckpointError
 from task_world import build_world, under_gin as run, world_flags
 
+pytestmark = pytest.mark.slow  # end-to-end runs of minutes; `make test-fast` skips them
+
 PREFIX = "tevalcli"
 
 

@@ -14,6 +14,8 @@ from gensar_jax.doc2query import copy_rate
 from test_identify_pipeline import SMALL
 from test_prepare import synthetic_data, write_generic
 
+pytestmark = pytest.mark.slow  # end-to-end runs of minutes; `make test-fast` skips them
+
 TINY_RUN = [
     "TRAIN_STEPS = 6", "BATCH_SIZE = 8", "EVAL_PERIOD = 3", "EVAL_BATCHES = 1",
     "CHECKPOINT_PERIOD = 3", "LOG_PERIOD = 3", "WARMUP_STEPS = 1",

@@ -31,6 +31,8 @@ from gensar_jax import train_logging
 
 from task_world import LENGTHS, build_world
 
+pytestmark = pytest.mark.slow  # end-to-end runs of minutes; `make test-fast` skips them
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PREFIX = "tpod"
 STEPS = 12

@@ -33,6 +33,8 @@ from gensar_jax.partitioning import Partitioner, create_mesh
 
 from task_world import LENGTHS, build_world
 
+pytestmark = pytest.mark.slow  # end-to-end runs of minutes; `make test-fast` skips them
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 20
 BATCH = 8

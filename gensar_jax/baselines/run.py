@@ -19,7 +19,7 @@ from __future__ import annotations
 
 if __name__ == "__main__":  # one gin registration: run as the importable module
   import gensar_jax.gin_utils as _gin_utils
-  _gin_utils.run_module("gensar_jax.baselines.run", devices=True)
+  _gin_utils.run_module("gensar_jax.baselines.run")
 
 import dataclasses
 import json
@@ -257,6 +257,3 @@ def main() -> None:
   results, notes = run_baselines()
   print(format_results(results, notes))
 
-
-if __name__ == "__main__":
-  gin_utils.run(main)

@@ -1,4 +1,4 @@
-"""Samples, histories and the leave-one-out split (GENSAR_METHOD.md section 1).
+"""Samples, histories and the leave-one-out split (docs/evaluation.md, "Samples and the split").
 
 A sample is (user, target event, the history before it). The history is the user's last
 `rec_history` recommendation items and last `search_history` search sessions, merged back
