@@ -9,6 +9,7 @@ others by paths relative to the repository root or the current directory.
 """
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import sys
@@ -18,6 +19,11 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import gin
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class FlagError(ValueError):
+  """A command line gin cannot use: a missing file, an unparsable value, an unknown macro.
+  `run` prints it as one line and exits with code 2."""
 
 
 def parse_gin_flags(argv: Sequence[str]) -> Tuple[List[str], List[str]]:
@@ -53,7 +59,15 @@ def parse_gin(argv: Sequence[str], skip_unknown: bool = False) -> None:
     gin.add_config_file_search_path(path)
   for f in files:
     if not any(os.path.exists(os.path.join(p, f)) for p in ("", os.getcwd(), REPO_ROOT)):
-      raise SystemExit(f"--gin_file={f}: file not found (looked in . and {REPO_ROOT})")
+      raise FlagError(f"--gin_file={f}: file not found (looked in . and {REPO_ROOT})")
+  _check_macro_bindings(files, bindings)  # first: a typo would surface as "X is required"
+  try:
+    _parse_retrying(files, bindings, skip_unknown)
+  except SyntaxError as e:
+    raise FlagError(_syntax_error_line(e, bindings)) from None
+
+
+def _parse_retrying(files: Sequence[str], bindings: Sequence[str], skip_unknown: bool) -> None:
   try:
     gin.parse_config_files_and_bindings(files, bindings, skip_unknown=skip_unknown)
   except (SystemError, SyntaxError) as e:
@@ -63,6 +77,67 @@ def parse_gin(argv: Sequence[str], skip_unknown: bool = False) -> None:
     if "recursion depth mismatch" not in str(e):
       raise
     gin.parse_config_files_and_bindings(files, bindings, skip_unknown=skip_unknown)
+
+
+def _syntax_error_line(error: SyntaxError, bindings: Sequence[str]) -> str:
+  """One line naming the flag gin could not parse (its own error is a long traceback)."""
+  where = getattr(error, "filename", None) or ""
+  for binding in bindings:
+    try:
+      with gin.unlock_config():
+        gin.parse_config([binding], skip_unknown=True)
+    except SyntaxError:
+      name, _, value = binding.partition(" = ")
+      hint = ""
+      if value and value[:1] not in "'\"[({%@-0123456789" and value not in ("True", "False",
+                                                                           "None"):
+        hint = f"; a string needs inner quotes: --gin.{name}=\"'{value}'\""
+      return f"--gin.{name}={value}: not a gin value{hint}"
+    except Exception:  # pylint: disable=broad-except  # other problems are gin's to report
+      continue
+  first = str(error).strip().splitlines()[-1] if str(error).strip() else "syntax error"
+  return f"gin syntax error{f' in {where}' if where and where != '<string>' else ''}: {first}"
+
+
+def _gin_texts(files: Sequence[str]) -> List[str]:
+  """The text of every gin file named and of every file they include (best effort)."""
+  texts, pending, seen = [], list(files), set()
+  while pending:
+    name = pending.pop()
+    for base in ("", os.getcwd(), REPO_ROOT):
+      path = os.path.join(base, name)
+      if os.path.isfile(path):
+        break
+    else:
+      continue
+    path = os.path.abspath(path)
+    if path in seen:
+      continue
+    seen.add(path)
+    with open(path, encoding="utf-8") as f:
+      text = f.read()
+    texts.append(text)
+    pending += re.findall(r"^\s*include\s+['\"]([^'\"]+)['\"]", text, flags=re.M)
+  return texts
+
+
+def _check_macro_bindings(files: Sequence[str], bindings: Sequence[str]) -> None:
+  """A `--gin.NAME=value` macro that no gin file uses is a typo, not a new setting: gin
+  would accept it silently and the run would start with the default."""
+  texts = _gin_texts(files)
+  known = set()
+  for text in texts + list(bindings):
+    known.update(re.findall(r"%([A-Za-z_]\w*)", text))  # referenced
+  for text in texts:
+    known.update(re.findall(r"^\s*([A-Za-z_]\w*)\s*=", text, flags=re.M))  # declared
+  for binding in bindings:
+    name = binding.partition(" = ")[0].strip()
+    if "." in name or "/" in name or name in known:
+      continue
+    close = difflib.get_close_matches(name, sorted(known), n=1)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    raise FlagError(f"--gin.{name}: no gin file given declares or uses the macro "
+                    f"{name}{hint}")
 
 
 # Gin's words for a required value left unset: a `%gin.REQUIRED` macro (at parse time) and
@@ -107,7 +182,7 @@ def run(main: Callable[[], object], argv: Optional[Sequence[str]] = None,
     if devices:
       distributed.initialize_distributed()
     main()
-  except DataError as e:
+  except (DataError, FlagError) as e:
     print(f"error: {e}", file=sys.stderr)
     raise SystemExit(2) from None
   except (ValueError, RuntimeError) as e:

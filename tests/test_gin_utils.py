@@ -80,3 +80,29 @@ def test_quickstart_trains_with_ml100k_lengths():
                      ["TASK_FEATURE_LENGTHS = {'inputs': 200, 'targets': 16}"])
   assert gin.query_parameter("%TASK_FEATURE_LENGTHS") == {"inputs": 200, "targets": 16}
   gin.clear_config()
+
+
+def test_mistyped_macro_and_unquoted_string_are_one_line_usage_errors(tmp_path, capsys):
+  config = tmp_path / "run.gin"
+  config.write_text("MODEL_DIR = %gin.REQUIRED\nTRAIN_STEPS = 2\n"
+                    "needs_two.model_dir = %MODEL_DIR\nneeds_two.steps = %TRAIN_STEPS\n")
+  with pytest.raises(SystemExit) as e:  # gin alone would accept it and train 2 steps
+    gin_utils.run(needs_two, [f"--gin_file={config}", "--gin.MODEL_DIR='m'",
+                              "--gin.TRAIN_STEPZ=10"])
+  err = capsys.readouterr().err
+  assert e.value.code == 2 and "Traceback" not in err
+  assert err.strip() == ("error: --gin.TRAIN_STEPZ: no gin file given declares or uses the "
+                         "macro TRAIN_STEPZ; did you mean TRAIN_STEPS?")
+  gin.clear_config()
+  with pytest.raises(SystemExit) as e:
+    gin_utils.run(needs_two, [f"--gin_file={config}", "--gin.MODEL_DIR=runs/x"])
+  err = capsys.readouterr().err
+  assert e.value.code == 2 and len(err.strip().splitlines()) == 1
+  assert "--gin.MODEL_DIR=runs/x: not a gin value" in err
+  assert "--gin.MODEL_DIR=\"'runs/x'\"" in err
+  gin.clear_config()
+  seen = []  # a macro that the file declares is accepted, and a dotted binding is gin's own
+  gin_utils.run(lambda: seen.append(needs_two()), [f"--gin_file={config}",
+                                                   "--gin.MODEL_DIR='m'", "--gin.TRAIN_STEPS=5"])
+  assert seen == [("m", 5, 1)]
+  gin.clear_config()
