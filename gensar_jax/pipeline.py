@@ -34,6 +34,7 @@ if __name__ == "__main__":  # one gin registration: run as the importable module
 
 import dataclasses
 import hashlib
+import os
 import re
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -46,7 +47,6 @@ from gensar_jax import build_vocab as build_vocab_lib
 from gensar_jax import comparison
 from gensar_jax import doc2query as doc2query_lib
 from gensar_jax import evaluate as evaluate_lib
-from gensar_jax import gin_utils
 from gensar_jax import identify as identify_lib
 from gensar_jax import io_utils
 from gensar_jax import prepare as prepare_lib
@@ -76,6 +76,13 @@ STAGE_CONFIGURABLES: Dict[str, Tuple[str, ...]] = {
     "evaluate": ("evaluate", "ranking_setup"),
     "compare": (),
 }
+# Configurables whose string arguments name input files: the stage's fingerprint covers
+# those files' contents, so a changed input file reruns the stage instead of reusing
+# outputs made from the old one.
+STAGE_INPUT_FILES: Dict[str, Tuple[str, ...]] = {
+    "prepare": ("load_movielens_100k", "load_amazon_2014", "load_generic"),
+}
+_HASH_CONTENT_UP_TO = 1 << 30  # larger files count by size and modification time
 # The stages the baselines and the comparison do not depend on (they chain past them).
 _UPSTREAM = {"baselines": "identify", "doc2query": "vocab", "compare": "evaluate"}
 RESUMABLE = ("doc2query", "train")
@@ -114,7 +121,49 @@ def stage_fingerprint(stage: str, upstream: str = "") -> str:
         chosen.add(macro)
         pending.append(macro)
   lines = [line for k in sorted(chosen) for line in blocks[k]]
+  lines += input_file_digests(stage, blocks)
   return hashlib.sha256("\n".join([upstream] + lines).encode()).hexdigest()[:16]
+
+
+def _bound_strings(keys: Sequence[str], blocks: Dict[str, List[str]]) -> List[str]:
+  """String literals of these bindings and of the macros they use (transitively)."""
+  chosen, pending = set(keys), list(keys)
+  while pending:
+    for macro in re.findall(r"%([\w./]+)", "\n".join(blocks[pending.pop()])):
+      if macro in blocks and macro not in chosen:
+        chosen.add(macro)
+        pending.append(macro)
+  text = "\n".join(line for k in sorted(chosen) for line in blocks[k])
+  return [a or b for a, b in re.findall(r"'([^'\n]*)'|\"([^\"\n]*)\"", text)]
+
+
+def _file_digest(path: str) -> str:
+  stat = os.stat(path)
+  if stat.st_size > _HASH_CONTENT_UP_TO:
+    return f"size={stat.st_size} mtime_ns={stat.st_mtime_ns}"
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
+def input_file_digests(stage: str, blocks: Optional[Dict[str, List[str]]] = None) -> List[str]:
+  """`input <path> <digest>` for every existing local file (or file under a directory)
+  that the stage's input configurables name."""
+  names = STAGE_INPUT_FILES.get(stage, ())
+  if not names:
+    return []
+  blocks = _binding_lines() if blocks is None else blocks
+  keys = [k for k in blocks if "." in k and k.rsplit(".", 1)[0].split("/")[-1] in names]
+  digests = []
+  for value in sorted(set(_bound_strings(keys, blocks))):
+    if io_utils.is_remote(value) or not value or not os.path.exists(value):
+      continue
+    paths = [value] if os.path.isfile(value) else sorted(
+        os.path.join(d, n) for d, _, files in os.walk(value) for n in files)
+    digests += [f"input {p} {_file_digest(p)}" for p in paths]
+  return digests
 
 
 def _marker(run_dir: str, stage: str, suffix: str = "") -> str:
