@@ -24,7 +24,6 @@ from typing import Dict, Optional, Sequence, Union
 import gin
 import numpy as np
 
-from gensar_jax import gin_utils
 from gensar_jax import vocabulary as vocab_lib
 from gensar_jax.identifiers.table import load_identifier_table
 from tasks.corpus import vocabulary_corpus  # also registers tasks' gin configurables

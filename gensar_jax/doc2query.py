@@ -30,7 +30,6 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from gensar_jax import gin_utils
 from gensar_jax import restore
 from gensar_jax import vocabulary as vocab_lib
 from gensar_jax.data.prepared import load_prepared

@@ -25,7 +25,6 @@ from typing import Dict, Mapping, Optional, Union
 import gin
 
 from gensar_jax import evaluation
-from gensar_jax import gin_utils
 from gensar_jax import restore
 from gensar_jax import results as results_lib
 from gensar_jax.io_utils import atomic_output_dir

@@ -26,7 +26,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gensar_jax import gin_utils
 from gensar_jax.decoding import build_trie, identifier_search
 from gensar_jax.decoding import trie as trie_lib
 from gensar_jax import io_utils

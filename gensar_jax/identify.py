@@ -25,7 +25,6 @@ from typing import Dict, List, Optional, Tuple
 import gin
 import numpy as np
 
-from gensar_jax import gin_utils
 from gensar_jax.data.columns import read_columns
 from gensar_jax.data import sequences as sequences_lib
 from gensar_jax.data.prepared import load_prepared

@@ -39,7 +39,6 @@ import seqio
 from tqdm import tqdm
 
 from gensar_jax import evaluation
-from gensar_jax import gin_utils
 from gensar_jax import io_utils
 from gensar_jax import restore
 # The run's own gin files come first on the command line; gin/runs/train.gin binds `train`.

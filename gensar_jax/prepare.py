@@ -20,14 +20,14 @@ from typing import Callable, Dict, List
 import gin
 import numpy as np
 
-from gensar_jax import gin_utils
 from gensar_jax.data import candidates as candidates_lib
 from gensar_jax.data import loaders  # noqa: F401  registers loaders with gin
 from gensar_jax.data import queries as queries_lib
 from gensar_jax.data import records
 from gensar_jax.data import sequences as sequences_lib
 from gensar_jax.data.samples import SPLITS, Samples, build_samples
-from gensar_jax.data.schema import DataError, KINDS, REC, SEARCH, SearchRecLog, item_text
+from gensar_jax.data import item_text as item_text_lib
+from gensar_jax.data.schema import DataError, KINDS, REC, SEARCH, SearchRecLog
 from gensar_jax.data.stats import format_stats_table
 from gensar_jax.io_utils import atomic_output_dir, write_json, write_jsonl
 
@@ -138,7 +138,7 @@ def prepare(output_dir: str = gin.REQUIRED, name: str = "dataset",
       user: np.unique(group.map(item_index).to_numpy())
       for user, group in kept_events.groupby("user_id")["item_id"]}
   specs, owners = _candidate_specs(samples, item_index, item_ids_of_user)
-  texts = [item_text(t, d) for t, d in zip(log.items["title"], log.items["description"])]
+  texts, text_counts = item_text_lib.build_item_texts(log.items)
   ranker = candidates_lib.BM25Ranker(texts)
   cand = candidates_lib.make_candidates(specs, popularity, ranker, seed=seed)
   candidates = dict(zip(owners, cand))
@@ -155,6 +155,7 @@ def prepare(output_dir: str = gin.REQUIRED, name: str = "dataset",
                for kind in KINDS},
       "filtered": samples.counts,
       "num_negatives": int(cand.shape[1] - 1),
+      "item_text": text_counts,
       "seed": seed,
   }
   item_queries = queries_lib.item_queries(log.items["categories"])
@@ -168,10 +169,10 @@ def prepare(output_dir: str = gin.REQUIRED, name: str = "dataset",
                 sequences_lib.build_rec_sequences(samples, item_index))
     write_jsonl(os.path.join(tmp, "items.jsonl"), (
         {"index": i, "item_id": item, "title": title, "description": desc,
-         "categories": cats, "queries": qs}
-        for i, (item, title, desc, cats, qs) in enumerate(zip(
+         "categories": cats, "queries": qs, "text": text}
+        for i, (item, title, desc, cats, qs, text) in enumerate(zip(
             item_ids, log.items["title"], log.items["description"],
-            log.items["categories"], item_queries))))
+            log.items["categories"], item_queries, texts))))
     write_jsonl(os.path.join(tmp, "queries.jsonl"), (
         {"query_id": i, "text": q, "search_events": int(query_counts[q])}
         for i, q in enumerate(query_list)))

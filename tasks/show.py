@@ -27,7 +27,6 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-from gensar_jax import gin_utils
 from tasks.gensar import register_gensar
 
 

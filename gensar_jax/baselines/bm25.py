@@ -3,8 +3,7 @@
 This is the classic lexical retriever the search candidates were mined with, so on the
 default prepared data it ranks *its own* hard negatives: a target that BM25 already puts
 first gets credit, a target tied with its negatives gets none (ties count against the
-system). The item text includes category words by default (see
-`gensar_jax.baselines.catalogue_texts`), which the candidate miner did not index.
+system). It indexes the item text `prepare` stored, the text the candidates were mined with.
 """
 from __future__ import annotations
 

@@ -30,10 +30,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import gin
 import numpy as np
 
-from gensar_jax import gin_utils
 from gensar_jax import metrics as metrics_lib
 from gensar_jax import results as results_lib
-from gensar_jax.baselines import catalogue_texts, DEFAULT_TEXT_FIELDS
 from gensar_jax.baselines import bm25 as bm25_lib
 from gensar_jax.baselines import dense as dense_lib
 from gensar_jax.baselines import popularity as popularity_lib
@@ -156,7 +154,6 @@ def read_sasrec_result(identifiers_dir: Optional[str], prepared_dir: str, split:
 def run_baselines(prepared_dir: str = gin.REQUIRED, identifiers_dir: Optional[str] = None,
                   output_dir: str = gin.REQUIRED, split: str = "test",
                   systems: Sequence[str] = SYSTEMS,
-                  text_fields: Sequence[str] = DEFAULT_TEXT_FIELDS,
                   dense_history_weight: float = 0.5,
                   show_progress: bool = False
                   ) -> Tuple[Dict[str, results_lib.SystemResult], List[str]]:
@@ -173,7 +170,7 @@ def run_baselines(prepared_dir: str = gin.REQUIRED, identifiers_dir: Optional[st
   num_items = len(prepared.items)
   dataset = str(prepared.stats.get("name") or os.path.basename(os.path.abspath(prepared_dir)))
   heldout = read_heldout(prepared_dir, split, num_items)
-  texts = (catalogue_texts(prepared.items, text_fields)
+  texts = (prepared.item_texts()
            if {"bm25", "dense", "dense_history"} & set(systems) else None)
 
   results: Dict[str, results_lib.SystemResult] = {}

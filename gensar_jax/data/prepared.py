@@ -1,7 +1,8 @@
 """Reading a prepared dataset directory (what `python -m gensar_jax.prepare` writes).
 
   <dir>/tfds/gensar_search_rec/1.0.0/   TFDS shards: samples with histories and candidates
-  <dir>/items.jsonl                     index, item_id, title, description, categories, queries
+  <dir>/items.jsonl                     index, item_id, title, description, categories, queries,
+                                        text (what the encoder, BM25 and doc2query read)
   <dir>/queries.jsonl                   query_id, text, search_events
   <dir>/users.jsonl                     index, user_id
   <dir>/rec_sequences.jsonl             per user: every rec item in time order, and where
@@ -18,7 +19,8 @@ from typing import Dict, List
 
 import pandas as pd
 
-from gensar_jax.data.schema import DataError, item_text
+from gensar_jax.data import item_text as item_text_lib
+from gensar_jax.data.schema import DataError
 from gensar_jax.data import records
 from gensar_jax.data.records import TFDS_NAME, TFDS_VERSION
 from gensar_jax.io_utils import read_jsonl
@@ -43,8 +45,12 @@ class PreparedDataset:
     return os.path.join(self.path, "tfds")
 
   def item_texts(self) -> List[str]:
-    """Title + description of every item, in index order (encoder and BM25 input)."""
-    return [item_text(t, d) for t, d in zip(self.items["title"], self.items["description"])]
+    """The text of every item, in index order (gensar_jax/data/item_text.py): what the
+    sentence encoder, BM25 and doc2query read. Written by `prepare`; built again with the
+    default settings for a directory prepared before texts were stored."""
+    if "text" in self.items:
+      return [str(t) for t in self.items["text"]]
+    return item_text_lib.build_item_texts(self.items)[0]
 
   def load_split(self, split: str):
     """The tf.data.Dataset of one split, read through TFDS."""

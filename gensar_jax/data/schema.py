@@ -2,10 +2,12 @@
 
 Items
   item_id      str, unique, non-empty
-  title        str
+  title        str (may be empty)
   description  str (may be empty)
   categories   list of category paths, each a list of strings, general -> specific
                (Amazon's `categories`; MovieLens genres). Semi-synthetic queries come from these.
+  brand        str, optional column (Amazon metadata, a generic table's `brand`)
+The text an item is known by is built from these (gensar_jax/data/item_text.py).
 
 Events (one row per user action)
   user_id      str
@@ -25,7 +27,7 @@ Users are the distinct `user_id`s of the events.
 from __future__ import annotations
 
 import dataclasses
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -121,13 +123,18 @@ class SearchRecLog:
 
 
 def make_items(item_ids: Sequence[str], titles: Sequence[str], descriptions: Sequence[str],
-               categories: Sequence[List[List[str]]]) -> pd.DataFrame:
-  return pd.DataFrame({
+               categories: Sequence[List[List[str]]],
+               brands: Optional[Sequence[str]] = None) -> pd.DataFrame:
+  """The items table; `brands` (optional metadata) adds a brand column."""
+  columns = {
       "item_id": pd.Series(list(item_ids), dtype=object).astype(str),
       "title": list(titles),
       "description": list(descriptions),
       "categories": list(categories),
-  })
+  }
+  if brands is not None:
+    columns["brand"] = list(brands)
+  return pd.DataFrame(columns)
 
 
 def make_events(user_ids, timestamps, kinds, item_ids, queries, interactions,
@@ -143,8 +150,3 @@ def make_events(user_ids, timestamps, kinds, item_ids, queries, interactions,
   })
 
 
-def item_text(title: str, description: str) -> str:
-  """The text an item is known by: what the sentence encoder and BM25 read."""
-  title = (title or "").strip()
-  description = (description or "").strip()
-  return f"{title}. {description}" if description else title

@@ -22,6 +22,8 @@ def format_stats_table(stats: Dict) -> str:
       rows.append((f"{kind} {split} rows", stats["rows"][kind][split]))
   for name, value in stats["filtered"].items():
     rows.append((f"filtered: {name.replace('_', ' ')}", value))
+  for name, value in stats.get("item_text", {}).items():  # how item texts were made
+    rows.append((f"text: {name.replace('_', ' ')}", value))
   width = max(len(name) for name, _ in rows)
   title = f"dataset: {stats['name']}"
   lines = [title, "-" * max(len(title), width + 12)]

@@ -104,16 +104,17 @@ def load_amazon_2014(reviews_path: str = gin.REQUIRED, meta_path: str = gin.REQU
     if asin in reviewed:
       meta[asin] = (line, obj)
 
-  ids, titles, descriptions, categories = [], [], [], []
+  ids, titles, descriptions, categories, brands = [], [], [], [], []
   for asin, (line, obj) in meta.items():
     ids.append(asin)
     titles.append(str(obj.get("title") or ""))
+    brands.append(str(obj.get("brand") or ""))
     description = obj.get("description") or ""
     if isinstance(description, list):
       description = " ".join(str(d) for d in description)
     descriptions.append(str(description))
     categories.append(_categories(obj.get("categories"), meta_path, line))
-  items = make_items(ids, titles, descriptions, categories)
+  items = make_items(ids, titles, descriptions, categories, brands)
   n = len(users)
   events = make_events(users, times, [REC] * n, asins, [""] * n, range(n), lines)
   return SearchRecLog(items=items, events=events, items_path=meta_path,

@@ -1,7 +1,8 @@
 """A generic format for users' own logs: two tables, CSV or parquet (chosen by extension).
 
 items (`.csv` / `.parquet`):
-  item_id (required), title (required), description (optional),
+  item_id (required), title (required column; cells may be empty), description and brand
+  (optional),
   categories (optional): in CSV a string of paths separated by "|", levels by ">"
   ("Electronics > Audio > Headphones | Gifts > For Him"); in parquet the same string or a
   list of lists of strings.
@@ -113,9 +114,10 @@ def load_generic(items_path: str = gin.REQUIRED, events_path: str = gin.REQUIRED
   categories = ([parse_categories(v, items_path, i + 1)
                  for i, v in enumerate(items_frame["categories"])]
                 if "categories" in items_frame else [[] for _ in range(len(items_frame))])
+  brands = (items_frame["brand"].fillna("").astype(str) if "brand" in items_frame else None)
   items = make_items(items_frame["item_id"].astype(str).str.strip(),
                      items_frame["title"].fillna("").astype(str),
-                     descriptions.fillna("").astype(str), categories)
+                     descriptions.fillna("").astype(str), categories, brands)
 
   events_frame = _read_table(events_path, ["user_id", "timestamp", "item_id"])
   _check_filled(events_frame, ["user_id", "timestamp", "item_id"], events_path)
