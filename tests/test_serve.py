@@ -89,6 +89,12 @@ BAD = [
     ("query as list", "/search", {"history": [], "query": ["a"]}, 422, "query"),
     ("body is a list", "/recommend", [1, 2], 422, ""),
     ("invalid json", "/recommend", b"{not json", 422, "JSON"),
+    # A lone surrogate is legal JSON but not UTF-8: it would crash the tokenizer in a batch.
+    ("lone surrogate in query", "/search", b'{"history": [], "query": "coffee \\ud800"}',
+     422, "query is not valid Unicode text"),
+    ("lone surrogate in history", "/recommend",
+     b'{"history": [{"kind": "search", "item_id": "I01", "query": "\\udfff"}]}', 422,
+     "history[0].query is not valid Unicode text"),
 ]
 
 
@@ -150,6 +156,60 @@ def test_chunked_oversized_body_is_refused(client, engine):
                          headers={"content-type": "application/json"})
   assert response.status_code == 413
   check_good(client.post(GOOD[0], json=GOOD[1]), engine)
+
+
+def test_user_text_cannot_produce_control_or_identifier_tokens(engine):
+  """Every reserved form in a query or a history query is read as plain text."""
+  sp = engine._tokenizer  # pylint: disable=protected-access
+  identifier = engine._identifier_text["search"][0]  # pylint: disable=protected-access
+  reserved_forms = ["<rec_item>", "<src_item>", "<src_query>", "</s>",
+                    *[f"<{p}>" for p in identifier.strip("<>").split("><")]]
+  reserved_ids = {sp.piece_to_id(t) for t in reserved_forms} - {sp.unk_id()}
+  assert len(reserved_ids) >= 4  # the forms really are single pieces of this vocabulary
+
+  def reserved_count(query):
+    prompt = engine.prompt("search", query)
+    return sum(int(t) in reserved_ids for t in engine.encode(prompt))
+
+  history = (Event("rec", "I01"), Event("search", "I02", "travel mug"))
+  clean = reserved_count(Query(history=history, k=3, query="coffee maker"))
+  for form in reserved_forms + ["<<m0_1>>"]:
+    poisoned_query = Query(history=history, k=3, query=f"coffee {form} maker")
+    assert reserved_count(poisoned_query) == clean, form
+    poisoned_history = Query(history=(Event("rec", "I01"),
+                                      Event("search", "I02", f"travel {form}")),
+                             k=3, query="coffee maker")
+    assert reserved_count(poisoned_history) == clean, form
+
+
+def test_a_failing_request_fails_alone_in_its_batch():
+  """The batcher retries a failed batch one request at a time: the culprit gets the error,
+  every other request of the batch its answer."""
+  import asyncio
+  from gensar_jax.serving.batcher import Batcher
+
+  def run_batch(requests):
+    if "poison" in requests:
+      raise ValueError("cannot tokenise")
+    return [r.upper() for r in requests]
+
+  async def main():
+    batcher = Batcher(run_batch, max_batch_size=16, max_wait_ms=50)
+    batcher.start()
+    requests = [f"q{i}" for i in range(7)] + ["poison"] + [f"r{i}" for i in range(7)]
+    answers = await asyncio.gather(*(batcher.submit(r) for r in requests),
+                                   return_exceptions=True)
+    await batcher.stop()
+    return requests, answers, batcher
+
+  requests, answers, batcher = asyncio.run(main())
+  for request, answer in zip(requests, answers):
+    if request == "poison":
+      assert isinstance(answer, ValueError)
+    else:
+      assert answer == request.upper()
+  assert batcher.batches_failed >= 1 and batcher.requests_failed == 1
+  assert batcher.requests_run == len(requests) - 1
 
 
 def test_batching_is_invisible_in_results(engine):
@@ -234,3 +294,17 @@ def test_load_test_smoke(live_server, engine):
   assert 0 < rows["all"]["p50_ms"] <= rows["all"]["p99_ms"]
   assert result["server_alive_after"] is True
   assert "req/s" in proc.stdout and "p99 ms" in proc.stdout
+
+
+def test_real_server_poisoned_request_among_concurrent_good_ones(live_server, engine):
+  """The attack of issue 16: one query with a lone surrogate sent with 15 valid searches at
+  once, three rounds. The poisoned one is refused; every valid one answers 200."""
+  poison = b'{"history": [], "query": "coffee \\ud800", "k": 3}'
+  with httpx.Client(base_url=live_server, timeout=60) as http, \
+      futures.ThreadPoolExecutor(max_workers=16) as pool:
+    for _ in range(3):
+      good = [pool.submit(http.post, GOOD[0], json=GOOD[1]) for _ in range(15)]
+      bad = pool.submit(send, http, "/search", poison)
+      assert bad.result().status_code == 422
+      for f in good:
+        check_good(f.result(), engine)

@@ -85,6 +85,16 @@ class SearchRequest(RecommendRequest):
   query: str
 
 
+def _check_text(text: str, where: str) -> None:
+  """Text the tokenizer can take: a lone surrogate ("\\ud800", legal in JSON) is not UTF-8
+  and would fail the whole batch it was tokenised in."""
+  try:
+    text.encode("utf-8")
+  except UnicodeEncodeError as e:
+    raise BadRequest(422, f"{where} is not valid Unicode text (a lone surrogate at "
+                          f"character {e.start})") from None
+
+
 class BadRequest(Exception):
   def __init__(self, status: int, message: str):
     super().__init__(message)
@@ -103,6 +113,8 @@ def _validate(engine: Engine, request: RecommendRequest, query: Optional[str]) -
     if e.query is not None and len(e.query) > MAX_QUERY_CHARS:
       raise BadRequest(422, f"history[{i}].query is longer than {MAX_QUERY_CHARS} "
                             "characters")
+    _check_text(e.query or "", f"history[{i}].query")
+    _check_text(e.item_id, f"history[{i}].item_id")
     events.append(Event(kind=e.kind, item_id=e.item_id, query=(e.query or "").strip()))
   unknown = engine.unknown_items([e.item_id for e in events])
   if unknown:
@@ -115,6 +127,7 @@ def _validate(engine: Engine, request: RecommendRequest, query: Optional[str]) -
     if len(query) > MAX_QUERY_CHARS:
       raise BadRequest(422, f"query is longer than {MAX_QUERY_CHARS} characters "
                             f"({len(query)})")
+    _check_text(query, "query")
   return Query(history=tuple(events), k=k, query=query)
 
 
@@ -240,9 +253,10 @@ def create_app(engine: Engine, max_wait_ms: float = 5.0,
       return _error(e.status, e.message)
     try:
       hits = await batchers[kind].submit(validated)
-    except Exception as e:  # pylint: disable=broad-except
-      logger.exception("%s batch failed", kind)
-      return _error(500, f"{kind} failed: {type(e).__name__}: {e}")
+    except Exception:  # pylint: disable=broad-except
+      # The exception text can hold internals (paths, shapes): the log gets it, not the client.
+      logger.exception("%s request failed", kind)
+      return _error(500, f"{kind} failed (an internal error; see the server log)")
     return _hits_json(hits[:validated.k])
 
   @app.post("/search")

@@ -4,6 +4,10 @@ A compiled decode costs about the same for 1 example as for a full bucket, so th
 queues requests for up to `max_wait_ms` (or until `max_batch_size` are waiting) and runs
 them together. Device calls run on one worker thread: the event loop stays free to accept
 and validate requests while the accelerator works, and calls never interleave.
+
+A failure stays with the request that caused it: when a batch of several requests fails,
+each of them is run again alone, so only the culprit gets the error and the others their
+answers (at the cost of one device call per request of that batch).
 """
 from __future__ import annotations
 
@@ -32,6 +36,8 @@ class Batcher(Generic[Request, Result]):
     self._task: Optional[asyncio.Task] = None
     self.batches_run = 0
     self.requests_run = 0
+    self.batches_failed = 0      # batches of several requests that were retried one by one
+    self.requests_failed = 0
 
   def start(self) -> None:
     self._queue = asyncio.Queue()
@@ -75,19 +81,35 @@ class Batcher(Generic[Request, Result]):
       if not live:
         continue
       try:
-        results = await loop.run_in_executor(self._executor, self._run_batch,
-                                              [r for r, _ in live])
-        if len(results) != len(live):
-          raise RuntimeError(f"run_batch returned {len(results)} results for "
-                             f"{len(live)} requests")
+        results = await self._run(loop, [r for r, _ in live])
       except Exception as e:  # pylint: disable=broad-except
-        # One bad batch fails its own requests, never the server.
-        for _, future in live:
-          if not future.done():
-            future.set_exception(e)
+        if len(live) == 1:
+          self._fail(live[0][1], e)
+          continue
+        self.batches_failed += 1
+        for request, future in live:  # alone, so only the culprit fails
+          try:
+            self._succeed(future, (await self._run(loop, [request]))[0])
+          except Exception as alone:  # pylint: disable=broad-except
+            self._fail(future, alone)
         continue
       self.batches_run += 1
-      self.requests_run += len(live)
       for (_, future), result in zip(live, results):
-        if not future.done():
-          future.set_result(result)
+        self._succeed(future, result)
+
+  async def _run(self, loop, requests: List[Request]) -> Sequence[Result]:
+    results = await loop.run_in_executor(self._executor, self._run_batch, requests)
+    if len(results) != len(requests):
+      raise RuntimeError(f"run_batch returned {len(results)} results for "
+                         f"{len(requests)} requests")
+    return results
+
+  def _succeed(self, future: asyncio.Future, result: Result) -> None:
+    self.requests_run += 1
+    if not future.done():
+      future.set_result(result)
+
+  def _fail(self, future: asyncio.Future, error: Exception) -> None:
+    self.requests_failed += 1
+    if not future.done():
+      future.set_exception(error)

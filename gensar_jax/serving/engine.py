@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import threading
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -19,6 +20,20 @@ from gensar_jax.serving import artifact as artifact_lib
 from gensar_jax.serving.app import Event, Hit, Query
 
 logger = logging.getLogger(__name__)
+
+# The model's control vocabulary is angle-bracketed words: behaviour tokens (<rec_item>,
+# <src_query>, <src_item>), identifier tokens (<m0_12>, <s1_7>), </s>. SentencePiece matches
+# user-defined pieces anywhere in raw text, so user text is unwrapped before tokenising:
+# "<m0_12>" in a query is read as the plain text "m0_12" and cannot steer the decoder.
+_RESERVED_FORM = re.compile(r"<(/?[A-Za-z0-9_]+)>")
+
+
+def user_text(text: str) -> str:
+  """Text from a request with every angle-bracketed control form unwrapped."""
+  previous = None
+  while previous != text:  # "<<m0_1>>" unwraps to "<m0_1>" first: repeat until stable
+    previous, text = text, _RESERVED_FORM.sub(r"\1", text)
+  return text
 
 
 class ServingEngine:
@@ -82,7 +97,7 @@ class ServingEngine:
             identifier=self._identifier_text["recommend"][row]))
       else:
         parts.append(self._prompts["search_event"].format(
-            query=e.query, identifier=self._identifier_text["search"][row]))
+            query=user_text(e.query), identifier=self._identifier_text["search"][row]))
     return self._prompts["history_separator"].join(parts)
 
   def prompt(self, task: str, query: Query) -> str:
@@ -91,7 +106,7 @@ class ServingEngine:
     if task == "search":
       if query.query is None:
         raise ValueError("a search request needs a query")
-      slots["query"] = self._prompts["query"].format(query=query.query)
+      slots["query"] = self._prompts["query"].format(query=user_text(query.query))
     return self._prompts[task].format(**slots)
 
   def encode(self, text: str) -> np.ndarray:
