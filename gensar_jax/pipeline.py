@@ -61,6 +61,7 @@ DOC2QUERY_SCOPE = "doc2query"
 # Configurables whose bindings change each stage's output (upstream stages chain in).
 STAGE_CONFIGURABLES: Dict[str, Tuple[str, ...]] = {
     "prepare": ("prepare", "build_samples", "make_candidates", "add_semi_synthetic_search",
+                "ItemTextConfig",
                 "load_movielens_100k", "load_amazon_2014", "load_generic"),
     "identify": ("identify", "RQVAEConfig", "SASRecConfig", "SentenceEncoder"),
     "vocab": ("build_vocab",),
