@@ -11,13 +11,23 @@
 No gin flags: everything the server needs is in the artifact (python -m gensar_jax.export).
 One process owns the accelerator, so there is one uvicorn worker; concurrency comes from
 request batching, not from more processes.
+
+The port is checked before the model loads (a port in use is an error at once, not after
+minutes of loading); a corrupt artifact is a one-line error. Both exit with code 2. On
+SIGTERM the server stops accepting connections, answers the requests it has (up to
+--drain_s), then exits. With --api_key_file (or GENSAR_API_KEY in the environment) every
+route but /healthz and /readyz needs `Authorization: Bearer <key>`.
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import socket
 import sys
 from typing import Optional, Sequence
+
+API_KEY_ENV = "GENSAR_API_KEY"
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -31,8 +41,21 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                            "largest batch bucket)")
   parser.add_argument("--max_wait_ms", type=float, default=5.0,
                       help="how long a request may wait for others to fill its batch")
+  parser.add_argument("--max_queue", type=int, default=256,
+                      help="most requests waiting per endpoint; beyond it 503 + Retry-After")
+  parser.add_argument("--request_timeout_s", type=float, default=10.0,
+                      help="a request not answered within this gets 504")
+  parser.add_argument("--drain_s", type=float, default=30.0,
+                      help="on SIGTERM, how long in-flight requests may take to finish")
+  parser.add_argument("--api_key_file", default=None,
+                      help=f"require this bearer key (first line of the file; or set "
+                           f"{API_KEY_ENV})")
   parser.add_argument("--log_level", default="info")
   args = parser.parse_args(argv)
+  if args.max_queue < 1:
+    parser.error(f"--max_queue must be >= 1, got {args.max_queue}")
+  if args.request_timeout_s <= 0:
+    parser.error(f"--request_timeout_s must be > 0, got {args.request_timeout_s}")
   if args.max_batch is not None and args.max_batch < 1:
     parser.error(f"--max_batch must be >= 1, got {args.max_batch}")
   if args.max_wait_ms < 0:
@@ -40,10 +63,42 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   return args
 
 
+def _fail(message: str) -> None:
+  print(f"error: {message}", file=sys.stderr)
+  raise SystemExit(2)
+
+
+def read_api_key(path: Optional[str]) -> Optional[str]:
+  """The bearer key: the first line of `path`, else $GENSAR_API_KEY, else None (no auth)."""
+  if path:
+    try:
+      with open(path, encoding="utf-8") as f:
+        key = f.readline().strip()
+    except OSError as e:
+      _fail(f"--api_key_file={path}: {e.strerror}")
+    if not key:
+      _fail(f"--api_key_file={path}: the first line is empty")
+    return key
+  return os.environ.get(API_KEY_ENV, "").strip() or None
+
+
+def check_port(host: str, port: int) -> None:
+  """Fails at once when the address cannot be bound (in use, or not this machine's)."""
+  with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+      s.bind((host, port))
+    except OSError as e:
+      _fail(f"cannot listen on {host}:{port}: {e.strerror} (another server there? pass "
+            "--port)")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
   args = parse_args(argv)
   logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                       format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+  api_key = read_api_key(args.api_key_file)
+  check_port(args.host, args.port)
   import uvicorn
 
   from gensar_jax.serving.app import create_app
@@ -52,10 +107,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   try:
     engine = ServingEngine(args.artifact, max_batch_size=args.max_batch)
   except (ArtifactError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    raise SystemExit(2) from None
-  app = create_app(engine, max_wait_ms=args.max_wait_ms)
-  uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, workers=1)
+    _fail(str(e))
+  app = create_app(engine, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+                   request_timeout_s=args.request_timeout_s, api_key=api_key)
+  uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, workers=1,
+              timeout_graceful_shutdown=args.drain_s)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,11 @@ or `--duration_s` has passed, whichever comes first. Without --url it starts
 not timed), runs, and stops it. Prints one table (requests/s, p50/p99 latency, errors per
 endpoint); --json prints the same numbers as one JSON line. Exit code 1 if any request
 failed or the server died.
+
+`--concurrency=16,64,256` runs one level after another against the same server and adds a
+table of the levels. A 503 (the server's admission limit, `serve --max_queue`) is counted
+as *shed*, not as an error: latency percentiles are over the admitted (200) requests, which
+is what bounded admission keeps bounded.
 """
 from __future__ import annotations
 
@@ -74,11 +79,12 @@ async def _run(url: str, bodies: Sequence[Dict[str, Any]], concurrency: int,
         sent = time.perf_counter()
         try:
           response = await http.post(f"/{request['endpoint']}", json=request["body"])
-          ok = response.status_code == 200 and len(response.json()["items"]) > 0
-          error = None if ok else f"HTTP {response.status_code}: {response.text[:200]}"
+          status = response.status_code
+          ok = status == 200 and len(response.json()["items"]) > 0
+          error = None if ok or status == 503 else f"HTTP {status}: {response.text[:200]}"
         except Exception as e:  # pylint: disable=broad-except
-          error = f"{type(e).__name__}: {e}"
-        records.append({"endpoint": request["endpoint"], "error": error,
+          status, error = None, f"{type(e).__name__}: {e}"
+        records.append({"endpoint": request["endpoint"], "error": error, "status": status,
                         "latency_s": time.perf_counter() - sent})
 
   await asyncio.gather(*(client() for _ in range(concurrency)))
@@ -89,24 +95,40 @@ def summarise(records: Sequence[Dict[str, Any]], wall_s: float) -> Dict[str, Dic
   rows = {}
   for name in (*ENDPOINTS, "all"):
     picked = [r for r in records if name == "all" or r["endpoint"] == name]
-    latencies = np.asarray([r["latency_s"] for r in picked]) * 1000.0   # [n] ms
+    admitted = [r for r in picked if r.get("status") == 200]
+    latencies = np.asarray([r["latency_s"] for r in admitted]) * 1000.0   # [n] ms
+    shed = sum(r.get("status") == 503 for r in picked)
     rows[name] = {
         "requests": len(picked),
         "errors": sum(r["error"] is not None for r in picked),
-        "requests_per_s": len(picked) / wall_s if wall_s > 0 else 0.0,
-        "p50_ms": float(np.percentile(latencies, 50)) if len(picked) else float("nan"),
-        "p99_ms": float(np.percentile(latencies, 99)) if len(picked) else float("nan"),
+        "shed_503": shed,
+        "shed_rate": shed / len(picked) if picked else 0.0,
+        "requests_per_s": len(admitted) / wall_s if wall_s > 0 else 0.0,
+        "p50_ms": float(np.percentile(latencies, 50)) if len(admitted) else float("nan"),
+        "p99_ms": float(np.percentile(latencies, 99)) if len(admitted) else float("nan"),
     }
   return rows
 
 
 def format_table(rows: Dict[str, Dict[str, Any]], concurrency: int, wall_s: float) -> str:
-  lines = [f"load test: {concurrency} concurrent clients, {wall_s:.1f} s",
-           f"{'endpoint':<10} {'requests':>9} {'errors':>7} {'req/s':>9} {'p50 ms':>9} "
-           f"{'p99 ms':>9}", "-" * 58]
+  lines = [f"load test: {concurrency} concurrent clients, {wall_s:.1f} s "
+           "(req/s and latency of admitted requests)",
+           f"{'endpoint':<10} {'requests':>9} {'errors':>7} {'503':>6} {'req/s':>9} "
+           f"{'p50 ms':>9} {'p99 ms':>9}", "-" * 65]
   for name, r in rows.items():
-    lines.append(f"{name:<10} {r['requests']:>9d} {r['errors']:>7d} "
+    lines.append(f"{name:<10} {r['requests']:>9d} {r['errors']:>7d} {r['shed_503']:>6d} "
                  f"{r['requests_per_s']:>9.1f} {r['p50_ms']:>9.1f} {r['p99_ms']:>9.1f}")
+  return "\n".join(lines)
+
+
+def format_levels(results: Sequence[Dict[str, Any]]) -> str:
+  lines = ["| clients | requests | admitted req/s | p50 ms | p99 ms | 503 rate | errors |",
+           "|---|---|---|---|---|---|---|"]
+  for result in results:
+    r = result["rows"]["all"]
+    lines.append(f"| {result['concurrency']} | {r['requests']} | {r['requests_per_s']:.1f} | "
+                 f"{r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {r['shed_rate']:.1%} | "
+                 f"{r['errors']} |")
   return "\n".join(lines)
 
 
@@ -131,10 +153,13 @@ def wait_ready(url: str, server: Optional[subprocess.Popen], timeout_s: float) -
 
 
 def start_server(artifact: str, port: int, max_batch: Optional[int],
-                 max_wait_ms: float, log_path: str) -> subprocess.Popen:
+                 max_wait_ms: float, log_path: str, max_queue: Optional[int] = None
+                 ) -> subprocess.Popen:
   command = [sys.executable, "-m", "gensar_jax.serve", f"--artifact={artifact}",
              "--host=127.0.0.1", f"--port={port}", f"--max_wait_ms={max_wait_ms}",
              "--log_level=warning"]
+  if max_queue:
+    command.append(f"--max_queue={max_queue}")
   if max_batch:
     command.append(f"--max_batch={max_batch}")
   log = open(log_path, "w", encoding="utf-8")  # pylint: disable=consider-using-with
@@ -169,16 +194,24 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   parser.add_argument("--url", default=None, help="a running server; default: start one")
   parser.add_argument("--requests", type=int, default=500, help="most requests to send")
   parser.add_argument("--duration_s", type=float, default=60.0, help="most seconds to send")
-  parser.add_argument("--concurrency", type=int, default=16)
+  parser.add_argument("--concurrency", default="16",
+                      help="concurrent clients; a comma list (16,64,256) runs each level")
   parser.add_argument("--search_fraction", type=float, default=0.5)
   parser.add_argument("--k", type=int, default=10)
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--max_batch", type=int, default=None, help="server --max_batch")
   parser.add_argument("--max_wait_ms", type=float, default=5.0, help="server --max_wait_ms")
+  parser.add_argument("--max_queue", type=int, default=None, help="server --max_queue")
   parser.add_argument("--startup_timeout_s", type=float, default=600.0)
   parser.add_argument("--json", action="store_true", help="also print the numbers as JSON")
   args = parser.parse_args(argv)
-  for name in ("requests", "concurrency", "k"):
+  try:
+    args.levels = [int(c) for c in str(args.concurrency).split(",")]
+  except ValueError:
+    parser.error(f"--concurrency={args.concurrency}: expected integers like 16,64,256")
+  if min(args.levels) < 1:
+    parser.error("--concurrency must be >= 1")
+  for name in ("requests", "k"):
     if getattr(args, name) < 1:
       parser.error(f"--{name} must be >= 1")
   if args.duration_s <= 0 or not 0.0 <= args.search_fraction <= 1.0:
@@ -196,23 +229,30 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     os.close(fd)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    server = start_server(args.artifact, port, args.max_batch, args.max_wait_ms, log_path)
+    server = start_server(args.artifact, port, args.max_batch, args.max_wait_ms, log_path,
+                          args.max_queue)
+  results = []
   try:
     wait_ready(url, server, args.startup_timeout_s)
-    result = run_load_test(url, items, args.requests, args.concurrency, args.duration_s,
-                           args.search_fraction, args.k, args.seed)
+    for level in args.levels:
+      results.append(run_load_test(url, items, args.requests, level, args.duration_s,
+                                   args.search_fraction, args.k, args.seed))
     alive = server is None or server.poll() is None
     healthy = httpx.get(f"{url}/healthz", timeout=5.0).status_code == 200 if alive else False
   finally:
     if server is not None:
       stop_server(server)
-  result["server_alive_after"] = bool(alive and healthy)
-  print(format_table(result["rows"], result["concurrency"], result["wall_s"]))
-  for error in result["first_errors"]:
-    print(f"error: {error}")
+  for result in results:
+    result["server_alive_after"] = bool(alive and healthy)
+    print(format_table(result["rows"], result["concurrency"], result["wall_s"]))
+    for error in result["first_errors"]:
+      print(f"error: {error}")
+  if len(results) > 1:
+    print(format_levels(results))
   if args.json:
-    print(json.dumps(result))
-  failed = result["rows"]["all"]["errors"] > 0 or not result["server_alive_after"]
+    print(json.dumps(results[0] if len(results) == 1 else {"levels": results}))
+  failed = (any(r["rows"]["all"]["errors"] > 0 for r in results)
+            or not results[-1]["server_alive_after"])
   if log_path and not failed:
     os.remove(log_path)
   elif log_path:

@@ -4,6 +4,8 @@ through FastAPI's TestClient and a real uvicorn server on a loopback port; and a
 of launch/load_test.py."""
 import json
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -308,3 +310,155 @@ def test_real_server_poisoned_request_among_concurrent_good_ones(live_server, en
       assert bad.result().status_code == 422
       for f in good:
         check_good(f.result(), engine)
+
+
+# ----------------------------------------------------------------- facing real traffic
+
+
+class SlowEngine:
+  """The app's Engine protocol with a fixed device time per batch, for admission tests."""
+  max_batch_size = 2
+  max_k = 5
+
+  def __init__(self, seconds):
+    self.seconds = seconds
+
+  def unknown_items(self, item_ids):
+    return []
+
+  def _answer(self, queries):
+    time.sleep(self.seconds)
+    return [[app_lib.Hit(item_id="I01", title="t", score=-1.0)] for _ in queries]
+
+  search = recommend = _answer
+
+  def warm_up(self):
+    pass
+
+
+def _ready(client):
+  deadline = time.time() + 30
+  while client.get("/readyz").status_code != 200:
+    assert time.time() < deadline
+    time.sleep(0.02)
+
+
+def test_overload_gets_503_with_retry_after_and_admitted_requests_stay_bounded():
+  with TestClient(create_app(SlowEngine(0.2), max_wait_ms=1.0, max_queue=2)) as client, \
+      futures.ThreadPoolExecutor(max_workers=24) as pool:
+    _ready(client)
+    started = time.perf_counter()
+    answers = list(pool.map(lambda _: (client.post("/recommend", json={"history": []}),
+                                       time.perf_counter() - started), range(24)))
+  statuses = [r.status_code for r, _ in answers]
+  assert statuses.count(503) > 0 and statuses.count(200) > 0, statuses
+  assert set(statuses) <= {200, 503}
+  for response, seconds in answers:
+    if response.status_code == 503:
+      assert response.headers["retry-after"] == "1"
+      assert "at capacity" in response.json()["error"]
+    else:  # at most a full queue ahead of it: a few batches, not 24 requests' worth
+      assert seconds < 0.2 * 8, seconds
+
+
+def test_a_request_past_its_deadline_gets_504():
+  with TestClient(create_app(SlowEngine(1.5), request_timeout_s=0.2)) as client:
+    _ready(client)
+    response = client.post("/recommend", json={"history": []})
+  assert response.status_code == 504 and "no answer within 0.2 s" in response.json()["error"]
+
+
+def test_bearer_auth_metrics_and_one_error_shape(engine):
+  with TestClient(create_app(engine, max_wait_ms=1.0, api_key="s3cret")) as client:
+    _ready(client)  # the probes stay public
+    assert client.get("/healthz").status_code == 200
+    for path in ("/docs", "/openapi.json", "/metrics"):
+      refused = client.get(path)
+      assert refused.status_code == 401 and refused.headers["www-authenticate"] == "Bearer"
+      assert "API key" in refused.json()["error"]
+    assert client.post(GOOD[0], json=GOOD[1]).status_code == 401
+    wrong = {"Authorization": "Bearer nope"}
+    assert client.post(GOOD[0], json=GOOD[1], headers=wrong).status_code == 401
+    key = {"Authorization": "Bearer s3cret"}
+    check_good(client.post(GOOD[0], json=GOOD[1], headers=key), engine)
+    assert client.post("/search", json={"history": [], "query": " "},
+                       headers=key).status_code == 422
+    assert client.get("/docs", headers=key).status_code == 200
+    missing = client.get("/nowhere", headers=key)
+    assert missing.status_code == 404 and missing.json() == {"error": "Not Found"}
+    wrong_method = client.get("/search", headers=key)
+    assert wrong_method.status_code == 405 and "error" in wrong_method.json()
+    text = client.get("/metrics", headers=key).text
+  assert 'gensar_requests_total{endpoint="search",status="200"} 1' in text
+  assert 'gensar_requests_total{endpoint="search",status="422"} 1' in text
+  assert 'gensar_request_seconds_count{endpoint="search"} 2' in text
+  assert 'gensar_queue_depth{endpoint="recommend"} 0' in text
+  assert 'gensar_batch_size_bucket{endpoint="search",le="+Inf"} 1' in text
+
+
+def test_corrupt_artifacts_are_artifact_errors(engine, tmp_path):
+  from gensar_jax.serving import artifact as artifact_lib
+  source = engine.directory
+  function = artifact_lib.function_file("search", BUCKETS[0])
+  cases = {"metadata": (artifact_lib.METADATA_FILE, b"{not json", "JSON metadata"),
+           "params": (artifact_lib.PARAMS_FILE, None, "msgpack parameters"),
+           "function": (function, b"garbage" * 10, "a serialized JAX function")}
+  for name, (file_name, content, message) in cases.items():
+    broken = str(tmp_path / name)
+    shutil.copytree(source, broken)
+    path = os.path.join(broken, file_name)
+    if content is None:  # truncated
+      with open(path, "rb") as f:
+        content = f.read()[:100]
+    with open(path, "wb") as f:
+      f.write(content)
+    with pytest.raises(artifact_lib.ArtifactError, match=message) as e:
+      ServingEngine(broken)
+    assert path in str(e.value) and "\n" not in str(e.value)
+
+
+def test_serve_refuses_a_port_in_use_before_loading(tmp_path):
+  with socket.socket() as taken:
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    port = taken.getsockname()[1]
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "gensar_jax.serve",
+                             f"--artifact={tmp_path / 'does-not-matter'}", f"--port={port}"],
+                            capture_output=True, text=True, timeout=120)
+  assert result.returncode == 2
+  assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+  assert "Traceback" not in result.stderr and "does-not-matter" not in result.stderr
+
+
+def test_sigterm_drains_queued_requests_then_exits(engine, tmp_path):
+  port = free_port()
+  server = subprocess.Popen([sys.executable, "-m", "gensar_jax.serve",
+                             f"--artifact={engine.directory}", f"--port={port}",
+                             "--max_wait_ms=800", "--log_level=warning"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  url = f"http://127.0.0.1:{port}"
+  try:
+    deadline = time.time() + 180
+    while True:
+      assert server.poll() is None, server.stdout.read()
+      try:
+        if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+          break
+      except httpx.HTTPError:
+        pass
+      assert time.time() < deadline, "the server never became ready"
+      time.sleep(0.2)
+    with httpx.Client(base_url=url, timeout=60) as http, \
+        futures.ThreadPoolExecutor(max_workers=3) as pool:
+      pending = [pool.submit(http.post, GOOD[0], json=GOOD[1]) for _ in range(3)]
+      time.sleep(0.3)  # queued in the batcher, which waits 800 ms for a fuller batch
+      server.send_signal(signal.SIGTERM)
+      for f in pending:
+        check_good(f.result(), engine)
+    # uvicorn re-raises the signal once it has drained, so the exit says "terminated".
+    assert server.wait(timeout=60) in (0, -signal.SIGTERM)
+    assert "Traceback" not in server.stdout.read()
+  finally:
+    if server.poll() is None:
+      server.kill()

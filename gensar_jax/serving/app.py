@@ -4,11 +4,20 @@
   POST /recommend  {"history": [...], "k": 10}                 -> {"items": [...]}
   GET  /healthz    the process is up
   GET  /readyz     the engine is loaded and warmed up (503 until then)
+  GET  /metrics    Prometheus metrics (gensar_jax/serving/metrics.py)
 
 A history event is {"kind": "rec", "item_id": "..."} or {"kind": "search", "item_id": "...",
 "query": "..."}, oldest first; only the last `engine.max_history` events of each kind are
-used, as in training. Every rejection is a 4xx with {"error": "<what and where>"}; a bad
-request never reaches the device and never takes the server down.
+used, as in training. Every error, from validation, routing or the server, has one shape:
+{"error": "<what and where>"}; a bad request never reaches the device and never takes the
+server down.
+
+Facing real traffic: at most `max_queue` requests wait per endpoint, beyond that a request
+gets 503 with `Retry-After` at once (so admitted requests keep a bounded latency instead of
+every request slowing down with load); a request that has not been answered within
+`request_timeout_s` gets 504. With an `api_key`, every route except /healthz and /readyz
+(the orchestrator's probes), including /docs, /openapi.json and /metrics, needs the header
+`Authorization: Bearer <key>`.
 """
 from __future__ import annotations
 
@@ -16,15 +25,19 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
+import hmac
 import json
 import logging
+import time
 from typing import Any, Dict, List, Literal, Optional, Protocol, Sequence
 
 import fastapi
 import pydantic
+import starlette.exceptions
 from fastapi import responses
 
-from gensar_jax.serving.batcher import Batcher
+from gensar_jax.serving.batcher import Batcher, QueueFull
+from gensar_jax.serving.metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +45,10 @@ MAX_BODY_BYTES = 1 << 20     # 1 MiB: a 50-event history is a few kB
 MAX_QUERY_CHARS = 512
 MAX_HISTORY_EVENTS = 1000
 DEFAULT_K = 10
+DEFAULT_MAX_QUEUE = 256          # per endpoint
+DEFAULT_REQUEST_TIMEOUT_S = 10.0
+RETRY_AFTER_S = 1
+PUBLIC_PATHS = ("/healthz", "/readyz")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,8 +148,32 @@ def _validate(engine: Engine, request: RecommendRequest, query: Optional[str]) -
   return Query(history=tuple(events), k=k, query=query)
 
 
-def _error(status: int, message: str) -> responses.JSONResponse:
-  return responses.JSONResponse(status_code=status, content={"error": message})
+def _error(status: int, message: str, headers: Optional[Dict[str, str]] = None
+           ) -> responses.JSONResponse:
+  return responses.JSONResponse(status_code=status, content={"error": message},
+                                headers=headers)
+
+
+class BearerAuth:
+  """ASGI middleware: every path but the probes needs `Authorization: Bearer <api_key>`."""
+
+  def __init__(self, app, api_key: str):
+    self.app = app
+    self.expected = f"Bearer {api_key}".encode()
+
+  async def __call__(self, scope, receive, send):
+    if scope["type"] != "http" or scope.get("path") in PUBLIC_PATHS:
+      return await self.app(scope, receive, send)
+    given = dict(scope.get("headers") or []).get(b"authorization", b"")
+    if hmac.compare_digest(given, self.expected):
+      return await self.app(scope, receive, send)
+    body = json.dumps({"error": "missing or wrong API key (send Authorization: Bearer "
+                                "<key>)"}).encode()
+    await send({"type": "http.response.start", "status": 401,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode()),
+                            (b"www-authenticate", b"Bearer")]})
+    await send({"type": "http.response.body", "body": body})
 
 
 def _hits_json(hits: Sequence[Hit]) -> Dict[str, Any]:
@@ -197,7 +238,9 @@ class BodyLimit:
 
 
 def create_app(engine: Engine, max_wait_ms: float = 5.0,
-               max_body_bytes: int = MAX_BODY_BYTES) -> fastapi.FastAPI:
+               max_body_bytes: int = MAX_BODY_BYTES, max_queue: int = DEFAULT_MAX_QUEUE,
+               request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
+               api_key: Optional[str] = None) -> fastapi.FastAPI:
   """The ASGI app around one engine.
 
   Batching starts with the app; the engine warms up (compiles) in a worker thread, so
@@ -207,9 +250,12 @@ def create_app(engine: Engine, max_wait_ms: float = 5.0,
   executor = concurrent.futures.ThreadPoolExecutor(max_workers=1,
                                                    thread_name_prefix="engine")
   batchers = {
-      "search": Batcher(engine.search, engine.max_batch_size, max_wait_ms, executor),
-      "recommend": Batcher(engine.recommend, engine.max_batch_size, max_wait_ms, executor),
+      "search": Batcher(engine.search, engine.max_batch_size, max_wait_ms, executor,
+                        max_queue=max_queue),
+      "recommend": Batcher(engine.recommend, engine.max_batch_size, max_wait_ms, executor,
+                           max_queue=max_queue),
   }
+  metrics = ServerMetrics(batchers)
   state: Dict[str, Any] = {"ready": False, "warm_up_error": None}
 
   def warm_up():
@@ -234,6 +280,12 @@ def create_app(engine: Engine, max_wait_ms: float = 5.0,
 
   app = fastapi.FastAPI(title="gensar-jax", lifespan=lifespan)
   app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+  if api_key:
+    app.add_middleware(BearerAuth, api_key=api_key)  # added last: runs first
+
+  @app.exception_handler(starlette.exceptions.HTTPException)
+  async def http_error(request, exc):  # 404, 405 ...: the same shape as every other error
+    return _error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
 
   @app.exception_handler(fastapi.exceptions.RequestValidationError)
   async def validation_error(request, exc):
@@ -244,6 +296,13 @@ def create_app(engine: Engine, max_wait_ms: float = 5.0,
     return _error(422, "; ".join(parts) or "invalid request")
 
   async def answer(kind: str, request: RecommendRequest, query: Optional[str]):
+    start = time.perf_counter()
+    response = await _answer(kind, request, query)
+    status = response.status_code if isinstance(response, responses.Response) else 200
+    metrics.record(kind, status, time.perf_counter() - start)
+    return response
+
+  async def _answer(kind: str, request: RecommendRequest, query: Optional[str]):
     if not state["ready"]:
       why = state["warm_up_error"] or "the model is still loading"
       return _error(503, why)
@@ -252,7 +311,12 @@ def create_app(engine: Engine, max_wait_ms: float = 5.0,
     except BadRequest as e:
       return _error(e.status, e.message)
     try:
-      hits = await batchers[kind].submit(validated)
+      hits = await asyncio.wait_for(batchers[kind].submit(validated), request_timeout_s)
+    except QueueFull:
+      return _error(503, f"{kind}: the server is at capacity; retry in {RETRY_AFTER_S} s",
+                    {"Retry-After": str(RETRY_AFTER_S)})
+    except asyncio.TimeoutError:
+      return _error(504, f"{kind}: no answer within {request_timeout_s:g} s")
     except Exception:  # pylint: disable=broad-except
       # The exception text can hold internals (paths, shapes): the log gets it, not the client.
       logger.exception("%s request failed", kind)
@@ -270,6 +334,11 @@ def create_app(engine: Engine, max_wait_ms: float = 5.0,
   @app.get("/healthz")
   async def healthz():
     return {"status": "ok"}
+
+  @app.get("/metrics")
+  async def prometheus_metrics():
+    return responses.PlainTextResponse(metrics.render(batchers),
+                                       media_type="text/plain; version=0.0.4")
 
   @app.get("/readyz")
   async def readyz():

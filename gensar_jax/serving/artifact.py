@@ -26,10 +26,11 @@ both and the artifact records whichever it was given.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
-from typing import Any, Dict, List, Mapping, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Sequence, Tuple
 
 import numpy as np
 
@@ -163,9 +164,25 @@ def _need(directory: str, name: str) -> str:
   return path
 
 
+@contextlib.contextmanager
+def reading(path: str, what: str) -> Iterator[None]:
+  """Turns any failure to parse one file into an ArtifactError naming the file."""
+  try:
+    yield
+  except ArtifactError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  # corrupt bytes fail in many ways
+    raise ArtifactError(f"{path}: cannot be read as {what} ({type(e).__name__}: "
+                        f"{str(e)[:200]}); re-export the artifact") from None
+
+
 def read_metadata(directory: str) -> Dict[str, Any]:
-  with open(_need(directory, METADATA_FILE), encoding="utf-8") as f:
-    metadata = json.load(f)
+  path = _need(directory, METADATA_FILE)
+  with reading(path, "JSON metadata"):
+    with open(path, encoding="utf-8") as f:
+      metadata = json.load(f)
+    if not isinstance(metadata, dict):
+      raise ValueError("not a JSON object")
   version = metadata.get("format_version")
   if version != FORMAT_VERSION:
     raise ArtifactError(f"{directory}: artifact format version {version!r}, this code reads "
@@ -174,8 +191,10 @@ def read_metadata(directory: str) -> Dict[str, Any]:
 
 
 def read_items(directory: str) -> List[Dict[str, Any]]:
-  with open(_need(directory, ITEMS_FILE), encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
+  path = _need(directory, ITEMS_FILE)
+  with reading(path, "JSON lines of items"):
+    with open(path, encoding="utf-8") as f:
+      return [json.loads(line) for line in f if line.strip()]
 
 
 def read_artifact(directory: str) -> Artifact:
@@ -185,15 +204,24 @@ def read_artifact(directory: str) -> Artifact:
     raise ArtifactError(f"{directory}: no such artifact directory")
   metadata = read_metadata(directory)
   _need(directory, VOCAB_FILE)
-  with open(_need(directory, PARAMS_FILE), "rb") as f:
-    params = params_from_bytes(f.read())
+  path = _need(directory, PARAMS_FILE)
+  with reading(path, "msgpack parameters"):
+    with open(path, "rb") as f:
+      params = params_from_bytes(f.read())
+    if not isinstance(params, dict) or not params:
+      raise ValueError("no parameter tree")
   items = read_items(directory)
-  with np.load(_need(directory, IDENTIFIERS_FILE)) as z:
-    identifier_tokens = {task: np.asarray(z[task]) for task in metadata["tasks"]}
-  with np.load(_need(directory, TRIES_FILE)) as z:
-    arrays = {k: z[k] for k in z.files}
-  leaves = {task: trie_leaves(arrays, task, metadata["tries"][task])
-            for task in metadata["tasks"]}
+  meta_path = os.path.join(directory, METADATA_FILE)
+  path = _need(directory, IDENTIFIERS_FILE)
+  with reading(path, f"identifier arrays for the tasks of {meta_path}"):
+    with np.load(path) as z:
+      identifier_tokens = {task: np.asarray(z[task]) for task in metadata["tasks"]}
+  path = _need(directory, TRIES_FILE)
+  with reading(path, f"trie arrays for the tries of {meta_path}"):
+    with np.load(path) as z:
+      arrays = {k: z[k] for k in z.files}
+    leaves = {task: trie_leaves(arrays, task, metadata["tries"][task])
+              for task in metadata["tasks"]}
   for task, tokens in identifier_tokens.items():
     if tokens.shape[0] != len(items):
       raise ArtifactError(f"{directory}: {IDENTIFIERS_FILE}[{task}] has {tokens.shape[0]} "

@@ -14,7 +14,11 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import time
-from typing import Any, Callable, Generic, List, Optional, Sequence, Tuple, TypeVar
+from typing import Callable, Dict, Generic, List, Optional, Sequence, Tuple, TypeVar
+
+class QueueFull(Exception):
+  """More requests are waiting than the batcher admits (the server answers 503)."""
+
 
 Request = TypeVar("Request")
 Result = TypeVar("Result")
@@ -25,9 +29,16 @@ class Batcher(Generic[Request, Result]):
 
   def __init__(self, run_batch: Callable[[Sequence[Request]], Sequence[Result]],
                max_batch_size: int, max_wait_ms: float = 5.0,
-               executor: Optional[concurrent.futures.Executor] = None):
+               executor: Optional[concurrent.futures.Executor] = None,
+               max_queue: Optional[int] = None):
     if max_batch_size < 1:
       raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+    if max_queue is not None and max_queue < 1:
+      raise ValueError(f"max_queue must be >= 1 or None, got {max_queue}")
+    # Admission bound: beyond it a request is refused at once instead of waiting behind
+    # work that already takes longer than any client will wait (p99 would grow with load).
+    self.max_queue = max_queue
+    self.batch_sizes: Dict[int, int] = {}   # batch size -> how many batches ran at it
     self._run_batch = run_batch
     self.max_batch_size = max_batch_size
     self.max_wait_s = max_wait_ms / 1000.0
@@ -52,10 +63,18 @@ class Batcher(Generic[Request, Result]):
         pass
       self._task = None
 
+  @property
+  def depth(self) -> int:
+    """Requests waiting for a batch (not counting the batch on the device)."""
+    return self._queue.qsize() if self._queue is not None else 0
+
   async def submit(self, request: Request) -> Result:
-    """Queues one request and waits for its result (exceptions propagate to the caller)."""
+    """Queues one request and waits for its result (exceptions propagate to the caller).
+    Raises QueueFull at once when `max_queue` requests are already waiting."""
     if self._queue is None:
       raise RuntimeError("Batcher.start() was not called")
+    if self.max_queue is not None and self._queue.qsize() >= self.max_queue:
+      raise QueueFull(f"{self._queue.qsize()} requests are waiting (the limit)")
     future = asyncio.get_running_loop().create_future()
     await self._queue.put((request, future))
     return await future
@@ -94,6 +113,7 @@ class Batcher(Generic[Request, Result]):
             self._fail(future, alone)
         continue
       self.batches_run += 1
+      self.batch_sizes[len(live)] = self.batch_sizes.get(len(live), 0) + 1
       for (_, future), result in zip(live, results):
         self._succeed(future, result)
 

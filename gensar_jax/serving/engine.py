@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 import threading
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import jax
 import numpy as np
@@ -40,16 +41,26 @@ class ServingEngine:
   """Implements gensar_jax.serving.app.Engine over an exported artifact directory."""
 
   def __init__(self, artifact_dir: str, max_batch_size: Optional[int] = None):
+    if max_batch_size is not None and max_batch_size < 1:
+      raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+    art = artifact_lib.read_artifact(artifact_dir)
+    try:
+      self._load(art, max_batch_size)
+    except artifact_lib.ArtifactError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except  # metadata or blobs that lie
+      raise artifact_lib.ArtifactError(
+          f"{art.directory}: the files do not fit together ({type(e).__name__}: "
+          f"{str(e)[:200]}); re-export the artifact") from None
+
+  def _load(self, art: artifact_lib.Artifact, max_batch_size: Optional[int]) -> None:
     import sentencepiece
 
-    art = artifact_lib.read_artifact(artifact_dir)
     meta = art.metadata
     self.metadata = meta
     self.directory = art.directory
     self.buckets = sorted(art.buckets)                       # e.g. [1, 8, 32]
     largest = self.buckets[-1]
-    if max_batch_size is not None and max_batch_size < 1:
-      raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
     self.max_batch_size = min(max_batch_size or largest, largest)
     self.max_k = art.num_beams
     self.input_length = int(meta["feature_lengths"]["inputs"])
@@ -58,7 +69,8 @@ class ServingEngine:
     self.max_history = {"rec": int(meta["history"]["rec"]),
                         "search": int(meta["history"]["search"])}
     self._prompts = dict(meta["prompts"])
-    self._tokenizer = sentencepiece.SentencePieceProcessor(model_file=art.vocab_path)
+    with artifact_lib.reading(art.vocab_path, "a SentencePiece model"):
+      self._tokenizer = sentencepiece.SentencePieceProcessor(model_file=art.vocab_path)
     self.item_ids = [str(row["item_id"]) for row in art.items]
     self.titles = [str(row["title"]) for row in art.items]
     self._row = {item: r for r, item in enumerate(self.item_ids)}
@@ -69,7 +81,9 @@ class ServingEngine:
     self._tries = {task: jax.device_put(leaves) for task, leaves in art.trie_leaves.items()}
     self._functions = {}
     for (task, bucket), blob in art.functions.items():
-      exported = jax.export.deserialize(bytearray(blob))
+      path = os.path.join(art.directory, artifact_lib.function_file(task, bucket))
+      with artifact_lib.reading(path, "a serialized JAX function"):
+        exported = jax.export.deserialize(bytearray(blob))
       self._functions[(task, bucket)] = jax.jit(exported.call)
     # One device call at a time, whoever calls (batcher threads, warm-up, tests).
     self._lock = threading.Lock()
