@@ -231,6 +231,20 @@ def free_port():
     return s.getsockname()[1]
 
 
+def wait_until_ready(url, timeout_s, process=None):
+  deadline = time.time() + timeout_s
+  while True:
+    if process is not None:
+      assert process.poll() is None, process.stdout.read()
+    try:
+      if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+        return
+    except httpx.HTTPError:
+      pass
+    assert time.time() < deadline, f"{url} never became ready"
+    time.sleep(0.1)
+
+
 @pytest.fixture(scope="module")
 def live_server(engine):
   port = free_port()
@@ -239,15 +253,7 @@ def live_server(engine):
   thread = threading.Thread(target=server.run, daemon=True)
   thread.start()
   url = f"http://127.0.0.1:{port}"
-  deadline = time.time() + 60
-  while True:
-    try:
-      if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-        break
-    except httpx.HTTPError:
-      pass
-    assert time.time() < deadline, "uvicorn never became ready"
-    time.sleep(0.1)
+  wait_until_ready(url, 60)
   yield url
   server.should_exit = True
   thread.join(timeout=30)
@@ -439,16 +445,7 @@ def test_sigterm_drains_queued_requests_then_exits(engine, tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   url = f"http://127.0.0.1:{port}"
   try:
-    deadline = time.time() + 180
-    while True:
-      assert server.poll() is None, server.stdout.read()
-      try:
-        if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-          break
-      except httpx.HTTPError:
-        pass
-      assert time.time() < deadline, "the server never became ready"
-      time.sleep(0.2)
+    wait_until_ready(url, 180, server)
     with httpx.Client(base_url=url, timeout=60) as http, \
         futures.ThreadPoolExecutor(max_workers=3) as pool:
       pending = [pool.submit(http.post, GOOD[0], json=GOOD[1]) for _ in range(3)]
