@@ -28,7 +28,6 @@ from gensar_jax import evaluation
 from gensar_jax import restore
 from gensar_jax import results as results_lib
 from gensar_jax.io_utils import atomic_output_dir
-from gensar_jax.models.encoder_decoder import build_model
 
 
 def format_table(result: results_lib.SystemResult, step: int) -> str:
@@ -55,9 +54,8 @@ def evaluate(model_dir: str = gin.REQUIRED, output_dir: Optional[str] = None,
   """Evaluates the run's chosen checkpoint; returns the result object as JSON."""
   output_dir = output_dir or os.path.join(model_dir, f"eval_{split}")
   start = time.time()
-  setup = evaluation.ranking_setup()
-  model = build_model(setup.vocabulary)
-  params, step = restore.load_params(model_dir, model, checkpoint)
+  run = restore.load_run(model_dir, checkpoint, "evaluate")
+  setup, model, params, step = run.setup, run.model, run.params, run.step
   ranked = evaluation.evaluate_model(model, params, setup.task_names, setup.indices, split,
                                      int(task_feature_lengths["inputs"]),
                                      batch_size=batch_size,

@@ -231,6 +231,7 @@ class RankingSetup:
   indices: Dict[str, IdentifierTokens]
   dataset: str                               # the prepared dataset's name (results files)
   vocabulary: seqio.Vocabulary
+  identifiers_dir: str = ""                  # where `indices` came from
 
 
 @gin.configurable
@@ -261,7 +262,7 @@ def ranking_setup(prepared_dir: str = gin.REQUIRED, identifiers_dir: str = gin.R
   names = {k: v for k, v in names.items() if k in SINGLE_TASK_VARIANTS.get(variant, names)}
   return RankingSetup(task_names=names, indices=indices,
                       dataset=str(prepared.stats.get("name", os.path.basename(prepared_dir))),
-                      vocabulary=registration.vocabulary)
+                      vocabulary=registration.vocabulary, identifiers_dir=identifiers_dir)
 
 
 @gin.configurable

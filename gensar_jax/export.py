@@ -188,12 +188,10 @@ def export(model_dir: str = gin.REQUIRED, export_dir: str = gin.REQUIRED,
     # Before the minutes of restoring and tracing, not after.
     raise FileExistsError(f"{export_dir} already exists; bind export.overwrite = True to "
                           "replace it")
-  from gensar_jax import evaluation, restore
+  from gensar_jax import restore
   from gensar_jax.data.prepared import load_prepared
-  from gensar_jax.models.encoder_decoder import build_model
-  setup = evaluation.ranking_setup()
-  model = build_model(setup.vocabulary)
-  params, step = restore.load_params(model_dir, model, checkpoint)
+  run = restore.load_run(model_dir, checkpoint, "export")
+  setup, model, params, step = run.setup, run.model, run.params, run.step
   items = load_prepared(prepared_dir).items
   titles = {str(i): str(t) for i, t in zip(items["item_id"], items["title"])}
   path = write_serving_artifact(

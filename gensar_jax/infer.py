@@ -26,11 +26,8 @@ if __name__ == "__main__":  # one gin registration: run as the importable module
   import gensar_jax.gin_utils as _gin_utils
   _gin_utils.run_module("gensar_jax.infer")
 
-import ast
 import dataclasses
-import hashlib
 import logging
-import re
 from typing import Dict, Iterator, List, Mapping, Optional, Union
 
 import gin
@@ -43,12 +40,9 @@ from gensar_jax import io_utils
 from gensar_jax import restore
 # The run's own gin files come first on the command line; gin/runs/train.gin binds `train`.
 from gensar_jax import train as _train_configurables  # noqa: F401  # pylint: disable=unused-import
-from gensar_jax.checkpoints import CheckpointError
 from gensar_jax.data.prepared import load_prepared
 from gensar_jax.data.schema import DataError
 from gensar_jax.decoding import build_candidate_tries, build_trie, decode_identifiers
-from gensar_jax.identifiers.table import IDENTIFIERS_FILE
-from gensar_jax.models.encoder_decoder import build_model
 from tasks import prompts
 
 logger = logging.getLogger(__name__)
@@ -56,7 +50,6 @@ logger = logging.getLogger(__name__)
 CONSTRAINTS = ("catalogue", "candidates")
 # Accepted task names -> the key evaluation.RankingSetup uses.
 TASK_KEYS = {prompts.REC: "rec", prompts.SEARCH: "search", "rec": "rec", "search": "search"}
-TRAINED_CONFIG = "config.gin"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,81 +62,6 @@ class InferSummary:
 
 
 # ----------------------------------------------------------------------------- checks
-
-
-def _file_digest(path: str) -> str:
-  return hashlib.sha256(io_utils.read_bytes(path)).hexdigest()
-
-
-def _trained_macro(model_dir: str, macro: str) -> Optional[str]:
-  """A string macro of the run's operative config (MODEL_DIR/config.gin), if written there."""
-  path = io_utils.join(model_dir, TRAINED_CONFIG)
-  if not io_utils.isfile(path):
-    return None
-  for line in io_utils.read_text(path).splitlines():
-    match = re.match(rf"^{macro}\s*=\s*(.+?)\s*$", line)
-    if match:
-      try:
-        value = ast.literal_eval(match.group(1))
-      except (ValueError, SyntaxError):
-        return None
-      return value if isinstance(value, str) else None
-  return None
-
-
-def check_run_inputs(model_dir: str, vocab_path: str, identifiers_dir: str) -> None:
-  """Refuses a vocabulary or identifier table whose contents differ from the run's own.
-
-  Token ids are positions in the vocabulary, so a different vocabulary of the same padded
-  size restores without complaint and decodes nonsense; the only record of what training
-  used is the operative config it wrote. Paths may move between machines, so contents are
-  compared, and a training-time file that is no longer there is only logged.
-  """
-  for macro, given, file_name in (("VOCAB_PATH", vocab_path, None),
-                                  ("IDENTIFIERS_DIR", identifiers_dir, IDENTIFIERS_FILE)):
-    trained = _trained_macro(model_dir, macro)
-    if trained is None:
-      continue
-    trained_file = io_utils.join(trained, file_name) if file_name else trained
-    given_file = io_utils.join(given, file_name) if file_name else given
-    if not io_utils.isfile(trained_file):
-      logger.info("%s: trained with %s=%r, which is not here; not compared", model_dir,
-                  macro, trained)
-      continue
-    if not io_utils.isfile(given_file):
-      continue  # the setup reports a missing input with its own message
-    if _file_digest(trained_file) != _file_digest(given_file):
-      config = io_utils.join(model_dir, TRAINED_CONFIG)
-      raise CheckpointError(
-          f"{model_dir}: trained with {macro}={trained!r} ({config}), but {given_file} "
-          f"has other contents; decode with the {macro} the run was trained with")
-
-
-def _ranking_setup() -> evaluation.RankingSetup:
-  """evaluation.ranking_setup(), with its input errors reported as DataError (exit 2)."""
-  try:
-    return evaluation.ranking_setup()
-  except DataError:
-    raise
-  except (ValueError, FileNotFoundError) as e:
-    # VocabularyError (a token missing from the vocabulary), an item without identifier,
-    # a missing identifier table: all mean the inputs given do not belong together.
-    raise DataError(f"infer: the vocabulary, identifiers and prepared data do not fit: "
-                    f"{e}") from e
-
-
-def _load_params(model_dir: str, model, checkpoint: Union[str, int], vocab_path: str):
-  try:
-    return restore.load_params(model_dir, model, checkpoint)
-  except DataError:
-    raise
-  except ValueError as e:
-    # Orbax refuses a stored array whose shape differs from the model built here; for the
-    # embeddings that means another vocabulary (or another gin model size).
-    raise CheckpointError(
-        f"{model_dir}: the checkpoint does not fit the model built from vocabulary "
-        f"{vocab_path} (vocab_size {model.module.config.vocab_size}) and the gin model "
-        f"size: {e}") from e
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -210,16 +128,13 @@ def infer(model_dir: str = gin.REQUIRED, prepared_dir: str = gin.REQUIRED,
     raise DataError(f"infer.batch_size={batch_size} must be >= 1")
   key = TASK_KEYS[task]
 
-  setup = _ranking_setup()
+  run = restore.load_run(model_dir, checkpoint, "infer")
+  setup, model, params, step = run.setup, run.model, run.params, run.step
   if key not in setup.task_names:
     trained = ", ".join(sorted(setup.task_names.values()))
     raise DataError(f"infer.task={task!r}: the run's mixture variant trains only {trained}; "
                     "a model is not decoded on a task it never saw (set MIXTURE_VARIANT to "
                     "the variant the run was trained with)")
-  vocab_path = setup.vocabulary.sentencepiece_model_file
-  check_run_inputs(model_dir, vocab_path, identifiers_dir)
-  model = build_model(setup.vocabulary)
-  params, step = _load_params(model_dir, model, checkpoint, vocab_path)
 
   task_name = setup.task_names[key]
   index = setup.indices[key]

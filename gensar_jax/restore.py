@@ -4,10 +4,19 @@ A run directory (gensar_jax/train.py) holds orbax checkpoints of the whole Train
 optimiser state is restored too (orbax restores a tree as saved) and dropped. "best" is the
 checkpoint kept for the best validation metric (TrainCheckpoints.best_metric), falling back
 to the latest when none was tracked; a step number picks that step.
+
+`load_run` is the one loader evaluate, infer and export share: the ranking setup, a check
+that the vocabulary and identifier table given have the contents the run was trained with
+(token ids are positions in the vocabulary, so another vocabulary of the same size would
+restore silently and decode nonsense), the model and the chosen parameters.
 """
 from __future__ import annotations
 
+import ast
+import dataclasses
+import hashlib
 import logging
+import re
 from typing import Any, Optional, Tuple, Union
 
 from gensar_jax import checkpoints as checkpoints_lib
@@ -15,9 +24,12 @@ from gensar_jax import io_utils
 from gensar_jax import optimizers as optimizers_lib
 from gensar_jax import partitioning as partitioning_lib
 from gensar_jax import trainer as trainer_lib
+from gensar_jax.data.schema import DataError
+from gensar_jax.identifiers.table import IDENTIFIERS_FILE
 
 logger = logging.getLogger(__name__)
 CHECKPOINTS_SUBDIR = "checkpoints"
+TRAINED_CONFIG = "config.gin"
 
 
 def load_params(model_dir: str, model: Any, checkpoint: Union[str, int] = "best",
@@ -57,3 +69,103 @@ def load_params(model_dir: str, model: Any, checkpoint: Union[str, int] = "best"
   finally:
     manager.close()
   return restored.state.params, step
+
+
+# ------------------------------------------------------------------ a run for decoding
+
+
+def _file_digest(path: str) -> str:
+  return hashlib.sha256(io_utils.read_bytes(path)).hexdigest()
+
+
+def _trained_macro(model_dir: str, macro: str) -> Optional[str]:
+  """A string macro of the run's operative config (MODEL_DIR/config.gin), if written there."""
+  path = io_utils.join(model_dir, TRAINED_CONFIG)
+  if not io_utils.isfile(path):
+    return None
+  for line in io_utils.read_text(path).splitlines():
+    match = re.match(rf"^{macro}\s*=\s*(.+?)\s*$", line)
+    if match:
+      try:
+        value = ast.literal_eval(match.group(1))
+      except (ValueError, SyntaxError):
+        return None
+      return value if isinstance(value, str) else None
+  return None
+
+
+def check_run_inputs(model_dir: str, vocab_path: str, identifiers_dir: str) -> None:
+  """Refuses a vocabulary or identifier table whose contents differ from the run's own.
+
+  Token ids are positions in the vocabulary, so a different vocabulary of the same padded
+  size restores without complaint and decodes nonsense; the only record of what training
+  used is the operative config it wrote. Paths may move between machines, so contents are
+  compared, and a training-time file that is no longer there is only logged.
+  """
+  for macro, given, file_name in (("VOCAB_PATH", vocab_path, None),
+                                  ("IDENTIFIERS_DIR", identifiers_dir, IDENTIFIERS_FILE)):
+    trained = _trained_macro(model_dir, macro)
+    if trained is None:
+      continue
+    trained_file = io_utils.join(trained, file_name) if file_name else trained
+    given_file = io_utils.join(given, file_name) if file_name else given
+    if not io_utils.isfile(trained_file):
+      logger.info("%s: trained with %s=%r, which is not here; not compared", model_dir,
+                  macro, trained)
+      continue
+    if not io_utils.isfile(given_file):
+      continue  # the setup reports a missing input with its own message
+    if _file_digest(trained_file) != _file_digest(given_file):
+      config = io_utils.join(model_dir, TRAINED_CONFIG)
+      raise checkpoints_lib.CheckpointError(
+          f"{model_dir}: trained with {macro}={trained!r} ({config}), but {given_file} "
+          f"has other contents; decode with the {macro} the run was trained with")
+
+
+def _ranking_setup(who: str):
+  """evaluation.ranking_setup(), with its input errors reported as DataError (exit 2)."""
+  from gensar_jax import evaluation  # pylint: disable=g-import-not-at-top
+  try:
+    return evaluation.ranking_setup()
+  except DataError:
+    raise
+  except (ValueError, FileNotFoundError) as e:
+    # VocabularyError (a token missing from the vocabulary), an item without identifier,
+    # a missing identifier table: all mean the inputs given do not belong together.
+    raise DataError(f"{who}: the vocabulary, identifiers and prepared data do not fit: "
+                    f"{e}") from e
+
+
+def _load_params_checked(model_dir: str, model, checkpoint: Union[str, int], vocab_path: str):
+  try:
+    return load_params(model_dir, model, checkpoint)
+  except DataError:
+    raise
+  except ValueError as e:
+    # Orbax refuses a stored array whose shape differs from the model built here; for the
+    # embeddings that means another vocabulary (or another gin model size).
+    raise checkpoints_lib.CheckpointError(
+        f"{model_dir}: the checkpoint does not fit the model built from vocabulary "
+        f"{vocab_path} (vocab_size {model.module.config.vocab_size}) and the gin model "
+        f"size: {e}") from e
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedRun:
+  setup: Any          # evaluation.RankingSetup
+  model: Any          # the EncoderDecoderModel built from the run's vocabulary
+  params: Any
+  step: int
+
+
+def load_run(model_dir: str, checkpoint: Union[str, int] = "best",
+             who: str = "evaluate") -> LoadedRun:
+  """The gin-bound ranking setup, checked against the run, its model and parameters.
+  Input mistakes are DataError or CheckpointError (exit 2 in the CLIs), named for `who`."""
+  from gensar_jax.models.encoder_decoder import build_model  # pylint: disable=g-import-not-at-top
+  setup = _ranking_setup(who)
+  vocab_path = setup.vocabulary.sentencepiece_model_file
+  check_run_inputs(model_dir, vocab_path, setup.identifiers_dir)
+  model = build_model(setup.vocabulary)
+  params, step = _load_params_checked(model_dir, model, checkpoint, vocab_path)
+  return LoadedRun(setup=setup, model=model, params=params, step=step)

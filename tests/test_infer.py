@@ -176,6 +176,28 @@ def test_vocabulary_other_than_the_runs_is_refused(trained, other_vocab, tmp_pat
   assert "trained with VOCAB_PATH=" in err and "other contents" in err
 
 
+@pytest.mark.parametrize("stage", ["evaluate", "export"])
+def test_evaluate_and_export_share_the_run_checks(trained, other_vocab, tmp_path, stage,
+                                                  capsys):
+  """One run loader (restore.load_run): evaluate and export refuse what infer refuses."""
+  from gensar_jax import evaluate as evaluate_lib, export as export_lib
+  world, model_dir = trained
+  main = {"evaluate": evaluate_lib.main, "export": export_lib.main}[stage]
+  extra = ([f"--gin_file=gin/runs/evaluate.gin", f"--gin.evaluate.output_dir='{tmp_path}/e'"]
+           if stage == "evaluate" else
+           ["--gin_file=gin/runs/export.gin", f"--gin.EXPORT_DIR='{tmp_path}/x'"])
+  gin.clear_config()
+  try:
+    with pytest.raises(SystemExit) as exit_info:
+      gin_utils.run(main, args(world, model_dir, *extra, vocab=other_vocab))
+  finally:
+    gin.clear_config()
+  assert exit_info.value.code == 2
+  err = capsys.readouterr().err
+  assert "trained with VOCAB_PATH=" in err and "other contents" in err
+  assert not os.path.exists(os.path.join(str(tmp_path), "e" if stage == "evaluate" else "x"))
+
+
 def test_identifier_tokens_missing_from_the_vocabulary_are_refused(trained, tmp_path):
   world, model_dir = trained
   foreign = write_table(str(tmp_path / "ids_foreign"), list(world["items"]["item_id"]),

@@ -64,7 +64,9 @@ def build_item_texts(items: pd.DataFrame, config: ItemTextConfig = None
   n = len(items)
   column = {f: (items[f].tolist() if f in items else [None] * n) for f in FIELDS}
   texts: List[str] = []
-  missing = {f"items_without_{f}": 0 for f in FIELDS if f in config.fields}
+  # Only fields the table has are counted as missing: MovieLens has no brand column.
+  counted = [f for f in config.fields if f in items]
+  missing = {f"items_without_{f}": 0 for f in counted}
   from_id = 0
   for row in range(n):
     parts: List[str] = []
@@ -78,7 +80,7 @@ def build_item_texts(items: pd.DataFrame, config: ItemTextConfig = None
         part = _clean(column[field][row])
       if part:
         parts.append(part)
-      else:
+      elif field in counted:
         missing[f"items_without_{field}"] += 1
     if not parts:
       from_id += 1
