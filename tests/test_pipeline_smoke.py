@@ -44,6 +44,7 @@ def parse(run_dir, raw):
                "TASK_PREFIX = 'smoke'",
                f"pipeline.run_dir = '{run_dir}'", "pipeline.prepared_dir = %PREPARED_DIR",
                "pipeline.identifiers_dir = %IDENTIFIERS_DIR", "pipeline.vocab_path = %VOCAB_PATH",
+               "run_baselines.identifiers_dir = %IDENTIFIERS_DIR",
                "pipeline.baselines_dir = %BASELINES_DIR", "pipeline.doc2query_dir = %DOC2QUERY_DIR",
                "pipeline.pseudo_queries_path = %PSEUDO_QUERIES_PATH",
                "pipeline.model_dir = %MODEL_DIR", f"pipeline.eval_dir = '{run_dir}/results'",
