@@ -19,6 +19,7 @@ import tensorflow as tf
 
 from gensar_jax import vocabulary as vocab_lib
 from gensar_jax.data import records
+from gensar_jax.data.prepared import load_prepared
 from tasks import gensar, metrics, prompts, show, sources
 
 from task_world import (CODEBOOK, DUAL_LEVELS, LENGTHS, NUM_ITEMS, NUM_NEGATIVES, REPO,
@@ -220,11 +221,14 @@ def test_alignment_and_adhoc_tasks(world):
     assert prompts.SPACE_NAMES[space] + " identifier" in text(r["inputs_pretokenized"])
   rows = examples(task(world, prompts.ID_TO_ITEM), "train")
   assert len(rows) == 2 * NUM_ITEMS
+  # The target is the prepared item text (gensar_jax/data/item_text.py): title first, then
+  # description and categories where the item has them.
+  prepared = load_prepared(world["prepared"])
+  item_text = dict(zip(prepared.items["item_id"], prepared.item_texts()))
   for r in rows:
     item, space = text(r["target_item"]), text(r["space"])
-    title, description = items.loc[item, "title"], items.loc[item, "description"]
-    assert text(r["targets_pretokenized"]) == (f"{title}. {description}" if description
-                                               else title)
+    assert text(r["targets_pretokenized"]) == item_text[item]
+    assert item_text[item].startswith(items.loc[item, "title"])
     assert prompts.BEHAVIOUR_OF_SPACE[space] + forward[space][item] in text(
         r["inputs_pretokenized"])
   rows = examples(task(world, prompts.ADHOC), "train")

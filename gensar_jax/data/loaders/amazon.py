@@ -114,7 +114,9 @@ def load_amazon_2014(reviews_path: str = gin.REQUIRED, meta_path: str = gin.REQU
       description = " ".join(str(d) for d in description)
     descriptions.append(str(description))
     categories.append(_categories(obj.get("categories"), meta_path, line))
-  items = make_items(ids, titles, descriptions, categories, brands)
+  # A metadata file without any brand has no brand column, as a generic table without one.
+  items = make_items(ids, titles, descriptions, categories,
+                     brands if any(brands) else None)
   n = len(users)
   events = make_events(users, times, [REC] * n, asins, [""] * n, range(n), lines)
   return SearchRecLog(items=items, events=events, items_path=meta_path,
