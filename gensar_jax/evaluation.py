@@ -97,11 +97,11 @@ def sampled_users(task: seqio.Task, split: str, max_examples: int, seed: int):
   return sorted(users[i] for i in rng.choice(len(users), max_examples, replace=False))
 
 
-def eval_batches(task_name: str, split: str, input_length: int, batch_size: int,
-                 index: IdentifierTokens, max_examples: Optional[int] = None,
-                 sample_seed: int = 0) -> Iterator[EvalBatch]:
-  """Fixed-shape batches of a ranking task's split (the last one padded and masked);
-  with `max_examples`, the examples of a seeded random sample of that many users."""
+def eval_examples(task_name: str, split: str, input_length: int,
+                  max_examples: Optional[int] = None, sample_seed: int = 0) -> tf.data.Dataset:
+  """The examples a ranking evaluation reads, in order: the whole split, or with
+  `max_examples` those of a seeded random sample of that many users. Everything that
+  walks an evaluation's examples beside its batches (infer's metadata) reads this."""
   task = seqio.get_mixture_or_task(task_name)
   ds = task.get_dataset({"inputs": input_length, "targets": 8}, split=split, shuffle=False,
                         num_epochs=1, use_cached=False)
@@ -111,6 +111,15 @@ def eval_batches(task_name: str, split: str, input_length: int, batch_size: int,
       keep = tf.constant(users)
       ds = ds.filter(lambda ex: tf.reduce_any(tf.equal(ex["user_id"], keep)))
     ds = ds.take(max_examples)
+  return ds
+
+
+def eval_batches(task_name: str, split: str, input_length: int, batch_size: int,
+                 index: IdentifierTokens, max_examples: Optional[int] = None,
+                 sample_seed: int = 0) -> Iterator[EvalBatch]:
+  """Fixed-shape batches of a ranking task's split (the last one padded and masked);
+  with `max_examples`, the examples of a seeded random sample of that many users."""
+  ds = eval_examples(task_name, split, input_length, max_examples, sample_seed)
   rows: List[Tuple[np.ndarray, np.ndarray, np.ndarray]] = []
 
   def flush():

@@ -70,11 +70,7 @@ class InferSummary:
 def _example_metadata(task_name: str, split: str, input_length: int,
                       max_examples: Optional[int]) -> Iterator[Dict[str, np.ndarray]]:
   """The text features of the examples `evaluation.eval_batches` batches, in its order."""
-  task = seqio.get_mixture_or_task(task_name)
-  ds = task.get_dataset({"inputs": input_length, "targets": 8}, split=split, shuffle=False,
-                        num_epochs=1, use_cached=False)
-  if max_examples is not None:
-    ds = ds.take(max_examples)
+  ds = evaluation.eval_examples(task_name, split, input_length, max_examples)
   for ex in ds.as_numpy_iterator():
     yield {k: ex[k] for k in ("inputs_pretokenized", "user_id", "target_item")}
 
@@ -112,7 +108,8 @@ def infer(model_dir: str = gin.REQUIRED, prepared_dir: str = gin.REQUIRED,
     constraint: "catalogue" (a trie of every item) or "candidates" (each example's own).
     num_beams: beam width; top_k <= num_beams of the beams are written.
     batch_size: examples per compiled search (the last batch is padded, not recompiled).
-    max_examples: decode only the first n examples.
+    max_examples: decode only the examples of a seeded random sample of n users (the
+      same users evaluate and the eval hook pick for that n).
   """
   for value, macro in ((model_dir, "MODEL_DIR"), (prepared_dir, "PREPARED_DIR"),
                        (identifiers_dir, "IDENTIFIERS_DIR")):

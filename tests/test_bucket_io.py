@@ -6,10 +6,11 @@ tests/gcs_emulator.py to send the generation headers real GCS sends) speaks the 
 writer, `TENSORSTORE_GCS_HTTP_URL`) are pointed at it. Only MODEL_DIR is on the bucket; the
 prepared data stays local, as a pod reads its data from wherever SeqIO's files are.
 
-What must hold: training creates no local directory named `gs:`, and the bucket ends up
+What must hold: no stage creates a local directory named `gs:`, and the bucket ends up
 with the operative config, checkpoints, metrics.jsonl (one line per step, across a resume)
 and TensorBoard event files; a second trainer on the same bucket run stops with exit 2;
-evaluation restores the bucket's checkpoints and writes its results to the bucket.
+evaluate, export and infer restore the bucket's checkpoints and write their results, the
+serving artifact and the predictions to the bucket, where they read back.
 """
 from __future__ import annotations
 
@@ -160,7 +161,7 @@ def _config_paths(flags):
 
 
 @pytest.mark.timeout(4 * TIMEOUT_S)
-def test_train_resume_lock_and_evaluate_on_a_bucket(world, emulator, bucket_env, tmp_path):
+def test_train_resume_lock_evaluate_export_infer_on_a_bucket(world, emulator, bucket_env, tmp_path):
   from gensar_jax import io_utils, run_lock, train_logging  # pylint: disable=g-import-not-at-top
   model_dir = f"gs://{BUCKET}/runs/tiny"
   cwd = tmp_path / "cwd"
@@ -201,4 +202,25 @@ def test_train_resume_lock_and_evaluate_on_a_bucket(world, emulator, bucket_env,
       emulator, cwd)
   assert evaluated.returncode == 0, evaluated.stdout[-3000:] + evaluated.stderr[-3000:]
   assert "results.md" in io_utils.listdir(eval_dir)
-  assert not os.listdir(cwd), os.listdir(cwd)
+
+  # Export: the artifact is built locally and uploaded whole; its metadata reads back.
+  export_dir = f"gs://{BUCKET}/runs/tiny_export"
+  exported = _run("gensar_jax.export", _config_paths(_train_flags(world, model_dir, 12)) + [
+      f"--gin_file={os.path.join(REPO, 'gin/runs/export.gin')}",
+      f"--gin.EXPORT_DIR='{export_dir}'", "--gin.SERVING_BEAMS=4",
+      "--gin.export.batch_buckets=(1,)"], emulator, cwd)
+  assert exported.returncode == 0, exported.stdout[-3000:] + exported.stderr[-3000:]
+  from gensar_jax.serving import artifact as artifact_lib  # pylint: disable=g-import-not-at-top
+  metadata = io_utils.read_json(io_utils.join(export_dir, artifact_lib.METADATA_FILE))
+  assert metadata["num_beams"] == 4 and metadata["batch_buckets"] == [1]
+  assert artifact_lib.PARAMS_FILE in io_utils.listdir(export_dir)
+
+  # Infer: predictions written next to the run on the bucket.
+  inferred = _run("gensar_jax.infer", _config_paths(_train_flags(world, model_dir, 12)) + [
+      f"--gin_file={os.path.join(REPO, 'gin/runs/infer.gin')}", "--gin.infer.num_beams=4",
+      "--gin.infer.top_k=3", "--gin.infer.max_examples=4", "--gin.infer.progress=False"],
+      emulator, cwd)
+  assert inferred.returncode == 0, inferred.stdout[-3000:] + inferred.stderr[-3000:]
+  rows = io_utils.read_jsonl(io_utils.join(model_dir, "predictions_rec_test.jsonl"))
+  assert len(rows) == 4 and all(len(r["items"]) == 3 for r in rows)
+  assert not os.listdir(cwd), os.listdir(cwd)  # nothing of any stage landed locally
