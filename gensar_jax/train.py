@@ -162,13 +162,17 @@ def evaluate(trainer: trainer_lib.Trainer, params: Any,
 
 
 def _restore_or_init(trainer: trainer_lib.Trainer, checkpoints: checkpoints_lib.TrainCheckpoints,
-                     input_shapes: Mapping[str, Any], data_identity: Mapping[str, Any]):
+                     input_shapes: Mapping[str, Any], data_identity: Mapping[str, Any],
+                     initialise_params: Optional[Callable[[Any, Any], Any]] = None):
   """(state, rows consumed, restored step or None, data position)."""
   trainer.set_input_shapes(input_shapes)
   target = checkpoints_lib.abstract_state(trainer.state_shape, trainer.state_shardings)
   restored = checkpoints.restore_latest(target)
   if restored is None:
-    return trainer.init_state(input_shapes), 0, None, {}
+    state = trainer.init_state(input_shapes)
+    if initialise_params is not None:
+      state = state.replace(params=initialise_params(state.params, trainer.model.vocabulary))
+    return state, 0, None, {}
   state_step = int(jax.device_get(restored.state.step))
   if state_step != restored.step:
     raise checkpoints_lib.CheckpointError(
@@ -246,7 +250,8 @@ def train(model_dir: str = gin.REQUIRED,
           build_model_fn: Callable[[Any], Any] = encoder_decoder.build_model,
           optimizer: Optional[optimizers_lib.Optimizer] = None,
           partitioner: Optional[partitioning_lib.Partitioner] = None,
-          eval_hook: Optional[EvalHook] = None) -> TrainSummary:
+          eval_hook: Optional[EvalHook] = None,
+          initialise_params: Optional[Callable[[Any, Any], Any]] = None) -> TrainSummary:
   """Trains (or resumes) a run in `model_dir` up to `train_steps`.
 
   Args:
@@ -279,6 +284,9 @@ def train(model_dir: str = gin.REQUIRED,
     optimizer: default `create_optimizer()` (gin-configurable).
     partitioner: default `Partitioner()` (gin-configurable mesh and rules).
     eval_hook: optional extra metrics at each evaluation (see EvalHook).
+    initialise_params: (params, vocabulary) -> params, applied once to a fresh
+      initialisation (never to a restored checkpoint), e.g.
+      `@IdentifierEmbeddingInit()` (gensar_jax/identifier_init.py).
   """
   model_dir = _required(model_dir, "MODEL_DIR", str)
   mixture_or_task_name = _required(mixture_or_task_name, "MIXTURE_OR_TASK_NAME", str)
@@ -326,7 +334,7 @@ def train(model_dir: str = gin.REQUIRED,
   writer = None
   try:
     state, examples_consumed, restored_step, position = _restore_or_init(
-        trainer, checkpoints, input_shapes, data_identity)
+        trainer, checkpoints, input_shapes, data_identity, initialise_params)
     # Older checkpoints did not count examples apart from rows (one per row, unpacked).
     examples_seen = int(position.get("examples_seen", examples_consumed))
     stopper = EarlyStopping(early_stopping_evals, checkpoints.best_metric,

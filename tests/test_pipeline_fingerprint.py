@@ -6,6 +6,7 @@ import os
 import gin
 import pytest
 
+from gensar_jax import gin_utils
 from gensar_jax import pipeline as pipeline_lib  # registers every stage's configurables
 
 
@@ -41,3 +42,28 @@ def test_prepare_fingerprint_follows_the_contents_of_its_input_files(tmp_path):
           != pipeline_lib.stage_fingerprint("identify", before))
   # Stages without input files are unaffected by file contents.
   assert pipeline_lib.input_file_digests("identify") == []
+
+
+STAGE_RUN_FILES = {"prepare": "prepare.gin", "identify": "identify.gin", "vocab": "vocab.gin",
+                   "baselines": "baselines.gin", "doc2query": "doc2query.gin",
+                   "train": "train.gin", "evaluate": "evaluate.gin"}
+
+
+@pytest.mark.parametrize("stage", sorted(STAGE_RUN_FILES))
+def test_stage_configurables_cover_every_configurable_its_run_file_binds(stage):
+  """A binding the stage's fingerprint does not cover would let a changed config reuse
+  stale outputs: every configurable a stage's gin run file (with its includes) binds is in
+  STAGE_CONFIGURABLES for that stage."""
+  gin.clear_config()
+  try:
+    gin.parse_config_file(os.path.join(gin_utils.REPO_ROOT, "gin", "runs",
+                                       STAGE_RUN_FILES[stage]))
+    # Macros are not configurables: the fingerprint counts the macros a stage reads.
+    bound = {selector.split(".")[-1] for (_, selector) in gin.config._CONFIG  # pylint: disable=protected-access
+             if selector != "gin.macro"}
+  finally:
+    gin.clear_config()
+  covered = set(pipeline_lib.STAGE_CONFIGURABLES[stage])
+  if stage == "doc2query":  # one run file for doc2query and the pseudo-queries it samples
+    covered |= set(pipeline_lib.STAGE_CONFIGURABLES["pseudo_queries"])
+  assert bound - covered == set(), f"{stage}: not in STAGE_CONFIGURABLES: {bound - covered}"
