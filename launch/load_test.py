@@ -15,6 +15,12 @@ failed or the server died.
 table of the levels. A 503 (the server's admission limit, `serve --max_queue`) is counted
 as *shed*, not as an error: latency percentiles are over the admitted (200) requests, which
 is what bounded admission keeps bounded.
+
+`--raw` then measures, in this process after the server has stopped, the same requests
+without HTTP, queueing or batching delays: the artifact's compiled search/recommend
+functions on pre-tokenised full batches of the largest bucket ("compiled function"), and the
+same plus prompt rendering and tokenising ("engine"). The levels table gains the ratio of
+the server's requests/s to the compiled function's, which is what HTTP and the batcher cost.
 """
 from __future__ import annotations
 
@@ -186,6 +192,45 @@ def run_load_test(url: str, items: Sequence[Dict[str, Any]], requests: int, conc
           "first_errors": errors[:5]}
 
 
+def raw_throughput(artifact: str, bodies: Sequence[Dict[str, Any]],
+                   min_seconds: float = 5.0) -> Dict[str, float]:
+  """Requests/s of the artifact's compiled functions on full batches of the largest bucket
+  (tokens prepared beforehand) and of the engine (prompt + tokenise + function), for the
+  same seeded request mix the clients send, each timed over at least `min_seconds`."""
+  from gensar_jax.serving.app import Event, Query  # pylint: disable=g-import-not-at-top
+  from gensar_jax.serving.engine import ServingEngine  # pylint: disable=g-import-not-at-top
+  engine = ServingEngine(artifact)
+  engine.warm_up()
+  batch = max(engine.buckets)
+  by_task: Dict[str, List[Any]] = {"search": [], "recommend": []}
+  for request in bodies:
+    body = request["body"]
+    events = tuple(Event(kind=e["kind"], item_id=e["item_id"], query=e.get("query", ""))
+                   for e in body["history"])
+    by_task[request["endpoint"]].append(Query(history=events, k=body["k"],
+                                              query=body.get("query")))
+  tokens = {task: np.stack([engine.encode(engine.prompt(task, q)) for q in queries])
+            for task, queries in by_task.items() if queries}    # [n, input_length] each
+
+  def timed(run_batch) -> float:
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < min_seconds:
+      for task, task_tokens in tokens.items():
+        for first in range(0, len(task_tokens) - batch + 1, batch):
+          run_batch(task, first)
+          done += batch
+    return done / (time.perf_counter() - start)
+
+  for task in tokens:
+    if len(tokens[task]) < batch:
+      raise SystemExit(f"--raw needs at least {batch} {task} requests (--requests)")
+  compiled = timed(lambda task, first: engine.run_tokens(task, tokens[task][first:first + batch]))
+  ranked = timed(lambda task, first: (engine.search if task == "search" else engine.recommend)(
+      by_task[task][first:first + batch]))
+  return {"batch": batch, "compiled_requests_per_s": compiled,
+          "engine_requests_per_s": ranked}
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -204,6 +249,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   parser.add_argument("--max_queue", type=int, default=None, help="server --max_queue")
   parser.add_argument("--startup_timeout_s", type=float, default=600.0)
   parser.add_argument("--json", action="store_true", help="also print the numbers as JSON")
+  parser.add_argument("--raw", action="store_true",
+                      help="also time the compiled functions in-process (no HTTP)")
+  parser.add_argument("--raw_seconds", type=float, default=5.0,
+                      help="least seconds each in-process measurement runs")
   args = parser.parse_args(argv)
   try:
     args.levels = [int(c) for c in str(args.concurrency).split(",")]
@@ -249,8 +298,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       print(f"error: {error}")
   if len(results) > 1:
     print(format_levels(results))
+  raw = None
+  if args.raw:
+    raw = raw_throughput(args.artifact, make_bodies(items, args.requests, args.search_fraction,
+                                                    args.k, args.seed), args.raw_seconds)
+    best = max(r["rows"]["all"]["requests_per_s"] for r in results)
+    print(f"\nin-process, batches of {raw['batch']}: compiled function "
+          f"{raw['compiled_requests_per_s']:.1f} req/s, engine (prompt + tokenise + function) "
+          f"{raw['engine_requests_per_s']:.1f} req/s; server best {best:.1f} req/s = "
+          f"{best / raw['compiled_requests_per_s']:.2f}x the compiled function")
   if args.json:
-    print(json.dumps(results[0] if len(results) == 1 else {"levels": results}))
+    out: Dict[str, Any] = results[0] if len(results) == 1 else {"levels": results}
+    print(json.dumps({**out, "raw": raw} if raw else out))
   failed = (any(r["rows"]["all"]["errors"] > 0 for r in results)
             or not results[-1]["server_alive_after"])
   if log_path and not failed:

@@ -292,7 +292,7 @@ def test_load_test_smoke(live_server, engine):
   proc = subprocess.run(
       [sys.executable, os.path.join(gin_utils.REPO_ROOT, "launch", "load_test.py"),
        f"--artifact={engine.directory}", f"--url={live_server}", "--requests=16",
-       "--concurrency=4", "--duration_s=120", "--k=3", "--json"],
+       "--concurrency=4", "--duration_s=120", "--k=3", "--json", "--raw", "--raw_seconds=0.5"],
       capture_output=True, text=True, timeout=180, env=env)
   assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
   result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -302,6 +302,11 @@ def test_load_test_smoke(live_server, engine):
   assert 0 < rows["all"]["p50_ms"] <= rows["all"]["p99_ms"]
   assert result["server_alive_after"] is True
   assert "req/s" in proc.stdout and "p99 ms" in proc.stdout
+  # --raw: the same requests through the artifact's compiled functions, in-process.
+  raw = result["raw"]
+  assert raw["batch"] == max(BUCKETS)
+  assert raw["compiled_requests_per_s"] > 0 and raw["engine_requests_per_s"] > 0
+  assert "x the compiled function" in proc.stdout
 
 
 def test_real_server_poisoned_request_among_concurrent_good_ones(live_server, engine):
