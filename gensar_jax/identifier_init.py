@@ -122,7 +122,7 @@ class IdentifierEmbeddingInit:
     return ids, feats @ projection                                       # [n, width]
 
   def __call__(self, params: Dict[str, Any], vocabulary: seqio.Vocabulary) -> Dict[str, Any]:
-    width = params["token_embedder"]["embedding"].shape[1]
+    width = flax.traverse_util.flatten_dict(params)[EMBEDDING].shape[1]
     ids, directions = self.token_directions(vocabulary, width)
     directions = directions.astype(np.float32)
 

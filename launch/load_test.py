@@ -19,8 +19,9 @@ is what bounded admission keeps bounded.
 `--raw` then measures, in this process after the server has stopped, the same requests
 without HTTP, queueing or batching delays: the artifact's compiled search/recommend
 functions on pre-tokenised full batches of the largest bucket ("compiled function"), and the
-same plus prompt rendering and tokenising ("engine"). The levels table gains the ratio of
-the server's requests/s to the compiled function's, which is what HTTP and the batcher cost.
+same plus prompt rendering and tokenising ("engine"). A line after the tables gives the
+ratio of the server's best requests/s to the compiled function's: what HTTP and the batcher
+cost.
 """
 from __future__ import annotations
 
@@ -209,6 +210,9 @@ def raw_throughput(artifact: str, bodies: Sequence[Dict[str, Any]],
                    for e in body["history"])
     by_task[request["endpoint"]].append(Query(history=events, k=body["k"],
                                               query=body.get("query")))
+  for task, queries in by_task.items():
+    if queries and len(queries) < batch:
+      raise SystemExit(f"--raw needs at least {batch} {task} requests (--requests)")
   tokens = {task: np.stack([engine.encode(engine.prompt(task, q)) for q in queries])
             for task, queries in by_task.items() if queries}    # [n, input_length] each
 
@@ -221,9 +225,6 @@ def raw_throughput(artifact: str, bodies: Sequence[Dict[str, Any]],
           done += batch
     return done / (time.perf_counter() - start)
 
-  for task in tokens:
-    if len(tokens[task]) < batch:
-      raise SystemExit(f"--raw needs at least {batch} {task} requests (--requests)")
   compiled = timed(lambda task, first: engine.run_tokens(task, tokens[task][first:first + batch]))
   ranked = timed(lambda task, first: (engine.search if task == "search" else engine.recommend)(
       by_task[task][first:first + batch]))

@@ -9,6 +9,7 @@ initialiser to a fresh run only, never to a resumed one.
 import os
 import shutil
 
+import flax
 import gin
 import jax
 import numpy as np
@@ -100,18 +101,16 @@ def test_only_identifier_rows_change_with_their_norms_and_shardings(world, ident
   params, vocabulary = _sharded_params(world)
   initialiser = identifier_init.IdentifierEmbeddingInit(identifiers, item_weight=0.8)
   new = initialiser(params, vocabulary)
+  table = table_lib.load_identifier_table(identifiers)
+  used = sorted({vocab_lib.token_id(vocabulary, t)
+                 for row in table.sid_tokens + table.cid_tokens for t in row})
+  old_flat, new_flat = (flax.traverse_util.flatten_dict(p) for p in (params, new))
   for path in (identifier_init.EMBEDDING, identifier_init.OUTPUT_KERNEL):
-    old_x = params
-    new_x = new
-    for key in path:
-      old_x, new_x = old_x[key], new_x[key]
+    old_x, new_x = old_flat[path], new_flat[path]
     assert new_x.sharding == old_x.sharding
     old_rows, new_rows = np.asarray(old_x), np.asarray(new_x)
     if path == identifier_init.OUTPUT_KERNEL:
       old_rows, new_rows = old_rows.T, new_rows.T                      # [vocab, embed]
-    table = table_lib.load_identifier_table(identifiers)
-    used = sorted({vocab_lib.token_id(vocabulary, t)
-                   for row in table.sid_tokens + table.cid_tokens for t in row})
     others = np.setdiff1d(np.arange(old_rows.shape[0]), used)
     np.testing.assert_array_equal(new_rows[others], old_rows[others])
     assert not np.allclose(new_rows[used], old_rows[used])
