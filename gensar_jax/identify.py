@@ -12,6 +12,8 @@ Output directory (renamed into place only when complete):
   identifiers.jsonl, identifier_stats.json, code_usage.png   the identifier table
   semantic_embeddings.npy, collaborative_embeddings.npy      [items, d] float32 inputs
   sasrec_metrics.json                                          SASRec on validation/test
+  rqvae_params.msgpack, rqvae.json                             the trained RQ-VAE and the
+                                                               encoder settings (add_items)
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ from gensar_jax.data.prepared import load_prepared
 from gensar_jax.data.schema import DataError, REC
 from gensar_jax.identifiers import assignment as assignment_lib
 from gensar_jax.identifiers import rqvae as rqvae_lib
+from gensar_jax.identifiers import rqvae_store
 from gensar_jax.identifiers import sasrec as sasrec_lib
 from gensar_jax.identifiers import table as table_lib
 from gensar_jax.identifiers.text_encoder import SentenceEncoder
@@ -86,10 +89,11 @@ def identify(prepared_dir: str = gin.REQUIRED, output_dir: str = gin.REQUIRED,
   mode = rqvae_config.mode
   item_ids = list(prepared.items["item_id"])
 
-  semantic = collaborative = None
+  semantic = collaborative = encoder = None
   sasrec_metrics = {}
   if mode != "cid_only":
-    semantic = SentenceEncoder().encode(prepared.item_texts())  # [items, d_s]
+    encoder = SentenceEncoder()
+    semantic = encoder.encode(prepared.item_texts())  # [items, d_s]
   if mode != "sid_only":
     sequences, heldout = rec_sequences(prepared_dir)
     result = sasrec_lib.train_sasrec(sequences, len(item_ids), sasrec_config,
@@ -117,6 +121,9 @@ def identify(prepared_dir: str = gin.REQUIRED, output_dir: str = gin.REQUIRED,
       np.save(os.path.join(tmp, "collaborative_embeddings.npy"),
               collaborative.astype(np.float32))
     write_json(os.path.join(tmp, "sasrec_metrics.json"), sasrec_metrics)
+    # What gives items added later their codes (gensar_jax/add_items.py).
+    rqvae_store.save_rqvae(tmp, trained, None if encoder is None
+                           else rqvae_store.encoder_settings(encoder))
     with open(os.path.join(tmp, "config.gin"), "w", encoding="utf-8") as f:
       f.write(gin.operative_config_str())
   return {**assignment.stats, "sasrec": sasrec_metrics}

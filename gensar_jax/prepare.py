@@ -21,6 +21,7 @@ import gin
 import numpy as np
 
 from gensar_jax.data import candidates as candidates_lib
+from gensar_jax.data import holdout as holdout_lib
 from gensar_jax.data import loaders  # noqa: F401  registers loaders with gin
 from gensar_jax.data import queries as queries_lib
 from gensar_jax.data import records
@@ -105,11 +106,21 @@ def shuffled_train(examples: List, seed: int) -> List:
 @gin.configurable
 def prepare(output_dir: str = gin.REQUIRED, name: str = "dataset",
             loader: Callable[[], SearchRecLog] = gin.REQUIRED,
-            synthesize_search: bool = True, seed: int = 0, overwrite: bool = False) -> Dict:
-  """Runs the whole data stage; returns the statistics dict (also written as stats.json)."""
+            synthesize_search: bool = True, seed: int = 0,
+            hold_out_newest_items: float = 0.0, overwrite: bool = False) -> Dict:
+  """Runs the whole data stage; returns the statistics dict (also written as stats.json).
+
+  `hold_out_newest_items` > 0 removes that share of the items, the newest by first
+  interaction, with their events (gensar_jax/data/holdout.py); their ids are written to
+  held_out_items.json. Only the new-items experiment uses it.
+  """
   if os.path.exists(output_dir) and not overwrite:
     raise DataError(f"{output_dir}: output exists; bind prepare.overwrite=True to rebuild")
   log = loader()
+  held_out = []
+  if hold_out_newest_items:
+    held_out = holdout_lib.newest_items(log, hold_out_newest_items)
+    log = holdout_lib.without_items(log, held_out)
   if synthesize_search and not (log.events["kind"] == SEARCH).any():
     log = queries_lib.add_semi_synthetic_search(log, seed=seed)
   if not (log.events["kind"] == SEARCH).any():
@@ -156,6 +167,7 @@ def prepare(output_dir: str = gin.REQUIRED, name: str = "dataset",
       "filtered": samples.counts,
       "num_negatives": int(cand.shape[1] - 1),
       "item_text": text_counts,
+      "held_out_items": len(held_out),
       "seed": seed,
   }
   item_queries = queries_lib.item_queries(log.items["categories"])
@@ -179,6 +191,8 @@ def prepare(output_dir: str = gin.REQUIRED, name: str = "dataset",
     write_jsonl(os.path.join(tmp, "users.jsonl"),
                 ({"index": i, "user_id": u} for i, u in enumerate(kept_users)))
     write_json(os.path.join(tmp, "stats.json"), stats)
+    if held_out:
+      write_json(os.path.join(tmp, holdout_lib.FILE_NAME), held_out)
     with open(os.path.join(tmp, "config.gin"), "w", encoding="utf-8") as f:
       f.write(gin.operative_config_str())
   return stats

@@ -25,7 +25,7 @@ from gensar_jax import optimizers as optimizers_lib
 from gensar_jax import partitioning as partitioning_lib
 from gensar_jax import trainer as trainer_lib
 from gensar_jax.data.schema import DataError
-from gensar_jax.identifiers.table import IDENTIFIERS_FILE
+from gensar_jax.identifiers.table import IDENTIFIERS_FILE, extension_problem
 
 logger = logging.getLogger(__name__)
 CHECKPOINTS_SUBDIR = "checkpoints"
@@ -116,10 +116,20 @@ def check_run_inputs(model_dir: str, vocab_path: str, identifiers_dir: str) -> N
     if not io_utils.isfile(given_file):
       continue  # the setup reports a missing input with its own message
     if _file_digest(trained_file) != _file_digest(given_file):
+      why, hint = "has other contents", ""
+      if file_name == IDENTIFIERS_FILE:  # items added since (gensar_jax/add_items.py)?
+        problem = extension_problem(io_utils.read_text(trained_file),
+                                    io_utils.read_text(given_file))
+        if problem is None:
+          logger.info("%s extends the table %s was trained with; decoding the items added "
+                      "since", given_file, model_dir)
+          continue
+        why = f"is not an extension of it ({problem})"
+        hint = ", or a table gensar_jax.add_items extended from it"
       config = io_utils.join(model_dir, TRAINED_CONFIG)
       raise checkpoints_lib.CheckpointError(
           f"{model_dir}: trained with {macro}={trained!r} ({config}), but {given_file} "
-          f"has other contents; decode with the {macro} the run was trained with")
+          f"{why}; decode with the {macro} the run was trained with{hint}")
 
 
 def _ranking_setup(who: str):

@@ -222,3 +222,29 @@ def build_identifier_table(out_dir: PathLike, item_ids: Sequence[Any],
   history = {"rqvae_history": trained.history}
   write_identifier_table(out_dir, item_ids, assignment, {**history, **(extra_stats or {})})
   return assignment, trained
+
+
+def _codes_by_item(text: str) -> Dict[str, Tuple]:
+  rows = (json.loads(line) for line in text.splitlines() if line.strip())
+  return {str(r["item_id"]): (r["sid_codes"], r["cid_codes"]) for r in rows}
+
+
+def extension_problem(trained_text: str, given_text: str) -> Optional[str]:
+  """Why the table `given_text` does not extend `trained_text` (two identifiers.jsonl
+  contents), or None when it does: every item of both keeps its SID and CID, and no
+  identifier of the trained table belongs to another item. A model trained on the first
+  table decodes the second correctly; items removed since are allowed."""
+  trained, given = _codes_by_item(trained_text), _codes_by_item(given_text)
+  changed = [item for item in trained.keys() & given.keys() if trained[item] != given[item]]
+  if changed:
+    return f"{len(changed)} items have other identifiers (e.g. item {sorted(changed)[0]!r})"
+  owner = {}
+  for item, (sid, cid) in trained.items():
+    owner[("sid", tuple(sid or ()))] = owner[("cid", tuple(cid or ()))] = item
+  for item, (sid, cid) in given.items():
+    for key in (("sid", tuple(sid or ())), ("cid", tuple(cid or ()))):
+      if key[1] and owner.get(key, item) != item:
+        return (f"item {item!r} has the {key[0].upper()} {list(key[1])} of trained item "
+                f"{owner[key]!r}")
+  return None
+
