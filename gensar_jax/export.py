@@ -8,7 +8,9 @@ Training needs gin, orbax, SeqIO and the Flax module; a server should need none 
 So the constrained catalogue search is traced here, once per task and batch bucket, with
 `jax.export`, and written next to the parameters (msgpack), the vocabulary, the catalogue
 tries (npz) and the item table (jsonl). gensar_jax/serving/engine.py calls the deserialized
-functions; it never builds the model.
+functions; it never builds the model. With `saved_model=True` the same functions also go
+into a TensorFlow SavedModel in `<export_dir>/saved_model/` for TF Serving and Vertex AI
+(gensar_jax/serving/saved_model.py), written inside the same atomic directory.
 """
 from __future__ import annotations
 
@@ -93,7 +95,7 @@ def write_serving_artifact(export_dir: str, *, model, params: Any, indices: Mapp
                            batch_buckets: Sequence[int] = (1, 8, 32), source_step: int = -1,
                            rec_history: int = 5, search_history: int = 5,
                            platforms: Optional[Sequence[str]] = None,
-                           overwrite: bool = False) -> str:
+                           saved_model: bool = False, overwrite: bool = False) -> str:
   """Writes the artifact of `model` + `params` (any source: a checkpoint or a fresh init).
 
   Args:
@@ -173,6 +175,9 @@ def write_serving_artifact(export_dir: str, *, model, params: Any, indices: Mapp
         with open(os.path.join(tmp, artifact_lib.function_file(task, bucket)), "wb") as f:
           f.write(blob)
     write_json(os.path.join(tmp, artifact_lib.METADATA_FILE), metadata)
+    if saved_model:  # from the files just written: the engine's very functions
+      from gensar_jax.serving import saved_model as saved_model_lib
+      saved_model_lib.write_saved_model(tmp)
   return export_dir if io_utils.is_remote(export_dir) else os.path.abspath(export_dir)
 
 
@@ -182,7 +187,7 @@ def export(model_dir: str = gin.REQUIRED, export_dir: str = gin.REQUIRED,
            task_feature_lengths: Mapping[str, int] = gin.REQUIRED, num_beams: int = 20,
            batch_buckets: Sequence[int] = (1, 8, 32), rec_history: int = 5,
            search_history: int = 5, platforms: Optional[Sequence[str]] = None,
-           overwrite: bool = False) -> str:
+           saved_model: bool = False, overwrite: bool = False) -> str:
   """Restores the run's chosen checkpoint and writes its serving artifact to `export_dir`."""
   if io_utils.exists(export_dir) and not overwrite:
     # Before the minutes of restoring and tracing, not after.
@@ -198,7 +203,8 @@ def export(model_dir: str = gin.REQUIRED, export_dir: str = gin.REQUIRED,
       export_dir, model=model, params=params, indices=setup.indices, titles=titles,
       input_length=int(task_feature_lengths["inputs"]), num_beams=num_beams,
       batch_buckets=batch_buckets, source_step=step, rec_history=rec_history,
-      search_history=search_history, platforms=platforms, overwrite=overwrite)
+      search_history=search_history, platforms=platforms, saved_model=saved_model,
+      overwrite=overwrite)
   print(f"exported checkpoint step {step} of {model_dir} to {path}", flush=True)
   return path
 

@@ -6,7 +6,8 @@ per user); identifier tables are written by hand (a dual one and a SID-only one)
 vocabulary is built with `build_vocab` from gin/runs/vocab.gin. Shared by test modules that
 need real tasks (tests/test_tasks.py, tests/test_train.py) and the CLI tests that train a
 tiny model on it first (test_evaluate_cli, test_infer, test_export: `world_flags`,
-`under_gin`).
+`under_gin`), and the serving tests' artifact of a freshly initialised tiny model
+(`random_artifact`: test_serve, test_saved_model).
 """
 import json
 import os
@@ -138,3 +139,37 @@ def build_world(root, prefix="t4"):
   return {"root": root, "items": items, "events": events, "prepared": prepared_dir,
           "dual": dual, "sid_only": sid_only, "vocab_path": vocab_path, "summary": summary,
           "pseudo": str(pseudo), "reg": reg}
+
+
+def random_artifact(root, prefix, num_beams, batch_buckets, **export_kwargs):
+  """A serving artifact of a freshly initialised 1+1-layer model over a new world.
+
+  Returns (artifact path, world). `export_kwargs` go to write_serving_artifact.
+  """
+  import flax.linen as nn
+  import jax
+
+  from gensar_jax import evaluation
+  from gensar_jax import export as export_lib
+  from gensar_jax.identifiers.table import load_identifier_table
+  from gensar_jax.models.encoder_decoder import build_model
+  from gensar_jax.models.t5_config import T5Config
+  root = pathlib.Path(root)
+  (root / "world").mkdir(parents=True, exist_ok=True)
+  world = build_world(root / "world", prefix=prefix)
+  vocabulary = world["reg"].vocabulary
+  item_ids = [str(i) for i in world["items"]["item_id"]]
+  indices = evaluation.ranking_indices(load_identifier_table(world["dual"]), vocabulary,
+                                       item_ids, "cid", "sid")
+  config = T5Config(emb_dim=32, num_heads=2, head_dim=16, mlp_dim=64, num_encoder_layers=1,
+                    num_decoder_layers=1)
+  model = build_model(vocabulary, config=config)
+  variables = model.get_initial_variables(jax.random.PRNGKey(0), {
+      "encoder_input_tokens": (1, 8), "decoder_input_tokens": (1, 8)})
+  params = nn.meta.unbox(variables["params"])
+  titles = dict(zip(item_ids, world["items"]["title"]))
+  path = export_lib.write_serving_artifact(
+      str(root / "artifact"), model=model, params=params, indices=indices, titles=titles,
+      input_length=LENGTHS["inputs"], num_beams=num_beams, batch_buckets=batch_buckets,
+      **export_kwargs)
+  return path, world

@@ -13,23 +13,17 @@ import threading
 import time
 from concurrent import futures
 
-import flax.linen as nn
 import httpx
-import jax
 import numpy as np
 import pytest
 import uvicorn
 from fastapi.testclient import TestClient
 
-from gensar_jax import evaluation, gin_utils
-from gensar_jax import export as export_lib
-from gensar_jax.identifiers.table import load_identifier_table
-from gensar_jax.models.encoder_decoder import build_model
-from gensar_jax.models.t5_config import T5Config
+from gensar_jax import gin_utils
 from gensar_jax.serving import app as app_lib
 from gensar_jax.serving.app import Event, Query, create_app
 from gensar_jax.serving.engine import ServingEngine
-from task_world import LENGTHS, build_world
+from task_world import random_artifact
 
 PREFIX = "tserve"
 BEAMS = 6
@@ -38,22 +32,7 @@ BUCKETS = (1, 4)
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
-  world = build_world(tmp_path_factory.mktemp("serve_world"), prefix=PREFIX)
-  vocabulary = world["reg"].vocabulary
-  item_ids = [str(i) for i in world["items"]["item_id"]]
-  indices = evaluation.ranking_indices(load_identifier_table(world["dual"]), vocabulary,
-                                       item_ids, "cid", "sid")
-  config = T5Config(emb_dim=32, num_heads=2, head_dim=16, mlp_dim=64, num_encoder_layers=1,
-                    num_decoder_layers=1)
-  model = build_model(vocabulary, config=config)
-  variables = model.get_initial_variables(jax.random.PRNGKey(0), {
-      "encoder_input_tokens": (1, 8), "decoder_input_tokens": (1, 8)})
-  params = nn.meta.unbox(variables["params"])
-  titles = dict(zip(item_ids, world["items"]["title"]))
-  path = export_lib.write_serving_artifact(
-      str(tmp_path_factory.mktemp("serve") / "artifact"), model=model, params=params,
-      indices=indices, titles=titles, input_length=LENGTHS["inputs"], num_beams=BEAMS,
-      batch_buckets=BUCKETS)
+  path, _ = random_artifact(tmp_path_factory.mktemp("serve"), PREFIX, BEAMS, BUCKETS)
   served = ServingEngine(path)
   served.warm_up()
   return served
