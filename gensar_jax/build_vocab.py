@@ -10,6 +10,11 @@ special tokens are the three behaviour tokens plus the full token inventory (eve
 every level) of each identifier table given, so one vocabulary can serve several tables of
 the same dataset (e.g. the dual table and its ablations). Tables not built yet can be
 covered with `extra_levels` + `codebook_size` (e.g. levels s2, s3 of a sid_only table).
+
+To start training from a pretrained T5 (gensar_jax/pretrained/, docs/pretrained.md), set
+`base_vocabulary_path` to the checkpoint's own SentencePiece model (e.g. the Hugging Face
+folder's spiece.model): nothing is trained, the special tokens are appended to that model
+with every old piece keeping its id (`vocabulary.extend_vocabulary`).
 Prints a summary: size, special tokens, and how the corpus tokenizes.
 """
 from __future__ import annotations
@@ -57,27 +62,38 @@ def build_vocab(prepared_dir: str = gin.REQUIRED,
                 pseudo_queries_path: Optional[str] = None, extra_levels: Sequence[str] = (),
                 codebook_size: Optional[int] = None, renders_per_template: int = 20,
                 model_type: str = "bpe",
-                seed: int = 0, overwrite: bool = False) -> Dict:
-  """Builds the vocabulary; returns a summary dict (also printed by the CLI)."""
+                seed: int = 0, overwrite: bool = False,
+                base_vocabulary_path: Optional[str] = None) -> Dict:
+  """Builds the vocabulary; returns a summary dict (also printed by the CLI).
+
+  With `base_vocabulary_path` (a pretrained checkpoint's SentencePiece model) the special
+  tokens are appended to it instead (vocab_size and model_type are then unused).
+  """
   if isinstance(identifier_dirs, str):
     identifier_dirs = [identifier_dirs]
   tokens = identifier_tokens(identifier_dirs, extra_levels, codebook_size)
   corpus = vocabulary_corpus(prepared_dir, pseudo_queries_path,
                              renders_per_template=renders_per_template, seed=seed)
-  vocab_lib.train_vocabulary(corpus, output_path, tokens, vocab_size=vocab_size,
-                             model_type=model_type, overwrite=overwrite)
+  if base_vocabulary_path:
+    vocab_lib.extend_vocabulary(base_vocabulary_path, output_path, tokens,
+                                overwrite=overwrite)
+    model_type = f"extended {base_vocabulary_path}"
+  else:
+    vocab_lib.train_vocabulary(corpus, output_path, tokens, vocab_size=vocab_size,
+                               model_type=model_type, overwrite=overwrite)
   vocab = vocab_lib.load_vocabulary(output_path)
   vocab_lib.require_tokens(vocab, [*vocab_lib.BEHAVIOUR_TOKENS, *tokens], "special tokens")
   lengths = np.asarray([len(vocab.encode(line)) for line in corpus])
   chars = np.asarray([len(line) for line in corpus])
+  special = len(vocab_lib.user_defined_tokens(vocab))
+  byte_pieces = sum(vocab.tokenizer.is_byte(i) for i in range(vocab.vocab_size))
   return {
       "path": os.path.abspath(output_path),
       "model_type": model_type,
       "vocab_size": vocab.vocab_size,
-      "special_tokens": len(vocab_lib.user_defined_tokens(vocab)),
+      "special_tokens": special,
       "identifier_tokens": len(tokens),
-      "text_pieces": vocab.vocab_size - len(vocab_lib.user_defined_tokens(vocab)) - 3
-                     - vocab_lib.BYTE_PIECES,
+      "text_pieces": vocab.vocab_size - special - 3 - byte_pieces,
       "corpus_lines": len(corpus),
       "corpus_tokens_per_line": float(lengths.mean()),
       "corpus_chars_per_token": float(chars.sum() / max(lengths.sum(), 1)),

@@ -34,7 +34,7 @@ from gensar_jax.identifiers import table as table_lib
 SEMANTIC_FILE = "semantic_embeddings.npy"
 COLLABORATIVE_FILE = "collaborative_embeddings.npy"
 # The parameters it sets (gensar_jax/models/t5.py): the shared input embedding and the
-# untied output layer.
+# untied output layer (a tied model, T5 v1.0, has only the embedding).
 EMBEDDING = ("token_embedder", "embedding")
 OUTPUT_KERNEL = ("decoder", "logits_dense", "kernel")
 
@@ -129,11 +129,12 @@ class IdentifierEmbeddingInit:
     def update(p):  # inside jit: sharded (also multi-host) parameters are never gathered
       flat = flax.traverse_util.flatten_dict(p)
       embedding = flat[EMBEDDING]                                         # [vocab, embed]
-      kernel = flat[OUTPUT_KERNEL]                                        # [embed, vocab]
       flat[EMBEDDING] = embedding.at[ids].set(
           mixed_rows(embedding[ids], directions, self.item_weight))
-      flat[OUTPUT_KERNEL] = kernel.at[:, ids].set(
-          mixed_rows(kernel[:, ids].T, directions, self.item_weight).T)
+      if OUTPUT_KERNEL in flat:  # absent when the output is tied (logits_via_embedding)
+        kernel = flat[OUTPUT_KERNEL]                                      # [embed, vocab]
+        flat[OUTPUT_KERNEL] = kernel.at[:, ids].set(
+            mixed_rows(kernel[:, ids].T, directions, self.item_weight).T)
       return flax.traverse_util.unflatten_dict(flat)
 
     shardings = jax.tree.map(lambda x: x.sharding, params)

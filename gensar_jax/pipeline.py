@@ -73,7 +73,7 @@ STAGE_CONFIGURABLES: Dict[str, Tuple[str, ...]] = {
     "train": ("train", "register_gensar", "mixture_rates", "gensar_mixture", "T5Config",
               "build_model", "Trainer", "create_optimizer", "create_learning_rate_schedule",
               "Partitioner", "create_mesh", "TrainCheckpoints", "RankingEvalHook",
-              "ranking_setup", "IdentifierEmbeddingInit"),
+              "ranking_setup", "IdentifierEmbeddingInit", "PretrainedT5Init"),
     "evaluate": ("evaluate", "ranking_setup"),
     "compare": (),
 }

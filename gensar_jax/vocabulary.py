@@ -134,18 +134,76 @@ def train_vocabulary(sentences: Iterable[str], output_path: str,
       max_sentence_length=1 << 16, input_sentence_size=0, shuffle_input_sentence=False,
       num_threads=num_threads, minloglevel=2)
 
+  return _write_atomically(output_path, model.getvalue())
+
+
+def _write_atomically(output_path: str, data: bytes) -> str:
+  """Writes `data` to a temporary file beside `output_path`, then renames it."""
   directory = os.path.dirname(os.path.abspath(output_path))
   os.makedirs(directory, exist_ok=True)
   fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(output_path)}.tmp-", dir=directory)
   try:
     with os.fdopen(fd, "wb") as f:
-      f.write(model.getvalue())
+      f.write(data)
     os.replace(tmp, output_path)
   except BaseException:
     if os.path.exists(tmp):
       os.remove(tmp)
     raise
   return output_path
+
+
+def extend_vocabulary(base_model_path: str, output_path: str,
+                      identifier_tokens: Sequence[str], overwrite: bool = False) -> str:
+  """A pretrained checkpoint's SentencePiece model with our special tokens appended.
+
+  For starting from pretrained T5 weights (gensar_jax/pretrained/): every piece of the
+  base model keeps its id, so its pretrained embedding row still fits; the behaviour and
+  identifier tokens follow as USER_DEFINED pieces (never split, one id each), from id
+  `base size` on. T5's spiece.model has 32000 pieces, so they take ids 32000, 32001, ...,
+  the ids T5's seqio vocabulary gives its 100 sentinels (extra ids): GenSAR has no span
+  corruption and loads the vocabulary with extra_ids=0 (`load_vocabulary`), so the
+  sentinels' pretrained rows are not used. The model's vocab_size is this model's size
+  padded to 128 (`T5Config.with_vocabulary`), e.g. 32000 + 1,539 -> 33664 rows.
+
+  The base model's normaliser and pieces are kept, with one change: no dummy prefix (T5's
+  adds a "▁" before the text), so that a target "<rec_item><m0_12>..." encodes to
+  exactly its special tokens, as with our own vocabularies; a text's first word then
+  reads "word" instead of "▁word" (both are usually pieces). T5's normaliser (NFKC,
+  whitespace folding) and missing byte pieces make decoding lossy for rare characters,
+  unlike `train_vocabulary`'s.
+  """
+  from sentencepiece import sentencepiece_model_pb2
+
+  if os.path.exists(output_path) and not overwrite:
+    raise FileExistsError(f"{output_path} exists; pass overwrite=True to replace it")
+  try:
+    with open(base_model_path, "rb") as f:
+      proto = sentencepiece_model_pb2.ModelProto.FromString(f.read())
+  except OSError as e:
+    raise VocabularyError(f"{base_model_path}: cannot read the base vocabulary ({e})") from None
+  except Exception as e:  # protobuf's DecodeError
+    raise VocabularyError(f"{base_model_path}: not a SentencePiece model ({e})") from None
+  ids = {p.piece: i for i, p in enumerate(proto.pieces)}
+  expected = {PAD_ID: "<pad>", EOS_ID: "</s>", UNK_ID: "<unk>"}
+  spec = proto.trainer_spec
+  if (spec.pad_id, spec.eos_id, spec.unk_id) != (PAD_ID, EOS_ID, UNK_ID):
+    raise VocabularyError(f"{base_model_path}: pad/eos/unk ids are {spec.pad_id}/"
+                          f"{spec.eos_id}/{spec.unk_id}, not T5's {PAD_ID}/{EOS_ID}/{UNK_ID} "
+                          f"({expected})")
+  user_defined = sentencepiece_model_pb2.ModelProto.SentencePiece.USER_DEFINED
+  for token in special_tokens(identifier_tokens):
+    _check_symbol(token)
+    if token in ids:
+      if proto.pieces[ids[token]].type != user_defined:
+        raise VocabularyError(f"{base_model_path}: {token!r} is already a piece of another "
+                              "kind; it could be split or merged")
+      continue
+    piece = proto.pieces.add()
+    piece.piece, piece.score, piece.type = token, 0.0, user_defined
+    ids[token] = len(proto.pieces) - 1
+  proto.normalizer_spec.add_dummy_prefix = False
+  return _write_atomically(output_path, proto.SerializeToString())
 
 
 def load_vocabulary(path: str) -> seqio.SentencePieceVocabulary:

@@ -1,4 +1,4 @@
-"""Building blocks of the T5.1.1 network, each parameter tagged with logical axis names.
+"""Building blocks of the T5 network (T5.1.1 and T5 v1.0), each parameter tagged with logical axis names.
 
 Logical names (mapped to mesh axes by the rules table in gensar_jax/partitioning.py):
   parameters:  vocab, embed, mlp, joined_kv (= heads * head_dim, flattened), relpos_buckets,
@@ -90,27 +90,53 @@ class Dense(nn.Module):
 
 
 class Embed(nn.Module):
-  """Token embedding table [vocab, embed], shared by the encoder and the decoder inputs."""
+  """Token embedding table [vocab, embed], shared by the encoder and the decoder inputs.
+
+  `attend` is the tied output projection of T5 v1.0 (`T5Config.logits_via_embedding`).
+  The table is made in `setup` so both methods read the same parameter.
+  """
   num_embeddings: int
   features: int
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
   embedding_init: Initializer = nn.initializers.normal(stddev=1.0)
 
-  @nn.compact
+  def setup(self):
+    self.embedding = self.param(
+        "embedding", nn.with_logical_partitioning(self.embedding_init, ("vocab", "embed")),
+        (self.num_embeddings, self.features), self.param_dtype)
+
   def __call__(self, tokens: Array) -> Array:
     if not jnp.issubdtype(tokens.dtype, jnp.integer):
       raise TypeError(f"Embed: token ids must be integers, got dtype {tokens.dtype}")
-    table = self.param("embedding",
-                       nn.with_logical_partitioning(self.embedding_init, ("vocab", "embed")),
-                       (self.num_embeddings, self.features), self.param_dtype)
     # [batch, length] -> [batch, length, embed]
-    return jnp.take(jnp.asarray(table, self.dtype), tokens, axis=0)
+    return jnp.take(jnp.asarray(self.embedding, self.dtype), tokens, axis=0)
+
+  def attend(self, query: Array) -> Array:
+    """[..., embed] -> [..., vocab] float32 logits against every embedding row."""
+    table = jnp.asarray(self.embedding, jnp.float32)  # [vocab, embed]
+    rows = jnp.asarray(query, jnp.float32).reshape((-1, query.shape[-1]))  # [rows, embed]
+    out = lax.dot_general(rows, table, (((1,), (1,)), ((), ())))  # [rows, vocab]
+    return out.reshape(query.shape[:-1] + (self.num_embeddings,))
 
 
-class GatedGeluMlp(nn.Module):
-  """T5.1.1's feed-forward block: wo(gelu(wi_0 x) * wi_1 x), no biases."""
+_ACTIVATIONS = {
+    "relu": nn.relu,
+    "gelu": functools.partial(nn.gelu, approximate=True),  # tanh form: T5X, HF gelu_new
+    "gelu_exact": functools.partial(nn.gelu, approximate=False),  # erf form: HF "gelu"
+    "silu": nn.silu,
+    "linear": lambda x: x,
+}
+
+
+class MlpBlock(nn.Module):
+  """T5's feed-forward block, no biases: wo(prod_i act_i(wi_i x)).
+
+  ("gelu", "linear") is T5.1.1's gated GELU, wo(gelu(wi_0 x) * wi_1 x); a single
+  activation, e.g. T5 v1.0's ("relu",), has one input kernel named `wi` (T5X's names).
+  """
   mlp_dim: int
+  activations: Tuple[str, ...] = ("gelu", "linear")
   dropout_rate: float = 0.0
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
@@ -119,9 +145,11 @@ class GatedGeluMlp(nn.Module):
   def __call__(self, x: Array, deterministic: bool = True) -> Array:
     emb_dim = x.shape[-1]
     dense = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    gate = Dense(self.mlp_dim, ("embed", "mlp"), name="wi_0", **dense)(x)
-    linear = Dense(self.mlp_dim, ("embed", "mlp"), name="wi_1", **dense)(x)
-    hidden = nn.gelu(gate, approximate=True) * linear  # [batch, length, mlp]
+    hidden = None
+    for i, name in enumerate(self.activations):
+      dense_name = "wi" if len(self.activations) == 1 else f"wi_{i}"
+      h = _ACTIVATIONS[name](Dense(self.mlp_dim, ("embed", "mlp"), name=dense_name, **dense)(x))
+      hidden = h if hidden is None else hidden * h  # [batch, length, mlp]
     hidden = constrain(hidden, ("batch", "length", "mlp"))
     hidden = nn.Dropout(self.dropout_rate, broadcast_dims=(-2,))(hidden, deterministic=deterministic)
     out = Dense(emb_dim, ("mlp", "embed"), name="wo", **dense)(hidden)

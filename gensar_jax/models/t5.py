@@ -1,9 +1,10 @@
-"""The T5.1.1 encoder-decoder network (Flax linen).
+"""The T5 encoder-decoder network (Flax linen): T5.1.1 by default, T5 v1.0 by config.
 
-Pre-norm residual blocks (RMSNorm -> sublayer -> dropout -> add), gated-GELU MLPs, one
-relative position bias table per stack computed once and shared by its layers, a token
-embedding shared by encoder and decoder inputs, and a separate (untied) output layer
-`logits_dense`. No biases anywhere. The decoder supports incremental decoding with a KV
+Pre-norm residual blocks (RMSNorm -> sublayer -> dropout -> add), gated-GELU MLPs (ReLU
+for T5 v1.0, `T5Config.mlp_activations`), one relative position bias table per stack
+computed once and shared by its layers, a token embedding shared by encoder and decoder
+inputs, and a separate (untied) output layer `logits_dense` (T5 v1.0 instead projects on
+the embedding, `T5Config.logits_via_embedding`). No biases anywhere. The decoder supports incremental decoding with a KV
 cache (`decode=True`, 'cache' collection); see `MultiHeadAttention`. Its cross-attention
 keys/values depend only on the encoder output, so a decode loop computes them once
 (`Transformer.cross_attention_kv`) and passes them in place of `encoded` at every step.
@@ -25,7 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gensar_jax.models.layers import (Dense, Embed, GatedGeluMlp, KeyValue,
+from gensar_jax.models.layers import (Dense, Embed, KeyValue, MlpBlock,
                                       MultiHeadAttention, RelativePositionBias, RMSNorm,
                                       causal_mask, constrain, key_padding_mask,
                                       segment_mask)
@@ -50,10 +51,10 @@ def _attention(config: T5Config, name: Optional[str]) -> MultiHeadAttention:
                             param_dtype=config.parameter_dtype, name=name)
 
 
-def _mlp(config: T5Config) -> GatedGeluMlp:
-  return GatedGeluMlp(mlp_dim=config.mlp_dim, dropout_rate=config.dropout_rate,
-                      dtype=config.compute_dtype, param_dtype=config.parameter_dtype,
-                      name="mlp")
+def _mlp(config: T5Config) -> MlpBlock:
+  return MlpBlock(mlp_dim=config.mlp_dim, activations=config.mlp_activations,
+                  dropout_rate=config.dropout_rate, dtype=config.compute_dtype,
+                  param_dtype=config.parameter_dtype, name="mlp")
 
 
 def _residual_dropout(config: T5Config, x: Array, deterministic: bool) -> Array:
@@ -235,9 +236,13 @@ class Decoder(nn.Module):
       x = layer(x, layer_memory, self_mask, cross_mask, bias, decode, deterministic)
     x = _norm(cfg, "decoder_norm")(x)
     x = _residual_dropout(cfg, x, deterministic)
-    # Untied output layer; logits in float32 for the softmax and the loss.
-    logits = Dense(cfg.require_vocab_size(), ("embed", "vocab"), dtype=jnp.float32,
-                   param_dtype=cfg.parameter_dtype, name="logits_dense")(x)
+    if cfg.logits_via_embedding:
+      # T5 v1.0: the tied embedding, after rescaling by d_model**-0.5 (T5X, Hugging Face).
+      logits = self.token_embedder.attend(x * (cfg.emb_dim ** -0.5))  # [batch, len, vocab]
+    else:
+      # Untied output layer (T5.1.1); logits in float32 for the softmax and the loss.
+      logits = Dense(cfg.require_vocab_size(), ("embed", "vocab"), dtype=jnp.float32,
+                     param_dtype=cfg.parameter_dtype, name="logits_dense")(x)
     return constrain(logits, ("batch", "length", "vocab"))
 
 

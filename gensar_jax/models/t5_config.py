@@ -1,4 +1,8 @@
-"""Sizes and numerics of the T5.1.1 encoder-decoder, bound from gin (gin/models/*.gin).
+"""Sizes and numerics of the T5 encoder-decoder, bound from gin (gin/models/*.gin).
+
+The defaults are T5.1.1 (gated GELU, untied output layer); two fields express T5 v1.0
+(`mlp_activations=("relu",)`, `logits_via_embedding=True`) so that its pretrained weights
+load unchanged (gensar_jax/pretrained/).
 
 The vocabulary size is the one field gin does not know: it belongs to the SentencePiece
 model built for a dataset, so it is filled in at runtime with `with_vocabulary`, padded
@@ -9,13 +13,17 @@ are never produced by the tokenizer and the model learns to give them no mass.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional, Union
+from typing import Any, Optional, Tuple, Union
 
 import gin
 import jax.numpy as jnp
 
 VOCAB_PAD_MULTIPLE = 128
 _DTYPES = ("float32", "bfloat16")
+# MLP activation names (gensar_jax/models/layers.py MlpBlock). "gelu" is the tanh
+# approximation (T5X's nn.gelu, Hugging Face's "gelu_new"); "gelu_exact" the erf form
+# (Hugging Face's "gelu"); "linear" the identity (the ungated half of a gated MLP).
+MLP_ACTIVATIONS = ("relu", "gelu", "gelu_exact", "silu", "linear")
 
 
 def vocab_size_for(vocabulary: Any, multiple: int = VOCAB_PAD_MULTIPLE) -> int:
@@ -35,7 +43,7 @@ def vocab_size_for(vocabulary: Any, multiple: int = VOCAB_PAD_MULTIPLE) -> int:
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class T5Config:
-  """Hyper-parameters of the T5.1.1 network (pre-norm RMSNorm, gated GELU, no biases).
+  """Hyper-parameters of the T5 network (pre-norm RMSNorm, no biases; T5.1.1 by default).
 
   Attributes:
     vocab_size: rows of the shared input embedding and columns of the (untied) output
@@ -54,6 +62,11 @@ class T5Config:
     relative_attention_num_buckets: buckets of the relative position bias.
     relative_attention_max_distance: distance beyond which all positions share a bucket.
     layer_norm_epsilon: RMSNorm epsilon.
+    mlp_activations: one input projection per entry, multiplied together: ("gelu",
+      "linear") is T5.1.1's gated GELU (kernels wi_0, wi_1); ("relu",) is T5 v1.0's
+      ReLU MLP (one kernel, wi), the naming T5X uses.
+    logits_via_embedding: T5 v1.0's tied output layer: logits = (decoder output *
+      emb_dim**-0.5) @ embedding.T, and no `logits_dense` parameter.
   """
   vocab_size: Optional[int] = None
   emb_dim: int = 512
@@ -68,8 +81,18 @@ class T5Config:
   relative_attention_num_buckets: int = 32
   relative_attention_max_distance: int = 128
   layer_norm_epsilon: float = 1e-6
+  mlp_activations: Tuple[str, ...] = ("gelu", "linear")
+  logits_via_embedding: bool = False
 
   def __post_init__(self):
+    # gin binds lists; a frozen dataclass hashes its fields, so keep a tuple.
+    activations = self.mlp_activations
+    activations = (activations,) if isinstance(activations, str) else tuple(activations)
+    unknown = [a for a in activations if a not in MLP_ACTIVATIONS]
+    if not activations or unknown:
+      raise ValueError(f"T5Config.mlp_activations must be a non-empty sequence of "
+                       f"{MLP_ACTIVATIONS}, got {self.mlp_activations!r}")
+    object.__setattr__(self, "mlp_activations", activations)
     for name in ("dtype", "param_dtype"):
       value = getattr(self, name)
       canonical = jnp.dtype(value).name if not isinstance(value, str) else value
