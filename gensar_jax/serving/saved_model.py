@@ -40,10 +40,11 @@ Choices, and why:
   user text (engine.user_text), the last `history` events of each kind, the eval prompt
   templates and SentencePiece via tensorflow-text, padded as SeqIO pads. An unknown item id,
   an unknown event kind or an empty search query fails the call (InvalidArgumentError). The
-  text signatures need tensorflow-text's SentencePiece ops in the server (the stock
-  tensorflow/serving model server links them); the *_tokens signatures need only core ops.
+  text signatures need tensorflow-text's SentencePiece ops in the server (TF Serving's model
+  server links them; in Python, `import tensorflow_text` before `tf.saved_model.load`); the
+  *_tokens signatures need only core ops and XlaCallModule.
 - Written atomically next to the artifact's files (`saved_model/`); the HTTP server neither
-  needs nor reads it.
+  needs nor reads it. docs/serving.md shows TF Serving and Vertex AI requests.
 """
 from __future__ import annotations
 
@@ -56,9 +57,15 @@ import argparse
 import os
 import string
 import sys
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
+import jax
 import numpy as np
+import tensorflow as tf
+import tensorflow_text  # the SentencePiece ops  # pylint: disable=unused-import
+from jax.extend.mlir.dialects import stablehlo as jax_stablehlo
+from tensorflow.compiler.mlir.stablehlo import stablehlo as tf_stablehlo
+from tensorflow.compiler.tf2xla.python import xla as tfxla
 
 from gensar_jax import io_utils
 from gensar_jax.io_utils import atomic_output_dir
@@ -66,40 +73,30 @@ from gensar_jax.serving import artifact as artifact_lib
 from gensar_jax.serving.artifact import ArtifactError
 
 SAVED_MODEL_DIR = "saved_model"
-# engine._RESERVED_FORM in RE2 syntax; (?s) so a newline in user text does not hide a form.
-_RESERVED_FORM = r"<(/?[A-Za-z0-9_]+)>"
-_HAS_RESERVED_FORM = r"(?s).*" + _RESERVED_FORM + r".*"
+SIGNATURES = ("search", "recommend", "search_tokens", "recommend_tokens")
 HISTORY_FIELDS = ("history_kind", "history_item_id", "history_query")
+_RESERVED_FORM = r"<(/?[A-Za-z0-9_]+)>"   # engine._RESERVED_FORM, also valid RE2
 
 
-def tf_stablehlo_version() -> str:
-  """The StableHLO version this TensorFlow's XlaCallModule reads (e.g. "1.13.7")."""
-  from tensorflow.compiler.mlir.stablehlo import stablehlo as tf_stablehlo
-  return tf_stablehlo.get_current_version()
+class XlaFunction:
+  """One deserialised `jax.export` function, called as an XlaCallModule op.
 
-
-def _for_tensorflow(exported) -> bytes:
-  """The exported function's StableHLO, serialised for this TensorFlow's version."""
-  from jax.extend.mlir.dialects import stablehlo as jax_stablehlo
-  return bytes(jax_stablehlo.serialize_portable_artifact_str(exported.mlir_module(),
-                                                             tf_stablehlo_version()))
-
-
-class _XlaFunction:
-  """One deserialised `jax.export` function called as an XlaCallModule op."""
+  Its StableHLO is re-serialised for the StableHLO version of this TensorFlow (1.13.7 for
+  TF 2.21), which is older than the one JAX writes by default.
+  """
 
   def __init__(self, blob: bytes, where: str):
-    import jax
     with artifact_lib.reading(where, "a serialized JAX function"):
       self.exported = jax.export.deserialize(bytearray(blob))
-      self.module = _for_tensorflow(self.exported)
+      text = self.exported.mlir_module()
+      self.module = bytes(jax_stablehlo.serialize_portable_artifact_str(
+          text, tf_stablehlo.get_current_version()))
+    self.shardy = "sdy." in text
     if self.exported.nr_devices != 1 or self.exported.uses_global_constants:
       raise ArtifactError(f"{where}: a multi-device or shape-polymorphic function; the "
                           "SavedModel takes the artifact's single-device batch buckets")
 
   def __call__(self, flat_args: Sequence[Any]) -> List[Any]:
-    import tensorflow as tf
-    from tensorflow.compiler.tf2xla.python import xla as tfxla
     ex = self.exported
     kept = [flat_args[i] for i in ex.module_kept_var_idx]
     return list(tfxla.call_module(
@@ -108,12 +105,11 @@ class _XlaFunction:
         Sout=[tuple(a.shape) for a in ex.out_avals],
         platforms=[p.upper() for p in ex.platforms],
         disabled_checks=[str(c) for c in ex.disabled_safety_checks],
-        use_shardy_partitioner="sdy." in ex.mlir_module()))
+        use_shardy_partitioner=self.shardy))
 
 
-def _format(fmt: str, **slots):
+def _format(fmt: str, **slots) -> tf.Tensor:
   """str.format for string tensors: literal pieces joined with the slots (broadcast)."""
-  import tensorflow as tf
   pieces = []
   for literal, field, _, _ in string.Formatter().parse(fmt):
     if literal:
@@ -123,10 +119,9 @@ def _format(fmt: str, **slots):
   return tf.strings.join(pieces)
 
 
-def user_text(text):
-  """engine.user_text in the graph: unwrap `<form>` repeatedly until none is left."""
-  import tensorflow as tf
-
+def user_text(text: tf.Tensor) -> tf.Tensor:
+  """engine.user_text in the graph, after the server's strip: unwrap `<form>` until none is
+  left ("<<m0_1>>" -> "<m0_1>" -> "m0_1")."""
   def unwrap(previous, current):
     return current, tf.strings.regex_replace(current, _RESERVED_FORM, r"\1")
 
@@ -138,83 +133,149 @@ def user_text(text):
   return text
 
 
-def _check(condition, message: str, *values):
+def _check(condition: tf.Tensor, message: str, *values) -> tf.Operation:
   """An assertion op: the call fails with InvalidArgumentError "<message> <values>"."""
-  import tensorflow as tf
   return tf.debugging.Assert(tf.reduce_all(condition), [message, *values], summarize=5)
 
 
-def build_module(artifact_dir: str):
-  """The tf.Module of a loaded artifact, with its four signature functions."""
-  import jax
-  import tensorflow as tf
-  import tensorflow_text  # registers the SentencePiece ops  # pylint: disable=unused-import
+class ServingModule(tf.Module):
+  """The artifact as a tf.Module: the four signature functions and what they capture."""
 
-  art = artifact_lib.read_artifact(artifact_dir)
-  meta = art.metadata
-  input_length = int(meta["feature_lengths"]["inputs"])
-  buckets = sorted(int(b) for b in meta["batch_buckets"])
-  eos_id, pad_id = int(meta["eos_id"]), int(meta["pad_id"])
-  history = {"rec": int(meta["history"]["rec"]), "search": int(meta["history"]["search"])}
-  prompts = dict(meta["prompts"])
-
-  module = tf.Module()
-  module.params = [tf.Variable(np.asarray(x), trainable=False)
+  def __init__(self, art: artifact_lib.Artifact):
+    super().__init__()
+    meta = art.metadata
+    self._input_length = int(meta["feature_lengths"]["inputs"])
+    self._buckets = sorted(int(b) for b in meta["batch_buckets"])
+    self._beams = art.num_beams
+    self._eos_id, self._pad_id = int(meta["eos_id"]), int(meta["pad_id"])
+    self._history = {"rec": int(meta["history"]["rec"]),
+                     "search": int(meta["history"]["search"])}
+    self._prompts = dict(meta["prompts"])
+    self.params = [tf.Variable(np.asarray(x), trainable=False)
                    for x in jax.tree.leaves(art.params)]
-  module.tries = {task: [tf.Variable(np.asarray(x), trainable=False) for x in leaves]
+    self.tries = {task: [tf.Variable(np.asarray(x), trainable=False) for x in leaves]
                   for task, leaves in art.trie_leaves.items()}
-  functions = {}
-  for (task, bucket), blob in art.functions.items():
-    where = os.path.join(art.directory, artifact_lib.function_file(task, bucket))
-    fn = _XlaFunction(blob, where)
-    want = jax.tree.structure(((art.params, art.trie_leaves[task], 0), {}))
-    if fn.exported.in_tree != want:
-      raise ArtifactError(f"{where}: takes {fn.exported.in_tree}, not (params, trie leaves, "
-                          f"tokens) of this artifact; re-export it")
-    functions[(task, bucket)] = fn
-  item_ids = [str(row["item_id"]) for row in art.items]
-  item_table = tf.constant(item_ids + [""])                  # [items + 1]; row -1 -> ""
-  title_table = tf.constant([str(row["title"]) for row in art.items] + [""])
-  module.item_rows = tf.lookup.StaticHashTable(
-      tf.lookup.KeyValueTensorInitializer(tf.constant(item_ids),
-                                          tf.range(len(item_ids), dtype=tf.int32)), -1)
-  identifier_text = {task: tf.constant([row["identifiers"][task] for row in art.items])
-                     for task in meta["tasks"]}
-  with artifact_lib.reading(art.vocab_path, "a SentencePiece model"):
-    with open(art.vocab_path, "rb") as f:
-      module.tokenizer = tensorflow_text.SentencepieceTokenizer(model=f.read(),
+    self._functions = {}
+    for (task, bucket), blob in art.functions.items():
+      where = os.path.join(art.directory, artifact_lib.function_file(task, bucket))
+      fn = XlaFunction(blob, where)
+      if fn.exported.in_tree != jax.tree.structure(((art.params, art.trie_leaves[task], 0),
+                                                     {})):
+        raise ArtifactError(f"{where}: does not take (params, trie leaves, tokens) of this "
+                            "artifact; re-export it")
+      self._functions[(task, bucket)] = fn
+    item_ids = [str(row["item_id"]) for row in art.items]
+    self._no_item = len(item_ids)
+    self._item_ids = tf.constant(item_ids + [""])              # [items + 1]; last: no item
+    self._titles = tf.constant([str(row["title"]) for row in art.items] + [""])
+    self.item_rows = tf.lookup.StaticHashTable(
+        tf.lookup.KeyValueTensorInitializer(tf.constant(item_ids),
+                                            tf.range(len(item_ids), dtype=tf.int32)), -1)
+    self._identifier_text = {task: tf.constant([row["identifiers"][task] for row in art.items])
+                             for task in meta["tasks"]}
+    with artifact_lib.reading(art.vocab_path, "a SentencePiece model"):
+      with open(art.vocab_path, "rb") as f:
+        self.tokenizer = tensorflow_text.SentencepieceTokenizer(model=f.read(),
                                                                 out_type=tf.int32)
+    history = [tf.TensorSpec([None, None], tf.string, name=n) for n in HISTORY_FIELDS]
+    tokens = [tf.TensorSpec([None, self._input_length], tf.int32,
+                            name="encoder_input_tokens")]
+    self.search = tf.function(self._search, input_signature=[
+        tf.TensorSpec([None], tf.string, name="query")] + history)
+    self.recommend = tf.function(self._recommend, input_signature=history)
+    self.search_tokens = tf.function(lambda encoder_input_tokens: self._run_tokens(
+        "search", encoder_input_tokens), input_signature=tokens)
+    self.recommend_tokens = tf.function(lambda encoder_input_tokens: self._run_tokens(
+        "recommend", encoder_input_tokens), input_signature=tokens)
 
-  def run_bucket(task: str, bucket: int, tokens):
+  # --------------------------------------------------------------------------- signatures
+
+  def _search(self, query, history_kind, history_item_id, history_query):
+    query = user_text(query)                                       # [n]
+    checks = [_check(tf.strings.length(query) > 0, "query must not be empty"),
+              _check(tf.equal(tf.shape(query)[0], tf.shape(history_kind)[0]),
+                     "query and the history fields need one request per row")]
+    with tf.control_dependencies(checks):
+      history = self._history_text(history_kind, history_item_id, history_query)
+      prompt = _format(self._prompts["search"], history=history,
+                       query=_format(self._prompts["query"], query=query))
+    return self._run_tokens("search", self._encode(prompt))
+
+  def _recommend(self, history_kind, history_item_id, history_query):
+    history = self._history_text(history_kind, history_item_id, history_query)
+    return self._run_tokens("recommend", self._encode(
+        _format(self._prompts["recommend"], history=history)))
+
+  # --------------------------------------------------------------------------- requests
+
+  def _history_text(self, kind, item_id, query):
+    """[n, H] padded events -> [n] history text of the last events of each kind."""
+    checks = [_check(tf.equal(tf.shape(kind), tf.shape(other)), "history_kind, "
+                     "history_item_id and history_query must have one shape [batch, events]")
+              for other in (item_id, query)]
+    with tf.control_dependencies(checks):
+      is_rec, is_search = tf.equal(kind, "rec"), tf.equal(kind, "search")   # [n, H] each
+      rows = self.item_rows.lookup(item_id)                        # [n, H]; -1: unknown
+      unknown = (is_rec | is_search) & (rows < 0)
+      query = user_text(query)
+      checks = [
+          _check(is_rec | is_search | tf.equal(kind, ""),
+                 "history_kind must be 'rec', 'search' or '' (padding)"),
+          _check(~unknown, "history names unknown item id(s):",
+                 tf.boolean_mask(item_id, unknown)),
+          _check(~is_search | (tf.strings.length(query) > 0),
+                 "a search event in the history needs a non-empty query")]
+    with tf.control_dependencies(checks):
+      row = tf.maximum(rows, 0)
+      rec = _format(self._prompts["rec_event"],
+                    identifier=tf.gather(self._identifier_text["recommend"], row))
+      search = _format(self._prompts["search_event"], query=query,
+                       identifier=tf.gather(self._identifier_text["search"], row))
+      # Count of the kind's events from this one to the end: keep the last `history`.
+      keep = ((is_rec & (tf.cumsum(tf.cast(is_rec, tf.int32), 1, reverse=True)
+                         <= self._history["rec"])) |
+              (is_search & (tf.cumsum(tf.cast(is_search, tf.int32), 1, reverse=True)
+                            <= self._history["search"])))           # [n, H]
+      events = tf.ragged.boolean_mask(tf.where(is_rec, rec, search), keep)  # [n, (h)]
+      return tf.strings.reduce_join(events, axis=1,
+                                    separator=self._prompts["history_separator"])
+
+  def _encode(self, text):
+    """[n] prompts -> [n, L] int32: SeqIO's tokenize + append_eos_after_trim + padding."""
+    ids = self.tokenizer.tokenize(text)[:, :self._input_length - 1]  # [n, (l)]
+    eos = tf.RaggedTensor.from_tensor(tf.fill([tf.shape(text)[0], 1], self._eos_id))
+    ids = tf.concat([ids, eos], axis=1)
+    return ids.to_tensor(default_value=self._pad_id, shape=[None, self._input_length])
+
+  # --------------------------------------------------------------------------- device
+
+  def _run_bucket(self, task: str, bucket: int, tokens):
     """tokens [bucket, L] -> (rows, scores) [bucket, K] through the bucket's program."""
-    flat = [*module.params, *module.tries[task], tokens]
-    rows, scores = functions[(task, bucket)](flat)
+    rows, scores = self._functions[(task, bucket)]([*self.params, *self.tries[task], tokens])
     return rows, scores
 
-  def run_tokens(task: str, tokens):
-    """tokens [n, L] -> outputs [n, K]: engine.run_tokens's chunks and padding."""
-    tokens = tf.ensure_shape(tokens, [None, input_length])
-    largest = buckets[-1]
-    n = tf.shape(tokens)[0]
-    full = n // largest * largest
-    chunks = tf.reshape(tokens[:full], [-1, largest, input_length])  # [c, B, L]
-    rows, scores = tf.map_fn(lambda chunk: run_bucket(task, largest, chunk), chunks,
+  def _run_tokens(self, task: str, tokens):
+    """tokens [n, L] -> outputs [n, K], in ServingEngine.run_tokens's chunks and padding."""
+    tokens = tf.ensure_shape(tokens, [None, self._input_length])
+    largest, beams = self._buckets[-1], self._beams
+    full = tf.shape(tokens)[0] // largest * largest
+    chunks = tf.reshape(tokens[:full], [-1, largest, self._input_length])  # [c, B, L]
+    rows, scores = tf.map_fn(lambda chunk: self._run_bucket(task, largest, chunk), chunks,
                              fn_output_signature=(tf.int32, tf.float32))  # [c, B, K] each
-    beams = art.num_beams
     rows, scores = tf.reshape(rows, [-1, beams]), tf.reshape(scores, [-1, beams])
-    rest = tokens[full:]                                            # [r, L], r < largest
+    rest = tokens[full:]                                           # [r, L], r < largest
     r = tf.shape(rest)[0]
 
     def padded_to(bucket):
       def branch():
         padded = tf.concat([rest, tf.repeat(rest[:1], bucket - r, axis=0)], 0)  # [b, L]
-        out_rows, out_scores = run_bucket(task, bucket, padded)
+        out_rows, out_scores = self._run_bucket(task, bucket, padded)
         return out_rows[:r], out_scores[:r]
       return branch
 
     def remainder():
-      index = tf.reduce_sum(tf.cast(tf.constant(buckets) < r, tf.int32))  # smallest b >= r
-      return tf.switch_case(index, [padded_to(b) for b in buckets])
+      smallest = tf.reduce_sum(tf.cast(tf.constant(self._buckets) < r, tf.int32))  # b >= r
+      return tf.switch_case(smallest, [padded_to(b) for b in self._buckets])
 
     def nothing():
       return tf.zeros([0, beams], tf.int32), tf.zeros([0, beams], tf.float32)
@@ -222,103 +283,34 @@ def build_module(artifact_dir: str):
     rest_rows, rest_scores = tf.cond(r > 0, remainder, nothing)
     rows = tf.concat([rows, rest_rows], 0)                         # [n, K]
     scores = tf.concat([scores, rest_scores], 0)
-    # Row -1 (no item) gathers the tables' trailing "".
-    index = tf.where(rows >= 0, rows, len(item_ids))
-    return {"item_ids": tf.gather(item_table, index), "titles": tf.gather(title_table, index),
-            "item_rows": rows, "scores": scores}
-
-  def history_text(kind, item_id, query):
-    """[n, H] padded events -> [n] history text of the last events of each kind."""
-    is_rec, is_search = tf.equal(kind, "rec"), tf.equal(kind, "search")
-    checks = [_check(is_rec | is_search | tf.equal(kind, ""),
-                     "history_kind must be 'rec', 'search' or '' (padding)")]
-    rows = module.item_rows.lookup(item_id)                        # [n, H]
-    used = is_rec | is_search
-    unknown = used & (rows < 0)
-    checks.append(_check(~unknown, "history names unknown item id(s):",
-                         tf.boolean_mask(item_id, unknown)))
-    query = user_text(query)
-    checks.append(_check(~is_search | (tf.strings.length(query) > 0),
-                         "a search event in the history needs a non-empty query"))
-    with tf.control_dependencies(checks):
-      row = tf.maximum(rows, 0)
-      rec = _format(prompts["rec_event"],
-                    identifier=tf.gather(identifier_text["recommend"], row))
-      search = _format(prompts["search_event"], query=query,
-                       identifier=tf.gather(identifier_text["search"], row))
-      # Inclusive count of the same kind's events from the end: keep the last `history`.
-      keep = ((is_rec & (tf.cumsum(tf.cast(is_rec, tf.int32), 1, reverse=True)
-                         <= history["rec"])) |
-              (is_search & (tf.cumsum(tf.cast(is_search, tf.int32), 1, reverse=True)
-                            <= history["search"])))                 # [n, H]
-      events = tf.ragged.boolean_mask(tf.where(is_rec, rec, search), keep)  # [n, (h)]
-      return tf.strings.reduce_join(events, axis=1, separator=prompts["history_separator"])
-
-  def encode(text):
-    """[n] prompts -> [n, L] int32: SeqIO's tokenize + append_eos_after_trim + padding."""
-    ids = module.tokenizer.tokenize(text)[:, :input_length - 1]    # [n, (l)]
-    eos = tf.fill([tf.shape(text)[0], 1], eos_id)
-    ids = tf.concat([ids, tf.RaggedTensor.from_tensor(eos)], axis=1)
-    return ids.to_tensor(default_value=pad_id, shape=[None, input_length])
-
-  def history_of(kind, item_id, query):
-    same = [_check(tf.equal(tf.shape(kind), tf.shape(other)), "history_kind, history_item_id "
-                   "and history_query must have one shape [batch, events]")
-            for other in (item_id, query)]
-    with tf.control_dependencies(same):
-      return history_text(kind, item_id, query)
-
-  history_spec = [tf.TensorSpec([None, None], tf.string, name=n) for n in HISTORY_FIELDS]
-  token_spec = [tf.TensorSpec([None, input_length], tf.int32, name="encoder_input_tokens")]
-
-  @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="query")] + history_spec)
-  def search(query, history_kind, history_item_id, history_query):
-    query = user_text(query)
-    checks = [_check(tf.strings.length(query) > 0, "query must not be empty"),
-              _check(tf.equal(tf.shape(query)[0], tf.shape(history_kind)[0]),
-                     "query and the history fields need one request per row")]
-    with tf.control_dependencies(checks):
-      prompt = _format(prompts["search"],
-                       history=history_of(history_kind, history_item_id, history_query),
-                       query=_format(prompts["query"], query=query))
-    return run_tokens("search", encode(prompt))
-
-  @tf.function(input_signature=history_spec)
-  def recommend(history_kind, history_item_id, history_query):
-    history = history_of(history_kind, history_item_id, history_query)
-    return run_tokens("recommend", encode(_format(prompts["recommend"], history=history)))
-
-  @tf.function(input_signature=token_spec)
-  def search_tokens(encoder_input_tokens):
-    return run_tokens("search", encoder_input_tokens)
-
-  @tf.function(input_signature=token_spec)
-  def recommend_tokens(encoder_input_tokens):
-    return run_tokens("recommend", encoder_input_tokens)
-
-  module.search, module.recommend = search, recommend
-  module.search_tokens, module.recommend_tokens = search_tokens, recommend_tokens
-  return module
+    index = tf.where(rows >= 0, rows, self._no_item)               # -1 -> the trailing ""
+    return {"item_ids": tf.gather(self._item_ids, index),
+            "titles": tf.gather(self._titles, index), "item_rows": rows, "scores": scores}
 
 
-def signatures(module) -> Dict[str, Any]:
+def signatures(module: ServingModule, default: str = "search") -> Dict[str, Any]:
   """Signature name -> concrete function (keyword inputs, as TF Serving calls them)."""
-  names = ("search", "recommend", "search_tokens", "recommend_tokens")
-  out = {name: getattr(module, name).get_concrete_function() for name in names}
-  out["serving_default"] = out["search"]
+  out = {name: getattr(module, name).get_concrete_function() for name in SIGNATURES}
+  out["serving_default"] = out[default]
   return out
 
 
 def write_saved_model(artifact_dir: str, output_dir: Optional[str] = None,
-                      overwrite: bool = False) -> str:
-  """Writes the SavedModel of an artifact (default: `<artifact_dir>/saved_model`)."""
-  import tensorflow as tf
+                      default_signature: str = "search", overwrite: bool = False) -> str:
+  """Writes the SavedModel of an artifact (default: `<artifact_dir>/saved_model`).
+
+  `default_signature` is the one also named serving_default, which is what Vertex AI's
+  prebuilt TensorFlow containers call.
+  """
+  if default_signature not in SIGNATURES:
+    raise ValueError(f"the default signature must be one of {SIGNATURES}, got "
+                     f"{default_signature!r}")
   output_dir = output_dir or os.path.join(artifact_dir, SAVED_MODEL_DIR)
   if io_utils.exists(output_dir) and not overwrite:  # before minutes of building, not after
     raise FileExistsError(f"{output_dir} already exists; pass --overwrite to replace it")
-  module = build_module(artifact_dir)
+  module = ServingModule(artifact_lib.read_artifact(artifact_dir))
   with atomic_output_dir(output_dir, overwrite=overwrite) as tmp:
-    tf.saved_model.save(module, tmp, signatures=signatures(module))
+    tf.saved_model.save(module, tmp, signatures=signatures(module, default_signature))
   return output_dir
 
 
@@ -328,10 +320,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--artifact", required=True, help="directory written by gensar_jax.export")
   parser.add_argument("--output", default=None, help="default: <artifact>/saved_model")
+  parser.add_argument("--default_signature", default="search", choices=SIGNATURES,
+                      help="also served as serving_default (what Vertex AI calls)")
   parser.add_argument("--overwrite", action="store_true")
   args = parser.parse_args(argv)
   try:
-    path = write_saved_model(args.artifact, args.output, overwrite=args.overwrite)
+    path = write_saved_model(args.artifact, args.output, args.default_signature,
+                             overwrite=args.overwrite)
   except (ArtifactError, FileExistsError) as e:
     print(f"error: {e}", file=sys.stderr)
     raise SystemExit(2)
