@@ -215,3 +215,96 @@ def test_config_the_model_cannot_express_or_does_not_match_is_refused(fx, tmp_pa
   _one_line(error)
   with pytest.raises(CheckpointError, match="no checkpoint_<step>"):
     load_pretrained(str(tmp_path), "t5x", config)
+
+
+def test_model_files_have_the_published_shapes():
+  import gin
+
+  from gensar_jax.models import T5Config
+  expected = {
+      "t5_v1_0_small": dict(emb_dim=512, num_heads=8, head_dim=64, mlp_dim=2048,
+                            num_encoder_layers=6, num_decoder_layers=6,
+                            mlp_activations=("relu",), logits_via_embedding=True),
+      "t5_v1_1_small": dict(emb_dim=512, num_heads=6, head_dim=64, mlp_dim=1024,
+                            num_encoder_layers=8, num_decoder_layers=8,
+                            mlp_activations=("gelu", "linear"), logits_via_embedding=False),
+  }
+  for name, fields in expected.items():
+    gin.clear_config()
+    try:
+      gin.parse_config_file(os.path.join(REPO, "gin", "models", f"{name}.gin"))
+      config = T5Config()
+    finally:
+      gin.clear_config()
+    assert {k: getattr(config, k) for k in fields} == fields, name
+    assert (config.relative_attention_num_buckets, config.relative_attention_max_distance,
+            config.layer_norm_epsilon) == (32, 128, 1e-6)
+
+
+@pytest.mark.slow
+def test_a_fresh_train_run_starts_from_the_checkpoint(fx, tmp_path, monkeypatch):
+  """The real stage functions: the vocab stage extends the checkpoint's spiece.model, the
+  train CLI binds PretrainedT5Init to train.initialise_params, and the run's first
+  parameters are the checkpoint's."""
+  import gin
+
+  from gensar_jax import build_vocab as build_vocab_lib
+  from gensar_jax import train as train_lib
+  from gensar_jax.pretrained import init as init_lib
+  from task_world import LENGTHS, build_world, parse_and_call
+
+  (tmp_path / "world").mkdir()
+  world = build_world(tmp_path / "world", prefix="tpre")
+  vocab_path = str(tmp_path / "vocab" / "pretrained.model")
+  summary = parse_and_call(
+      [os.path.join(REPO, "gin", "runs", "vocab.gin")],
+      [f"PREPARED_DIR = '{world['prepared']}'", f"IDENTIFIERS_DIRS = ['{world['dual']}']",
+       f"VOCAB_PATH = '{vocab_path}'", f"BASE_VOCABULARY_PATH = '{fx['spiece']}'",
+       "build_vocab.renders_per_template = 1"],
+      build_vocab_lib.build_vocab)
+  base = fixtures_lib.piece_count(fx["spiece"])
+  assert summary["vocab_size"] == base + summary["special_tokens"]
+
+  seen = {}
+  original = init_lib.PretrainedT5Init.__call__
+
+  def spy(self, params, vocabulary):
+    out = original(self, params, vocabulary)
+    # A host copy: the train step donates (deletes) the device buffers.
+    seen["flat"] = {k: np.asarray(v) for k, v in flax.traverse_util.flatten_dict(out).items()}
+    return out
+
+  monkeypatch.setattr(init_lib.PretrainedT5Init, "__call__", spy)
+  folder = fx["hf_t5"]
+  sizes = fixtures_lib.TINY
+  argv = ["--gin_file=gin/runs/train.gin", "--gin_file=gin/models/tiny.gin",
+          f"--gin.MODEL_DIR='{tmp_path / 'run'}'", "--gin.TRAIN_STEPS=2",
+          f"--gin.PREPARED_DIR='{world['prepared']}'",
+          f"--gin.IDENTIFIERS_DIR='{world['dual']}'", f"--gin.VOCAB_PATH='{vocab_path}'",
+          f"--gin.PSEUDO_QUERIES_PATH='{world['pseudo']}'", "--gin.TASK_PREFIX='tpre'",
+          "--gin.MIXTURE_VARIANT='rec_only'", f"--gin.TASK_FEATURE_LENGTHS={LENGTHS}",
+          "--gin.BATCH_SIZE=4", "--gin.EVAL_PERIOD=0", "--gin.CHECKPOINT_PERIOD=2",
+          "--gin.train.eval_hook=None", "--gin.TrainCheckpoints.best_metric=None",
+          "--gin.WARMUP_STEPS=1",
+          f"--gin.T5Config.emb_dim={sizes['d_model']}",
+          f"--gin.T5Config.num_heads={sizes['num_heads']}",
+          f"--gin.T5Config.head_dim={sizes['d_kv']}", f"--gin.T5Config.mlp_dim={sizes['d_ff']}",
+          f"--gin.T5Config.relative_attention_num_buckets="
+          f"{sizes['relative_attention_num_buckets']}",
+          f"--gin.T5Config.relative_attention_max_distance="
+          f"{sizes['relative_attention_max_distance']}",
+          "--gin.T5Config.mlp_activations=('relu',)", "--gin.T5Config.logits_via_embedding=True",
+          "--gin.train.initialise_params=@PretrainedT5Init()",
+          f"--gin.PRETRAINED_PATH='{folder}'"]
+  gin.clear_config()
+  try:
+    train_lib.cli(argv)
+  finally:
+    gin.clear_config()
+  _, weights = _hf(folder)
+  flat = seen["flat"]
+  np.testing.assert_array_equal(flat[("token_embedder", "embedding")][:base],
+                                weights["shared.weight"][:base])
+  np.testing.assert_array_equal(flat[("decoder", "layers_1", "mlp", "wo", "kernel")],
+                                weights["decoder.block.1.layer.2.DenseReluDense.wo.weight"].T)
+  assert os.path.isdir(tmp_path / "run" / "checkpoints" / "2")
