@@ -32,6 +32,9 @@ def gin_args(world, model_dir, export_dir):
           "--gin.LOG_PERIOD=2", "--gin.WARMUP_STEPS=1", "--gin.LEARNING_RATE=1e-2",
           f"--gin.SERVING_BEAMS={BEAMS}", f"--gin_bindings=export.batch_buckets={BUCKETS}",
           "--gin_bindings=export.checkpoint='latest'",
+          # The TF SavedModel too, through the stage's binding (tests/test_saved_model.py
+          # checks what it answers).
+          "--gin_bindings=export.saved_model=True",
           # One layer each way: the test is about the artifact, not the model's depth.
           "--gin_bindings=T5Config.num_encoder_layers=1",
           "--gin_bindings=T5Config.num_decoder_layers=1"]
@@ -96,6 +99,8 @@ def test_artifact_files_and_metadata(exported):
   for a, b in zip(want, got):
     np.testing.assert_array_equal(a, b)
   assert not [n for n in os.listdir(os.path.dirname(path)) if ".tmp-" in n]
+  assert os.path.isfile(os.path.join(path, "saved_model", "saved_model.pb"))
+  assert not [n for n in os.listdir(path) if ".tmp-" in n]
 
 
 FRESH_PROCESS = textwrap.dedent("""
