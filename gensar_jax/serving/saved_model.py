@@ -28,9 +28,9 @@ Choices, and why:
 - No jax2tf.convert: it serialises StableHLO at JAX's newest "4 weeks old" version (1.17 with
   JAX 0.10, 1.20 with 0.11), which TensorFlow 2.21's XlaCallModule (StableHLO 1.13.7) cannot
   read (`lax.top_k` is a `composite_v2`). Each function's StableHLO is re-serialised for the
-  StableHLO version of the TensorFlow that writes the SavedModel and embedded in an
-  XlaCallModule op, which is all jax2tf does at run time. Serve it with a TensorFlow (or TF
-  Serving) at least as new as the one that wrote it.
+  StableHLO version of the TensorFlow that writes the SavedModel and called through an
+  XlaCallModule op, the op jax2tf emits too. Serve it with a TensorFlow (or TF Serving) at
+  least as new as the one that wrote it.
 - One input signature with a free batch dimension, over static per-bucket programs: inside
   the graph a batch runs in chunks of the largest bucket and the remainder is padded (with
   copies of its first row) to the smallest bucket that holds it, exactly as the engine does,
@@ -39,7 +39,8 @@ Choices, and why:
 - The request path is in the graph: stripping, unwrapping of angle-bracketed control forms in
   user text (engine.user_text), the last `history` events of each kind, the eval prompt
   templates and SentencePiece via tensorflow-text, padded as SeqIO pads. An unknown item id,
-  an unknown event kind or an empty search query fails the call (InvalidArgumentError). The
+  an unknown event kind, an empty query or history fields of different shapes fail the call
+  (InvalidArgumentError naming the problem). The
   text signatures need tensorflow-text's SentencePiece ops in the server (TF Serving's model
   server links them; in Python, `import tensorflow_text` before `tf.saved_model.load`); the
   *_tokens signatures need only core ops and XlaCallModule.
