@@ -6,7 +6,8 @@ values: a Hugging Face folder (config.json, model.safetensors, spiece.model) for
 (ReLU MLP, tied output) and T5.1.1 (gated GELU, untied `lm_head`), and a legacy T5X
 checkpoint (`checkpoint_<step>/checkpoint`, a msgpack of {'version', 'optimizer':
 {'target': params, 'state': ...}} in which some arrays are tensorstore zarr arrays the
-msgpack points to by their spec) made from the same values. The Hugging Face tensor names
+msgpack points to by their spec) made from the same values (and, on request, the newer
+Orbax layout, `checkpoint_<step>/state/`). The Hugging Face tensor names
 are the ground truth; the T5X names are derived from them here (independently of the
 loaders), so one reference forward pass over the Hugging Face names checks both readers.
 
@@ -194,17 +195,27 @@ def _write_zarr(directory: str, name: str, array: np.ndarray) -> Dict:
 
 
 def write_t5x_checkpoint(model_dir: str, t5x_params: Dict[str, np.ndarray], step: int = 1000,
-                         zarr_min_size: int = 1024, legacy_optimizer: bool = True) -> str:
+                         zarr_min_size: int = 1024, legacy_optimizer: bool = True,
+                         orbax: bool = False) -> str:
   """Writes model_dir/checkpoint_<step>/checkpoint (+ zarr arrays); returns the step dir.
 
   Arrays of at least `zarr_min_size` elements go to tensorstore (as T5X writes partitioned
   parameters) and the rest into the msgpack itself; the tree is wrapped as T5X's
   `{'version': 3, 'optimizer': {'target': ..., 'state': {'step': ...}}}`
   (legacy_optimizer=False: `{'target': ..., 'state': ...}` at the top).
+  orbax=True: T5X's newer format instead, the `{'target', 'state'}` dict saved with
+  Orbax's PyTree handler to checkpoint_<step>/state/.
   """
   from flax import serialization, traverse_util
 
   directory = os.path.join(model_dir, f"checkpoint_{step}")
+  if orbax:
+    import orbax.checkpoint as ocp
+
+    target = traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in t5x_params.items()})
+    state = {"target": target, "state": {"step": np.asarray(step, np.int32)}}
+    ocp.PyTreeCheckpointer().save(os.path.join(os.path.abspath(directory), "state"), state)
+    return directory
   os.makedirs(directory, exist_ok=True)
   leaves = {}
   for name, array in t5x_params.items():

@@ -85,6 +85,19 @@ def test_t5x_reader_reads_msgpack_and_zarr_arrays_and_both_layouts(fx, tmp_path)
                                 expected["token_embedder/embedding"])
 
 
+def test_t5x_orbax_layout_gives_the_reference_logits(fx, tmp_path):
+  hf_config, weights = _hf(fx["hf_t5"])
+  model_dir = str(tmp_path / "orbax_run")
+  step_dir = fixtures_lib.write_t5x_checkpoint(
+      model_dir, fixtures_lib.hf_to_t5x_names(weights, hf_config), step=3, orbax=True)
+  assert os.path.isdir(os.path.join(step_dir, "state"))
+  config = t5_config_from_hf(fx["hf_t5"])
+  params = load_pretrained(model_dir, "t5x", config)
+  np.testing.assert_allclose(_our_logits(config, params),
+                             t5_logits(weights, hf_config, ENCODER_IDS, DECODER_IDS),
+                             atol=1e-4, rtol=0)
+
+
 def test_extended_vocabulary_keeps_old_ids_and_gives_each_new_token_one_id(fx, tmp_path):
   import sentencepiece as spm
 
@@ -213,7 +226,7 @@ def test_config_the_model_cannot_express_or_does_not_match_is_refused(fx, tmp_pa
   with pytest.raises(CheckpointError, match="no place for, e.g. 'decoder/layers_1/") as error:
     load_pretrained(fx["t5x_t5"], "t5x", dataclasses.replace(config, num_decoder_layers=1))
   _one_line(error)
-  with pytest.raises(CheckpointError, match="no checkpoint_<step>"):
+  with pytest.raises(CheckpointError, match="no T5X checkpoint inside"):
     load_pretrained(str(tmp_path), "t5x", config)
 
 

@@ -1,12 +1,14 @@
-"""T5X checkpoints in T5X's own (legacy, pre-Orbax) layout.
+"""T5X checkpoints: T5X's own (legacy) msgpack layout, and its newer Orbax layout.
 
 A T5X run writes `model_dir/checkpoint_<step>/checkpoint`: a msgpack (flax.serialization)
 of the train state, `{'version': 3, 'optimizer': {'target': params, 'state': ...}}` (or
 `{'target': ..., 'state': ...}` at the top level), in which each parameter is either the
 array itself or, for the partitioned ones, the tensorstore spec of a zarr array written
 beside the file (`checkpoint_<step>/target.encoder.layers_0.attention.query.kernel/`, the
-spec's kvstore path relative to the step directory). `read_target` returns the target's
-arrays by '/'-joined name (`encoder/layers_0/attention/query/kernel`).
+spec's kvstore path relative to the step directory). Newer T5X runs write the same state
+dict with Orbax's PyTree handler to `checkpoint_<step>/state/`, read here with Orbax.
+`read_target` returns the target's arrays by '/'-joined name
+(`encoder/layers_0/attention/query/kernel`).
 
 T5X names match ours except the layer norms (`pre_attention_layer_norm` for our
 `pre_attention_norm`, ...); kernels are already [in, out] and relative position tables
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any, Dict, Mapping, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 
@@ -26,27 +28,42 @@ from gensar_jax.checkpoints import CheckpointError
 from gensar_jax.pretrained.params import Path, Source, same
 
 CHECKPOINT_FILE = "checkpoint"
+STATE_DIR = "state"
+_ORBAX_MARKERS = ("_METADATA", "_CHECKPOINT_METADATA")
 _STEP_DIR = re.compile(r"^checkpoint_(\d+)$")
 
 
-def find_checkpoint_file(path: str) -> str:
-  """The msgpack file of `path`: the file itself, a checkpoint_<step> directory, or a
-  model directory (its highest step)."""
+def _locate(directory: str) -> Optional[Tuple[str, str]]:
+  """("msgpack", file) or ("orbax", directory) of one step directory, or None.
+
+  T5X writes the msgpack at checkpoint_<step>/checkpoint or checkpoint_<step>/state/
+  checkpoint, and an Orbax checkpoint (its newer format) at checkpoint_<step>/state/.
+  """
+  for d in (directory, os.path.join(directory, STATE_DIR)):
+    if os.path.isfile(os.path.join(d, CHECKPOINT_FILE)):
+      return "msgpack", os.path.join(d, CHECKPOINT_FILE)
+    if any(os.path.isfile(os.path.join(d, m)) for m in _ORBAX_MARKERS):
+      return "orbax", d
+  return None
+
+
+def find_checkpoint(path: str) -> Tuple[str, str]:
+  """(kind, location) of `path`: a msgpack file, a step directory, or a model directory
+  (its highest checkpoint_<step>)."""
   if os.path.isfile(path):
-    return path
+    return "msgpack", path
   if not os.path.isdir(path):
     raise CheckpointError(f"{path}: no such T5X checkpoint (file or directory)")
-  if os.path.isfile(os.path.join(path, CHECKPOINT_FILE)):
-    return os.path.join(path, CHECKPOINT_FILE)
+  found = _locate(path)
+  if found:
+    return found
   steps = sorted((int(m.group(1)), name) for name in os.listdir(path)
-                 if (m := _STEP_DIR.match(name))
-                 and os.path.isfile(os.path.join(path, name, CHECKPOINT_FILE)))
+                 if (m := _STEP_DIR.match(name)) and _locate(os.path.join(path, name)))
   if not steps:
-    hint = (" (it looks like an Orbax checkpoint, which this reader does not handle)"
-            if os.path.exists(os.path.join(path, "_CHECKPOINT_METADATA")) else "")
-    raise CheckpointError(f"{path}: no {CHECKPOINT_FILE} file and no checkpoint_<step>/"
-                          f"{CHECKPOINT_FILE} inside{hint}")
-  return os.path.join(path, steps[-1][1], CHECKPOINT_FILE)
+    raise CheckpointError(f"{path}: no T5X checkpoint inside (neither a {CHECKPOINT_FILE} "
+                          f"msgpack nor an Orbax {STATE_DIR}/, nor checkpoint_<step>/ "
+                          "directories holding one)")
+  return _locate(os.path.join(path, steps[-1][1]))
 
 
 def _is_spec(x: Any) -> bool:
@@ -77,20 +94,44 @@ def _read_zarr(spec: Dict[str, Any], directory: str, name: str, file: str) -> np
                           f"({str(e).splitlines()[0]})") from None
 
 
-def read_target(path: str) -> Tuple[Dict[str, np.ndarray], str]:
-  """({'/'-joined parameter name: array} of the checkpoint's target, the msgpack file)."""
+def _read_msgpack(file: str) -> Any:
   from flax import serialization
 
-  file = find_checkpoint_file(path)
-  directory = os.path.dirname(file)
   with open(file, "rb") as f:
     try:
-      state = serialization.msgpack_restore(f.read())
+      return serialization.msgpack_restore(f.read())
     except Exception as e:  # msgpack raises several unrelated types
       raise CheckpointError(f"{file}: not a T5X msgpack checkpoint ({e})") from None
+
+
+def _read_orbax(directory: str) -> Any:
+  """The whole saved tree of an Orbax PyTree checkpoint, every array as numpy."""
+  import jax
+  import orbax.checkpoint as ocp
+
+  checkpointer = ocp.PyTreeCheckpointer()
+  try:
+    metadata = checkpointer.metadata(directory)
+    # Newer Orbax wraps the tree's metadata (StepMetadata.item_metadata.tree).
+    tree = getattr(metadata, "item_metadata", metadata)
+    tree = getattr(tree, "tree", tree)
+    args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    return checkpointer.restore(directory, restore_args=args)
+  except Exception as e:  # Orbax and tensorstore raise many types
+    raise CheckpointError(f"{directory}: cannot read the Orbax checkpoint "
+                          f"({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+                          ) from None
+
+
+def read_target(path: str) -> Tuple[Dict[str, np.ndarray], str]:
+  """({'/'-joined parameter name: array} of the checkpoint's target, the file or
+  directory read)."""
+  kind, location = find_checkpoint(path)
+  state = _read_msgpack(location) if kind == "msgpack" else _read_orbax(location)
+  directory = os.path.dirname(location) if kind == "msgpack" else location
   tree = state.get("optimizer", state) if isinstance(state, dict) else None
   if not isinstance(tree, dict) or not isinstance(tree.get("target"), dict):
-    raise CheckpointError(f"{file}: no 'target' parameters (expected T5X's "
+    raise CheckpointError(f"{location}: no 'target' parameters (expected T5X's "
                           "{'optimizer': {'target': ...}} or {'target': ...})")
   out: Dict[str, np.ndarray] = {}
 
@@ -98,14 +139,14 @@ def read_target(path: str) -> Tuple[Dict[str, np.ndarray], str]:
     for key, value in node.items():
       name = f"{prefix}{key}"
       if _is_spec(value):
-        out[name] = _read_zarr(value, directory, name, file)
+        out[name] = _read_zarr(value, directory, name, location)
       elif isinstance(value, dict):
         walk(value, f"{name}/")
       else:
         out[name] = np.asarray(value)
 
   walk(tree["target"], "")
-  return out, file
+  return out, location
 
 
 def source(path: Path, tensors: Mapping[str, np.ndarray]) -> Source:
