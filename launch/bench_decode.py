@@ -4,8 +4,10 @@ Prints two tables:
 1. Per-example candidate tries (target + negatives) with a T5.1.1-small-shaped model
    (random weights; speed does not depend on their values): examples/s and memory, per batch.
 2. Catalogue-wide tries of random 4-level IDs (SID under <src_item>, CID under <rec_item>):
-   build time, device bytes per edge, and per-step masking time at STATIC's serving shape
-   (batch 2 x 70 beams), which should not grow with the catalogue.
+   build time, device bytes per edge and per identifier, per-step masking time at STATIC's
+   serving shape (batch 2 x 70 beams), which should not grow with the catalogue, and a whole
+   constrained decode at that shape (random logits, every level, top-70 each step): the
+   figure to set beside STATIC's per-decode latency.
 
   .venv/bin/python launch/bench_decode.py                       # full run (minutes on CPU)
   .venv/bin/python launch/bench_decode.py --batches 8 --catalogue_sizes 100000 --model tiny
@@ -111,8 +113,29 @@ def bench_catalogue(args) -> list:
       jax.block_until_ready(out)
       step_times.append((time.perf_counter() - start) / args.mask_repeats * 1e6)
     rows.append((len(sequences), build_s, edges, host_trie.nbytes() / 2**20,
-                 host_trie.bytes_per_edge(), step_times[0], step_times[1]))
+                 host_trie.bytes_per_edge(), host_trie.nbytes() / len(sequences),
+                 step_times[0], step_times[1], full_decode_ms(args, trie, rng)))
   return rows
+
+
+def full_decode_ms(args, trie, rng) -> float:
+  """Milliseconds per constrained beam search over the whole catalogue trie, with the
+  decoder replaced by random logits (the trie, the masking and the top-k are what cost)."""
+  b, k, length = args.mask_batch, args.mask_beams, trie.num_levels
+  logits = jnp.asarray(rng.normal(size=(length, b * k, args.vocab_size)), jnp.float32)
+
+  def tokens_to_logits(tokens, cache):  # [b * k, 1] -> [b * k, vocab]; cache: the step
+    del tokens
+    return logits[cache], cache + 1
+
+  decode = jax.jit(lambda t: bs.beam_search(tokens_to_logits, jnp.int32(0), b, k, length,
+                                            constraint=t).scores)
+  jax.block_until_ready(decode(trie))
+  start = time.perf_counter()
+  for _ in range(args.mask_repeats):
+    out = decode(trie)
+  jax.block_until_ready(out)
+  return (time.perf_counter() - start) / args.mask_repeats * 1e3
 
 
 def main():
@@ -143,10 +166,11 @@ def main():
 
   print(f"\n2. Catalogue tries (SIDs + CIDs, 4 levels x 256 codes); masking at batch "
         f"{args.mask_batch} x beams {args.mask_beams}, vocab {args.vocab_size}")
-  print(f"{'sequences':>10} {'build s':>8} {'edges':>10} {'MiB':>8} {'B/edge':>7} "
-        f"{'mask us (dense)':>15} {'mask us (CSR)':>13}")
+  print(f"{'sequences':>10} {'build s':>8} {'edges':>10} {'MiB':>8} {'B/edge':>7} {'B/id':>6} "
+        f"{'mask us (dense)':>15} {'mask us (CSR)':>13} {'decode ms':>9}")
   for row in bench_catalogue(args):
-    print("{:>10} {:>8.2f} {:>10} {:>8.1f} {:>7.2f} {:>15.1f} {:>13.1f}".format(*row))
+    print("{:>10} {:>8.2f} {:>10} {:>8.1f} {:>7.2f} {:>6.2f} {:>15.1f} {:>13.1f} "
+          "{:>9.2f}".format(*row))
 
 
 if __name__ == "__main__":

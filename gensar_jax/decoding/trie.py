@@ -3,16 +3,22 @@
 A trie over identifier sequences ([n, L] int32; behaviour token, codes, EOS) is stored level
 by level, in the spirit of STATIC (arXiv 2602.22647): states at depth d are the distinct
 length-d prefixes, numbered 0..S_d-1 in sorted order. Level d holds the edges from depth-d
-states to depth-(d+1) states, either
+states to depth-(d+1) states as one of
 
 - dense: `codes` [C] (the vocabulary tokens seen at position d, i.e. the level's small local
   code range) and `next_state` [S_d, C] (-1 where no edge). One gather gives every child. Good
   for the first levels, which have few states and nearly full fan-out.
-- CSR: `row_ptr` [S_d + 1] and edge arrays `tokens`/`next_state` [E_d] sorted by (state,
-  token). A state's children are the slice row_ptr[s]:row_ptr[s+1]. Good for the deep,
-  sparse levels, where a dense table would be mostly -1.
+- CSR: `row_ptr` [S_d + 1] and per edge `local` [E_d], the edge's index into the level's
+  sorted token table `codes` [C]. Edges are sorted by (state, token), which is the order of
+  the depth-(d+1) states themselves, so edge e *is* child state e and no next-state array
+  is stored. `local` is uint8 when the level has at most 256 tokens (every code level of a
+  256-entry codebook), so an edge costs one byte.
+- unary: every state has exactly one child (the EOS after the last code, and any level
+  without branching): `local` [S_d] alone; child state = parent state, and the sentinel
+  `len(codes) - 1` marks a padding state with no child. No row pointers.
 
 The depth-L states are the leaves; `leaf_items` maps each to the row of the input it came from.
+At 1M SIDs + 1M CIDs of 4 levels x 256 codes this is about 11 bytes per identifier.
 
 Every array carries a leading "trie batch" dim: 1 for one shared (catalogue) trie, or the
 example batch for per-example candidate tries (see candidate_tries.py). Lookups take a traced
@@ -46,8 +52,22 @@ class DenseLevel:
 @struct.dataclass
 class CsrLevel:
   row_ptr: Array      # [trie_batch, states + 1] edge range of each state
-  tokens: Array       # [trie_batch, edges] vocabulary token of each edge
-  next_state: Array   # [trie_batch, edges] child state of each edge (-1 for padding)
+  codes: Array        # [trie_batch, codes] vocabulary token of each local code, sorted
+  local: Array        # [trie_batch, edges] local code of each edge; edge e leads to state e
+
+
+@struct.dataclass
+class UnaryLevel:
+  codes: Array        # [trie_batch, codes + 1] vocabulary token per local code; last: sentinel
+  local: Array        # [trie_batch, states] local code of each state's only child
+
+
+def level_kind(level) -> str:
+  """"dense", "csr" or "unary": how a level is stored (the artifact records it)."""
+  return {DenseLevel: "dense", CsrLevel: "csr", UnaryLevel: "unary"}[type(level)]
+
+
+LEVEL_TYPES = {"dense": DenseLevel, "csr": CsrLevel, "unary": UnaryLevel}
 
 
 @struct.dataclass
@@ -74,8 +94,13 @@ class TrieArrays:
     """Real edges (non-root states) summed over the trie batch."""
     total = 0
     for level in self.levels:
-      nxt = np.asarray(level.next_state)
-      total += int((nxt >= 0).sum())
+      if isinstance(level, DenseLevel):
+        total += int((np.asarray(level.next_state) >= 0).sum())
+      elif isinstance(level, CsrLevel):
+        total += int(np.asarray(level.row_ptr)[:, -1].sum())
+      else:
+        local = np.asarray(level.local)
+        total += int((local != np.asarray(level.codes).shape[-1] - 1).sum())
     return total
 
   def nbytes(self) -> int:
@@ -91,10 +116,15 @@ class TrieArrays:
 @dataclasses.dataclass
 class _LevelEdges:
   parent: np.ndarray   # [edges] depth-d state
-  token: np.ndarray    # [edges]
+  local: np.ndarray    # [edges] index of the edge's token in `codes`
+  codes: np.ndarray    # [C] the level's distinct tokens, sorted
   child: np.ndarray    # [edges] depth-(d+1) state
   num_parents: int
   num_children: int
+
+  @property
+  def token(self) -> np.ndarray:
+    return self.codes[self.local]
 
 
 def _check_sequences(sequences: np.ndarray, what: str) -> np.ndarray:
@@ -112,55 +142,95 @@ def _check_sequences(sequences: np.ndarray, what: str) -> np.ndarray:
   return sequences.astype(np.int32)
 
 
+def _local_codes(column: np.ndarray):
+  """(sorted distinct tokens of a column, each row's index among them), in O(n)."""
+  present = np.zeros(int(column.max()) + 1, bool)
+  present[column] = True
+  codes = np.flatnonzero(present).astype(np.int32)      # [C]
+  rank = np.cumsum(present) - 1                        # token -> local code
+  return codes, rank[column]
+
+
+def _sort_rows(sequences: np.ndarray, max_bits: int = 63):
+  """(row order, [n - 1, L] whether each sorted row differs from the previous one in the
+  first d+1 tokens, per position (distinct tokens, each row's local code)).
+
+  Rows are packed into one int64 key of their local codes when the codes fit in `max_bits`
+  (a 4 x 256 identifier takes 35): one argsort instead of a lexsort over L columns."""
+  n, length = sequences.shape
+  columns = [_local_codes(sequences[:, d]) for d in range(length)]
+  bits = [int(len(codes) - 1).bit_length() for codes, _ in columns]
+  if sum(bits) > max_bits:  # a very wide vocabulary per level: sort the columns themselves
+    order = np.lexsort(sequences.T[::-1])
+    ordered = sequences[order]
+    return order, np.logical_or.accumulate(ordered[1:] != ordered[:-1], axis=1), columns
+  key = np.zeros(n, np.int64)
+  for (_, local), b in zip(columns, bits):
+    key = (key << b) | local
+  order = np.argsort(key)  # keys are unique unless the rows are (an error below)
+  key = key[order]
+  rest = np.cumsum(bits[::-1])[::-1]                   # bits of positions d.. L-1
+  new_prefix = np.empty((max(n - 1, 0), length), bool)
+  for d in range(length):
+    shift = int(rest[d + 1]) if d + 1 < length else 0  # drop positions after d
+    prefix = key >> shift
+    new_prefix[:, d] = prefix[1:] != prefix[:-1]
+  return order, new_prefix, columns
+
+
 def _sorted_level_edges(sequences: np.ndarray, what: str):
   """Sorts the IDs and numbers every prefix; returns per-level edges and leaf -> item."""
   n, length = sequences.shape
-  order = np.lexsort(sequences.T[::-1])           # [n] rows in lexicographic order
-  ordered = sequences[order]                       # [n, length]
-  differs = ordered[1:] != ordered[:-1]            # [n - 1, length]
-  # A row starts a new depth-d prefix if it differs from the previous row in any of the
-  # first d tokens: a running OR over positions.
-  new_prefix = np.logical_or.accumulate(differs, axis=1)  # [n - 1, length]
+  order, new_prefix, columns = _sort_rows(sequences)  # [n], [n - 1, length]
   duplicate = ~new_prefix[:, -1]
   if duplicate.any():
     pairs = np.nonzero(duplicate)[0][:5]
     examples = ", ".join(f"items {order[i]} and {order[i + 1]}" for i in pairs)
     raise TrieBuildError(f"{what}: {int(duplicate.sum())} duplicate identifier sequence(s), "
-                         f"e.g. {examples} (sequence {ordered[pairs[0] + 1].tolist()})")
+                         f"e.g. {examples} (sequence {sequences[order[pairs[0]]].tolist()})")
   levels = []
   parent_state = np.zeros(n, np.int64)             # depth-0: the root for every row
   num_parents = 1
   for d in range(length):
-    starts = np.concatenate([[True], new_prefix[:, d]])   # [n] row opens a depth-(d+1) state
+    # A row opens a depth-(d+1) state if it differs from the previous row in any of the
+    # first d+1 tokens.
+    starts = np.concatenate([[True], new_prefix[:, d]])   # [n]
     child_state = np.cumsum(starts) - 1                     # [n]
     first = np.nonzero(starts)[0]
-    levels.append(_LevelEdges(parent=parent_state[first], token=ordered[first, d],
-                              child=child_state[first], num_parents=num_parents,
+    codes, local = columns[d]
+    levels.append(_LevelEdges(parent=parent_state[first], local=local[order[first]],
+                              codes=codes, child=child_state[first], num_parents=num_parents,
                               num_children=int(child_state[-1]) + 1))
     parent_state, num_parents = child_state, int(child_state[-1]) + 1
   leaf_items = order.astype(np.int32)  # leaves are the sorted rows, one per item
   return levels, leaf_items
 
 
-def _dense_level(edges: _LevelEdges, num_states: int, num_codes: int | None):
-  codes = np.unique(edges.token).astype(np.int32)          # [C] sorted
-  width = len(codes) if num_codes is None else num_codes
-  table = np.full((num_states, width), -1, np.int32)       # [states, C]
-  table[edges.parent, np.searchsorted(codes, edges.token)] = edges.child
-  codes = np.pad(codes, (0, width - len(codes)), constant_values=0)
+def _dense_level(edges: _LevelEdges, num_states: int, num_codes: int):
+  table = np.full((num_states, num_codes), -1, np.int32)   # [states, C]
+  table[edges.parent, edges.local] = edges.child
+  codes = np.pad(edges.codes, (0, num_codes - len(edges.codes)), constant_values=0)
   return DenseLevel(codes=codes, next_state=table)
 
 
-def _csr_level(edges: _LevelEdges, num_states: int, num_edges: int | None):
+def _local_dtype(num_codes: int):
+  return np.uint8 if num_codes <= 256 else np.uint16 if num_codes <= 65536 else np.int32
+
+
+def _csr_level(edges: _LevelEdges, num_states: int, num_edges: int, num_codes: int):
   counts = np.bincount(edges.parent, minlength=num_states)  # [states]
   row_ptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
   if len(row_ptr) < num_states + 1:
     row_ptr = np.pad(row_ptr, (0, num_states + 1 - len(row_ptr)), mode="edge")
-  width = len(edges.token) if num_edges is None else num_edges
-  pad = width - len(edges.token)
-  tokens = np.pad(edges.token.astype(np.int32), (0, pad), constant_values=0)
-  nxt = np.pad(edges.child.astype(np.int32), (0, pad), constant_values=-1)
-  return CsrLevel(row_ptr=row_ptr, tokens=tokens, next_state=nxt)
+  codes = np.pad(edges.codes, (0, num_codes - len(edges.codes)), constant_values=0)
+  local = np.pad(edges.local.astype(_local_dtype(num_codes)),
+                 (0, num_edges - len(edges.local)), constant_values=0)
+  return CsrLevel(row_ptr=row_ptr, codes=codes, local=local)
+
+
+def _unary_level(edges: _LevelEdges):
+  codes = np.append(edges.codes, 0).astype(np.int32)  # the sentinel slot: no child
+  return UnaryLevel(codes=codes, local=edges.local.astype(_local_dtype(len(codes))))
 
 
 def build_trie_numpy(sequences: np.ndarray, num_dense_levels: int = 2, *,
@@ -190,16 +260,19 @@ def build_trie_numpy(sequences: np.ndarray, num_dense_levels: int = 2, *,
       if pad_branch < branch:
         raise TrieBuildError(f"{what}: pad_branch {pad_branch} < {branch} children at level {d}")
       branch = pad_branch
+    num_codes = len(edges.codes)
+    if pad_codes is not None:
+      if pad_codes < num_codes:
+        raise TrieBuildError(f"{what}: pad_codes {pad_codes} < {num_codes} codes at level {d}")
+      num_codes = pad_codes
     if d < num_dense_levels:
-      num_codes = len(np.unique(edges.token))
-      if pad_codes is not None:
-        if pad_codes < num_codes:
-          raise TrieBuildError(f"{what}: pad_codes {pad_codes} < {num_codes} codes at level {d}")
-        num_codes = pad_codes
       level = _dense_level(edges, states[d], num_codes)
       branch = max(branch, level.codes.shape[0])  # a dense lookup yields the whole code range
+    elif pad_states is None and branch == 1 and len(edges.local) == edges.num_parents:
+      level = _unary_level(edges)  # one child per state (only unpadded tries: padded ones
+                                   # are stacked, so every trie must choose the same kinds)
     else:
-      level = _csr_level(edges, states[d], states[d + 1])
+      level = _csr_level(edges, states[d], states[d + 1], num_codes)
     levels.append(level)
     max_branch.append(branch)
   leaves = np.pad(leaf_items, (0, states[-1] - len(leaf_items)), constant_values=-1)
@@ -230,9 +303,8 @@ def max_token(trie: TrieArrays) -> int | None:
   """Largest token id any level can emit, or None when the arrays are traced."""
   largest = 0
   for level in trie.levels:
-    tokens = level.codes if isinstance(level, DenseLevel) else level.tokens
     try:
-      host = np.asarray(tokens)
+      host = np.asarray(level.codes)
     except jax.errors.TracerArrayConversionError:
       return None
     largest = max(largest, int(host.max(initial=0)))
@@ -248,14 +320,18 @@ def _level_candidates(level, max_branch: int, width: int, state: jax.Array):
   if isinstance(level, DenseLevel):
     nxt = level.next_state[state]                           # [..., codes]
     tokens = jnp.broadcast_to(level.codes, nxt.shape)       # [..., codes]
+  elif isinstance(level, UnaryLevel):
+    local = level.local[state][..., None].astype(jnp.int32)  # [..., 1]
+    tokens = level.codes[local]                             # [..., 1]
+    nxt = jnp.where(local < level.codes.shape[0] - 1, state[..., None], -1)
   else:
     start = level.row_ptr[state]                            # [...]
     end = level.row_ptr[state + 1]                          # [...]
     offsets = start[..., None] + jnp.arange(max_branch)     # [..., branch]
     inside = offsets < end[..., None]
-    offsets = jnp.minimum(offsets, level.tokens.shape[0] - 1)
-    tokens = level.tokens[offsets]
-    nxt = jnp.where(inside, level.next_state[offsets], -1)
+    offsets = jnp.minimum(offsets, level.local.shape[0] - 1)
+    tokens = level.codes[level.local[offsets].astype(jnp.int32)]
+    nxt = jnp.where(inside, offsets, -1)                    # edge e leads to state e
   pad = width - nxt.shape[-1]
   if pad:
     widen = [(0, 0)] * (nxt.ndim - 1) + [(0, pad)]

@@ -34,7 +34,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Sequence, Tuple
 
 import numpy as np
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: tries store local codes and no CSR next states
 TASKS = ("search", "recommend")
 
 METADATA_FILE = "metadata.json"
@@ -58,15 +58,18 @@ def function_file(task: str, bucket: int) -> str:
 
 def trie_layout(trie) -> Dict[str, Any]:
   """The static part of a TrieArrays (level kinds, max_branch): what npz cannot hold."""
-  from gensar_jax.decoding.trie import DenseLevel
-  return {"levels": ["dense" if isinstance(level, DenseLevel) else "csr"
-                     for level in trie.levels],
+  from gensar_jax.decoding.trie import level_kind
+  return {"levels": [level_kind(level) for level in trie.levels],
           "max_branch": [int(b) for b in trie.max_branch]}
 
 
 def _level_fields(kind: str) -> Tuple[str, ...]:
-  # Field order of DenseLevel / CsrLevel, which is also their pytree leaf order.
-  return ("codes", "next_state") if kind == "dense" else ("row_ptr", "tokens", "next_state")
+  # Field order of the level's dataclass, which is also its pytree leaf order.
+  from gensar_jax.decoding.trie import LEVEL_TYPES
+  if kind not in LEVEL_TYPES:
+    raise ArtifactError(f"unknown trie level kind {kind!r} (this version reads "
+                        f"{sorted(LEVEL_TYPES)})")
+  return tuple(f.name for f in dataclasses.fields(LEVEL_TYPES[kind]))
 
 
 def trie_arrays_dict(task: str, trie, layout: Mapping[str, Any]) -> Dict[str, np.ndarray]:
@@ -98,11 +101,11 @@ def trie_leaves(arrays: Mapping[str, np.ndarray], task: str,
 
 def trie_from_leaves(leaves: Sequence[Any], layout: Mapping[str, Any]):
   """Rebuilds the TrieArrays (inside the exported function, or for checks)."""
-  from gensar_jax.decoding.trie import CsrLevel, DenseLevel, TrieArrays
+  from gensar_jax.decoding.trie import LEVEL_TYPES, TrieArrays
   leaves = list(leaves)
   levels = []
   for kind in layout["levels"]:
-    cls = DenseLevel if kind == "dense" else CsrLevel
+    cls = LEVEL_TYPES[kind]
     fields = _level_fields(kind)
     levels.append(cls(**dict(zip(fields, leaves[:len(fields)]))))
     leaves = leaves[len(fields):]
