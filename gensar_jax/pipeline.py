@@ -82,6 +82,7 @@ STAGE_CONFIGURABLES: Dict[str, Tuple[str, ...]] = {
 # outputs made from the old one.
 STAGE_INPUT_FILES: Dict[str, Tuple[str, ...]] = {
     "prepare": ("load_movielens_100k", "load_amazon_2014", "load_generic"),
+    "train": ("PretrainedT5Init",),  # a fresh run started from pretrained weights
 }
 _HASH_CONTENT_UP_TO = 1 << 30  # larger files count by size and modification time
 # The stages the baselines and the comparison do not depend on (they chain past them).
