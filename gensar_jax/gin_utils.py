@@ -147,6 +147,12 @@ _UNSET_ARGUMENT = re.compile(r"Required bindings for `([\w.]+)` not provided in 
                              r"\[([^\]]*)\]")
 
 
+def user_message(error: Exception) -> str:
+  """The error's own text, without the "In call to configurable ..." line gin appends to an
+  exception raised inside a configurable (the user needs what went wrong, not the wrapper)."""
+  return str(error).split("\n  In call to configurable", 1)[0]
+
+
 def missing_binding_message(error: Exception) -> Optional[str]:
   """A one-line usage message when `error` is gin reporting an unset required value."""
   text = str(error)
@@ -183,7 +189,7 @@ def run(main: Callable[[], object], argv: Optional[Sequence[str]] = None,
       distributed.initialize_distributed()
     main()
   except (DataError, FlagError) as e:
-    print(f"error: {e}", file=sys.stderr)
+    print(f"error: {user_message(e)}", file=sys.stderr)
     raise SystemExit(2) from None
   except (ValueError, RuntimeError) as e:
     message = missing_binding_message(e)

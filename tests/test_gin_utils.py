@@ -51,6 +51,22 @@ def test_bound_values_run_and_other_errors_still_raise():
     gin_utils.run(broken, [])
 
 
+@gin.configurable
+def refuses_input(path=gin.REQUIRED):
+  from gensar_jax.data.schema import DataError
+  raise DataError(f"{path}: not a prepared dataset")
+
+
+def test_a_data_error_inside_a_configurable_is_one_line(capsys):
+  """gin appends "In call to configurable ..." to what a configurable raises; users get the
+  error alone."""
+  with pytest.raises(SystemExit) as e:
+    gin_utils.run(refuses_input, ["--gin.refuses_input.path='runs/x'"])
+  err = capsys.readouterr().err
+  assert e.value.code == 2
+  assert err.strip() == "error: runs/x: not a prepared dataset"
+
+
 def _parse_unfinalised(files, bindings=()):
   """Parse as the binaries do, without the REQUIRED checks (no run directories given)."""
   gin.parse_config_files_and_bindings(list(files), list(bindings), skip_unknown=True,
