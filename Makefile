@@ -16,7 +16,7 @@ export TF_CPP_MIN_LOG_LEVEL := 2
 export HF_HUB_OFFLINE := 1
 export TFDS_DISABLE_GCS := 1
 
-.PHONY: demo ablations learning-curves test test-fast install clean constraints
+.PHONY: demo ablations learning-curves bench test test-fast install clean constraints
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,11 @@ ablations: $(STAMP)
 # resumes if killed).
 learning-curves: $(STAMP)
 	$(PY) -m gensar_jax.ablations --gin_file=gin/experiments/ml100k_learning_curves.gin
+
+# Every benchmark script at quick sizes, one runs/bench/<time>/bench.json and bench.md
+# (launch/bench_all.py; BENCH_ARGS="--full" or "--torch_python PATH" for more).
+bench: $(STAMP)
+	$(PY) launch/bench_all.py $(BENCH_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -8,6 +8,10 @@ Prints two tables:
    serving shape (batch 2 x 70 beams), which should not grow with the catalogue, and a whole
    constrained decode at that shape (random logits, every level, top-70 each step): the
    figure to set beside STATIC's per-decode latency.
+The model table also states the decode ceiling: FLOPs per example (launch/decode_flops.py
+derives them), the device's measured fp32 matmul peak (launch/bench_machine.py), ceiling
+examples/s = peak / FLOPs per example, and each batch's examples/s as a share of it.
+`--json_out PATH` also writes both tables and the ceiling as JSON (launch/bench_all.py).
 
   .venv/bin/python launch/bench_decode.py                       # full run (minutes on CPU)
   .venv/bin/python launch/bench_decode.py --batches 8 --catalogue_sizes 100000 --model tiny
@@ -15,7 +19,10 @@ Prints two tables:
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import resource
+import sys
 import time
 
 import jax
@@ -27,6 +34,10 @@ from flax.core import meta
 from gensar_jax.decoding import beam_search as bs
 from gensar_jax.decoding import candidate_tries, trie as trie_lib
 from gensar_jax.models import encoder_decoder, t5, t5_config
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_machine  # noqa: E402  (launch/, next to this file)
+import decode_flops  # noqa: E402
 
 EOS, SRC_ITEM, REC_ITEM = 1, 3, 4
 CODE_BASE = 10  # level l's codes are CODE_BASE + l * codebook + code
@@ -86,6 +97,20 @@ def bench_model(args) -> list:
     rows.append((batch, batch / seconds, seconds, compile_s, build_s * 1e3, device_gib,
                  peak_rss_gib(), valid))
   return rows
+
+
+MODEL_COLUMNS = ("batch", "examples_per_s", "seconds_per_batch", "compile_s", "trie_ms",
+                 "xla_gib", "peak_rss_gib", "valid_beams")
+CATALOGUE_COLUMNS = ("sequences", "build_s", "edges", "mib", "bytes_per_edge",
+                     "bytes_per_identifier", "mask_us_dense", "mask_us_csr", "decode_ms")
+
+
+def model_flops(args) -> dict:
+  """decode_flops' count for this run's model shape (6 decode steps: the ID length)."""
+  size = MODEL_SIZES[args.model]
+  return decode_flops.constrained_decode_flops(
+      **size, vocab_size=args.vocab_size, input_length=args.input_length, beams=args.beams,
+      decode_steps=6)
 
 
 def bench_catalogue(args) -> list:
@@ -153,24 +178,45 @@ def main():
   parser.add_argument("--mask_beams", type=int, default=70)
   parser.add_argument("--mask_repeats", type=int, default=200)
   parser.add_argument("--skip_model", action="store_true")
+  parser.add_argument("--peak_flops", type=float, default=None,
+                      help="fp32 matmul FLOP/s of the ceiling (default: measured here)")
+  parser.add_argument("--json_out", default=None, help="also write the tables as JSON here")
   args = parser.parse_args()
   print(f"jax {jax.__version__} on {jax.devices()[0].platform} x{jax.device_count()}")
+  result = {"args": vars(args), "model": [], "catalogue": []}
 
   if not args.skip_model:
+    flops = model_flops(args)
+    peak = args.peak_flops or bench_machine.measure_matmul_peak()["flops_per_s"]
+    ceiling = peak / flops["total"]
+    result["ceiling"] = {"flops_per_example": flops, "matmul_peak_flops_per_s": peak,
+                         "ceiling_examples_per_s": ceiling}
     print(f"\n1. Candidate tries, model={args.model}, input {args.input_length}, beams "
           f"{args.beams}, {args.candidates} candidates/example, vocab {args.vocab_size}")
+    print(f"   decode: {decode_flops.describe(flops, args.beams, 6)}; fp32 matmul peak "
+          f"{peak / 1e9:.1f} GFLOP/s -> ceiling {ceiling:.2f} examples/s")
     print(f"{'batch':>6} {'ex/s':>8} {'s/batch':>8} {'compile s':>9} {'trie ms':>8} "
-          f"{'XLA GiB':>8} {'peak RSS GiB':>12} {'valid beams':>11}")
+          f"{'XLA GiB':>8} {'peak RSS GiB':>12} {'valid beams':>11} {'GFLOP/s':>8} "
+          f"{'% ceiling':>9}")
     for row in bench_model(args):
-      print("{:>6} {:>8.2f} {:>8.2f} {:>9.1f} {:>8.1f} {:>8.2f} {:>12.2f} {:>11.2f}".format(*row))
+      record = dict(zip(MODEL_COLUMNS, row))
+      record["flops_per_s"] = row[1] * flops["total"]
+      record["percent_of_ceiling"] = 100 * row[1] / ceiling
+      result["model"].append(record)
+      print("{:>6} {:>8.2f} {:>8.2f} {:>9.1f} {:>8.1f} {:>8.2f} {:>12.2f} {:>11.2f}".format(*row)
+            + f" {record['flops_per_s'] / 1e9:>8.1f} {record['percent_of_ceiling']:>8.1f}%")
 
   print(f"\n2. Catalogue tries (SIDs + CIDs, 4 levels x 256 codes); masking at batch "
         f"{args.mask_batch} x beams {args.mask_beams}, vocab {args.vocab_size}")
   print(f"{'sequences':>10} {'build s':>8} {'edges':>10} {'MiB':>8} {'B/edge':>7} {'B/id':>6} "
         f"{'mask us (dense)':>15} {'mask us (CSR)':>13} {'decode ms':>9}")
   for row in bench_catalogue(args):
+    result["catalogue"].append(dict(zip(CATALOGUE_COLUMNS, row)))
     print("{:>10} {:>8.2f} {:>10} {:>8.1f} {:>7.2f} {:>6.2f} {:>15.1f} {:>13.1f} "
           "{:>9.2f}".format(*row))
+  if args.json_out:
+    with open(args.json_out, "w", encoding="utf-8") as f:
+      json.dump(result, f, indent=1, default=float)
 
 
 if __name__ == "__main__":

@@ -109,7 +109,8 @@ def main(argv=None) -> None:
   parser.add_argument("--epochs", type=int, default=1, help="timed RQ-VAE epochs per size")
   parser.add_argument("--codebook-size", type=int, default=256)
   parser.add_argument("--batch-size", type=int, default=1024)
-  parser.add_argument("--json", help="also write the rows to this file")
+  parser.add_argument("--json", "--json_out", dest="json",
+                      help="also write the rows to this file")
   parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
 

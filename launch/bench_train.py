@@ -17,15 +17,18 @@ lookup, no FLOPs), P_logits the output projection, H x D the joined head width, 
 attention counts QK^T and AV (2 x 2 x Lq x Lk x H x D forward) in every self- and
 cross-attention block, the causal mask not discounted. MFU = model FLOPs per second /
 (peak dense bf16 FLOP/s per chip x chips); remat or padding work is not credited. XLA's own
-FLOP count of the compiled step is printed beside it as a cross-check.
+FLOP count of the compiled step is printed beside it as a cross-check. `--json_out PATH`
+also writes the figures as JSON (launch/bench_all.py reads it).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
 import sys
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 import gin
 import jax
@@ -39,27 +42,8 @@ from gensar_jax import trainer as trainer_lib
 from gensar_jax.models import encoder_decoder
 from gensar_jax.models.t5_config import T5Config
 
-# Peak dense bf16 FLOP/s per chip, from the vendors' data sheets (SXM parts for GPUs).
-PEAK_FLOPS_BY_DEVICE_KIND = (
-    ("H200", 989e12),
-    ("H100", 989e12),
-    ("A100", 312e12),
-    ("v5 lite", 197e12),   # TPU v5e reports device_kind "TPU v5 lite"
-    ("v5e", 197e12),
-    ("v5p", 459e12),
-    ("v5", 459e12),        # TPU v5p reports "TPU v5"
-    ("v4", 275e12),
-)
-
-
-def peak_flops_per_chip(device: jax.Device) -> Optional[float]:
-  if device.platform == "cpu":
-    return None
-  kind = device.device_kind
-  for name, flops in PEAK_FLOPS_BY_DEVICE_KIND:
-    if name.lower() in kind.lower():
-      return flops
-  return None
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_machine import peak_flops_per_chip  # noqa: E402  (launch/, next to this file)
 
 
 def _count(tree: Any) -> int:
@@ -109,6 +93,7 @@ def main(argv) -> None:
   parser.add_argument("--data", type=int, default=-1, help="mesh data axis (-1: the rest)")
   parser.add_argument("--model", type=int, default=1, help="mesh model axis")
   parser.add_argument("--fsdp", action="store_true")
+  parser.add_argument("--json_out", default=None, help="also write the figures as JSON here")
   args, gin_args = parser.parse_known_args(argv)
   if not any(a.startswith("--gin_file") for a in gin_args):
     gin_args = ["--gin_file=gin/models/small.gin"] + gin_args
@@ -190,6 +175,24 @@ def main(argv) -> None:
   rows_out.append(("final loss", f"{float(metrics['loss']):.3f}"))
   width = max(len(k) for k, _ in rows_out)
   print("\n".join(f"{k.ljust(width)}  {v}" for k, v in rows_out))
+  if args.json_out:
+    result = {
+        "device_kind": devices[0].device_kind, "platform": devices[0].platform,
+        "devices": len(devices), "params": flops["params"], "batch_size": batch_size,
+        "input_length": li, "target_length": lt, "vocab_size": config.vocab_size,
+        "emb_dim": config.emb_dim, "num_encoder_layers": config.num_encoder_layers,
+        "num_decoder_layers": config.num_decoder_layers, "dtype": str(config.dtype),
+        "warmup_steps": args.warmup_steps, "warmup_s": warmup_s, "steps": args.steps,
+        "seconds": elapsed, "seconds_per_step": elapsed / args.steps,
+        "examples_per_s": batch_size * steps_per_s,
+        "tokens_per_s": batch_size * (li + lt) * steps_per_s,
+        "model_flops_per_step": flops["total"], "xla_flops_per_step": xla_flops,
+        "flops_per_s": flops["total"] * steps_per_s, "peak_bf16_flops_per_chip": peak,
+        "mfu": (None if peak is None else flops["total"] * steps_per_s / (peak * len(devices))),
+        "final_loss": float(metrics["loss"]),
+    }
+    with open(args.json_out, "w", encoding="utf-8") as f:
+      json.dump(result, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -143,7 +143,8 @@ def main(argv: Optional[List[str]] = None) -> None:
   parser.add_argument("--warmup_steps", type=int, default=3)
   parser.add_argument("--steps", type=int, default=30)
   parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--output", default=None, help="also write the results as JSON here")
+  parser.add_argument("--output", "--json_out", dest="output", default=None,
+                      help="also write the results as JSON here")
   args, gin_args = parser.parse_known_args(argv)
   if not any(a.startswith("--gin_file") for a in gin_args):
     gin_args = DEFAULT_GIN + gin_args

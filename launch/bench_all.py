@@ -1,0 +1,372 @@
+"""Every benchmark in one command: one JSON and one markdown table under runs/bench/<time>/.
+
+  make bench                                                   # = the next line
+  .venv/bin/python launch/bench_all.py                         # --quick sizes (default)
+  .venv/bin/python launch/bench_all.py --full                  # each script's own defaults
+  .venv/bin/python launch/bench_all.py --torch_python /tmp/hfvenv/bin/python   # + PyTorch peer
+  .venv/bin/python launch/bench_all.py --tiny --out /tmp/b     # seconds-sized smoke run
+
+How the scripts are run: each benchmark is its own subprocess, `python launch/<script>.py
+... --json_out PATH`, and bench_all reads that JSON; nothing is imported in-process. A
+subprocess per script keeps gin's global configuration, XLA's compilation caches, the
+accelerator's memory (JAX preallocates most of a GPU) and peak RSS each script's own, and
+it keeps every script's CLI exactly the one a person runs (the full output of each run is
+in logs/<name>.log beside the results). bench_all itself never imports JAX.
+
+Run in order: the machine description and its measured matmul peak (launch/bench_machine.py),
+launch/bench_train.py (T5.1.1-small shape, random tokens), launch/bench_train_mixture.py
+(the quickstart mixture; skipped, with the reason recorded, until `make demo` has prepared
+runs/ml100k_quickstart), launch/bench_decode.py (constrained beam decode with its FLOP
+ceiling, catalogue tries), launch/bench_identifiers.py (RQ-VAE epoch, ID assignment), and
+with --torch_python the PyTorch peer launch/peers/bench_torch_t5.py (train step, and
+constrained `generate` unless --no_peer_decode) at the same shapes. launch/load_test.py is
+not run: it needs an exported model artifact and a server, not a fixed synthetic shape.
+
+Sizes: --quick (default) times each shape briefly (10 train steps, one decode batch of 8,
+one 100k catalogue, 10k items): about 5-8 minutes on a 2-core CPU, well under on an
+accelerator; --full uses each script's defaults (tens of minutes on a CPU); --tiny is a
+tiny model on tiny shapes, for tests.
+
+Peaks: throughput is set beside the measured fp32 matmul peak of the device (the CPU's
+only ceiling; the decode ceiling of launch/decode_flops.py divides it by the decode FLOPs
+per example) and, on a known accelerator, the data-sheet bf16 peak of
+launch/bench_machine.py's table (MFU of the bf16 train step).
+
+Writes bench.json (machine, peaks, one entry per benchmark: command, status, wall time,
+headline metrics, the script's own JSON) and bench.md (the table, also printed), each
+through a temporary file and a rename.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Dict, List, Optional
+
+LAUNCH = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(LAUNCH)
+MIXTURE_DATA = os.path.join(REPO, "runs", "ml100k_quickstart", "data")
+
+TINY_MODEL = ["--gin_file=gin/models/tiny.gin"]
+# Script arguments per size; None: the benchmark is skipped at that size.
+SIZES: Dict[str, Dict[str, Optional[List[str]]]] = {
+    "tiny": {
+        "bench_train": TINY_MODEL + ["--batch_size", "4", "--input_length", "16",
+                                     "--target_length", "4", "--vocab_size", "256",
+                                     "--warmup_steps", "1", "--steps", "2"],
+        "bench_train_mixture": None,
+        "bench_decode": ["--model", "tiny", "--batches", "2", "--input_length", "16",
+                         "--vocab_size", "1152", "--catalogue_sizes", "1000",
+                         "--mask_repeats", "5"],
+        "bench_identifiers": ["--sizes", "2000", "--semantic-dim", "32",
+                              "--collaborative-dim", "8", "--codebook-size", "16",
+                              "--batch-size", "256"],
+    },
+    "quick": {
+        "bench_train": ["--warmup_steps", "2", "--steps", "10"],
+        "bench_train_mixture": ["--configs", "144,32,none,32,b8", "--warmup_steps", "2",
+                                "--steps", "10"],
+        "bench_decode": ["--batches", "8", "--catalogue_sizes", "100000",
+                         "--mask_repeats", "50"],
+        "bench_identifiers": ["--sizes", "10000"],
+    },
+    "full": {"bench_train": [], "bench_train_mixture": [], "bench_decode": [],
+             "bench_identifiers": []},
+}
+# The peer's arguments per size: the same shapes as bench_train / bench_decode above.
+PEER_SIZES = {
+    "tiny": {"train": ["--d_model", "32", "--d_kv", "16", "--d_ff", "64", "--num_layers",
+                       "2", "--num_heads", "2", "--batch_size", "4", "--input_length", "16",
+                       "--target_length", "4", "--vocab_size", "256", "--warmup_steps",
+                       "1", "--steps", "2"],
+             "decode": ["--d_model", "32", "--d_kv", "16", "--d_ff", "64", "--num_layers",
+                        "2", "--num_heads", "2", "--batch_size", "2", "--input_length",
+                        "16", "--vocab_size", "1152", "--warmup_steps", "0", "--steps", "1"]},
+    "quick": {"train": ["--warmup_steps", "2", "--steps", "10"],
+              "decode": ["--batch_size", "8", "--warmup_steps", "1", "--steps", "1"]},
+    "full": {"train": [], "decode": ["--batch_size", "8"]},
+}
+
+
+# ------------------------------------------------------------------------------ running
+
+
+def run_script(name: str, command: List[str], out_dir: str, timeout_s: float) -> Dict:
+  """Runs one command with `--json_out`, its output to logs/<name>.log; the entry."""
+  json_path = os.path.join(out_dir, "raw", f"{name}.json")
+  log_path = os.path.join(out_dir, "logs", f"{name}.log")
+  command = command + ["--json_out", json_path]
+  entry = {"name": name, "command": " ".join(command), "log": os.path.relpath(log_path, out_dir)}
+  print(f"[bench_all] {name}: {' '.join(command[1:])}", flush=True)
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=REPO)
+  start = time.perf_counter()
+  with open(log_path, "w", encoding="utf-8") as log:
+    try:
+      rc = subprocess.run(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                          timeout=timeout_s).returncode
+    except subprocess.TimeoutExpired:
+      rc = "timeout"
+  entry["wall_s"] = round(time.perf_counter() - start, 2)
+  if rc == 0 and os.path.exists(json_path):
+    with open(json_path, encoding="utf-8") as f:
+      entry["result"] = json.load(f)
+    entry["status"] = "ok"
+  else:
+    with open(log_path, encoding="utf-8") as f:
+      tail = f.read()[-2000:]
+    entry.update(status="failed", returncode=rc, log_tail=tail)
+  print(f"[bench_all] {name}: {entry['status']} in {entry['wall_s']:.0f} s", flush=True)
+  return entry
+
+
+def skipped(name: str, reason: str) -> Dict:
+  print(f"[bench_all] {name}: skipped ({reason})", flush=True)
+  return {"name": name, "status": "skipped", "reason": reason}
+
+
+# ------------------------------------------------------------------------------ metrics
+
+
+def _percent(part: Optional[float], whole: Optional[float]) -> Optional[float]:
+  return None if not part or not whole else 100.0 * part / whole
+
+
+def summarise(entry: Dict, machine: Dict) -> None:
+  """Adds entry["metrics"]: the headline numbers of the script's JSON, and their peaks."""
+  if entry["status"] != "ok":
+    return
+  r, name = entry["result"], entry["name"]
+  fp32_peak = machine["matmul_peak_fp32"]["flops_per_s"]
+  if name == "bench_train":
+    on_cpu = r["platform"] == "cpu"
+    matmul_peak = fp32_peak if on_cpu or r["dtype"] == "float32" else \
+        machine.get("matmul_peak_bf16", {}).get("flops_per_s")
+    entry["metrics"] = {
+        "examples_per_s": r["examples_per_s"], "seconds_per_step": r["seconds_per_step"],
+        "flops_per_step": r["model_flops_per_step"], "flops_per_s": r["flops_per_s"],
+        "percent_of_matmul_peak": _percent(r["flops_per_s"], matmul_peak),
+        "mfu_percent": None if r["mfu"] is None else 100.0 * r["mfu"]}
+  elif name == "bench_train_mixture":
+    entry["metrics"] = {f"examples_per_s[{row['config']}]": row["examples_per_s"]
+                        for row in r}
+  elif name == "bench_decode":
+    metrics = {}
+    if r.get("ceiling"):
+      c = r["ceiling"]
+      metrics.update(flops_per_example=c["flops_per_example"]["total"],
+                     matmul_peak_flops_per_s=c["matmul_peak_flops_per_s"],
+                     ceiling_examples_per_s=c["ceiling_examples_per_s"])
+      peak = machine.get("peak_bf16_flops_per_chip")
+      for row in r["model"]:
+        b = row["batch"]
+        metrics[f"examples_per_s[batch {b}]"] = row["examples_per_s"]
+        metrics[f"flops_per_s[batch {b}]"] = row["flops_per_s"]
+        metrics[f"percent_of_ceiling[batch {b}]"] = row["percent_of_ceiling"]
+        if peak:
+          metrics[f"mfu_percent[batch {b}]"] = _percent(row["flops_per_s"], peak)
+    for row in r["catalogue"]:
+      n = row["sequences"]
+      for key in ("build_s", "bytes_per_identifier", "mask_us_dense", "mask_us_csr",
+                  "decode_ms"):
+        metrics[f"{key}[{n} sequences]"] = row[key]
+    entry["metrics"] = metrics
+  elif name == "bench_identifiers":
+    entry["metrics"] = {}
+    for row in r:
+      for key in ("epoch_s", "train_items_per_s", "assign_s", "assign_items_per_s"):
+        entry["metrics"][f"{key}[{row['items']} items]"] = row[key]
+  elif name.startswith("peer_"):
+    entry["metrics"] = {"examples_per_s": r["examples_per_s"]}
+
+
+# ------------------------------------------------------------------------------ the table
+
+
+def _f(x: Optional[float], fmt: str = "{:.2f}") -> str:
+  return "n/a" if x is None else fmt.format(x)
+
+
+def _ratio(ours: Optional[float], peer: Optional[Dict]) -> List[str]:
+  if not peer or peer["status"] != "ok":
+    return ["-", "-"]
+  theirs = peer["result"]["examples_per_s"]
+  return [f"{theirs:.2f} ex/s", f"**{ours / theirs:.2f}x**" if ours else "n/a"]
+
+
+def table_rows(entries: Dict[str, Dict], machine: Dict) -> List[List[str]]:
+  on_cpu = machine["platform"] == "cpu"
+  rows = []
+  for name in ("bench_train", "bench_train_mixture", "bench_decode", "bench_identifiers"):
+    e = entries.get(name)
+    if e is None:
+      continue
+    if e["status"] != "ok":
+      why = e.get("reason") or f"failed ({e.get('returncode')}), see {e['log']}"
+      rows.append([f"`{name}.py`", e["status"], why, "-", "-", "-", "-"])
+      continue
+    r = e["result"]
+    if name == "bench_train":
+      m = e["metrics"]
+      shape = (f"{r['emb_dim']}-wide {r['num_encoder_layers']}+{r['num_decoder_layers']} "
+               f"layers ({r['params'] / 1e6:.1f}M, {r['dtype']}), batch {r['batch_size']}, "
+               f"input {r['input_length']}, target {r['target_length']}, vocab "
+               f"{r['vocab_size']}")
+      peak = (f"{_f(m['percent_of_matmul_peak'], '{:.0f}')}% of matmul peak" if on_cpu else
+              f"MFU {_f(m['mfu_percent'], '{:.1f}')}%, {_f(m['percent_of_matmul_peak'], '{:.0f}')}% "
+              "of matmul peak")
+      rows.append(["`bench_train.py`", shape, f"{m['examples_per_s']:.2f} train ex/s",
+                   f"{m['flops_per_s'] / 1e9:.1f} GFLOP/s", peak,
+                   *_ratio(m["examples_per_s"], entries.get("peer_train"))])
+    elif name == "bench_train_mixture":
+      for row in r:
+        rows.append(["`bench_train_mixture.py`", f"quickstart mixture, config {row['config']}",
+                     f"{row['examples_per_s']:.1f} train ex/s", "-", "-", "-", "-"])
+    elif name == "bench_decode":
+      args = r["args"]
+      c = r.get("ceiling")
+      for row in r["model"]:
+        shape = (f"model {args['model']}, input {args['input_length']}, beam {args['beams']}, "
+                 f"{args['candidates']} candidates, vocab {args['vocab_size']}, batch "
+                 f"{row['batch']}")
+        peak = (f"{row['percent_of_ceiling']:.0f}% of ceiling "
+                f"{c['ceiling_examples_per_s']:.2f} ex/s "
+                f"({c['flops_per_example']['total'] / 1e9:.2f} GFLOP/ex)")
+        rows.append(["`bench_decode.py`", shape, f"{row['examples_per_s']:.2f} ex/s",
+                     f"{row['flops_per_s'] / 1e9:.1f} GFLOP/s", peak,
+                     *_ratio(row["examples_per_s"], entries.get("peer_decode"))])
+      for row in r["catalogue"]:
+        rows.append(["`bench_decode.py`", f"catalogue trie, {row['sequences']:,} SIDs + CIDs",
+                     f"build {row['build_s']:.2f} s, {row['bytes_per_identifier']:.1f} B/id, "
+                     f"mask {row['mask_us_dense']:.0f} / {row['mask_us_csr']:.0f} us, decode "
+                     f"{row['decode_ms']:.2f} ms (batch {args['mask_batch']} x "
+                     f"{args['mask_beams']} beams)", "-", "-", "-", "-"])
+    elif name == "bench_identifiers":
+      for row in r:
+        rows.append(["`bench_identifiers.py`", f"RQ-VAE + assignment, {row['items']:,} items",
+                     f"epoch {row['epoch_s']:.1f} s ({row['train_items_per_s']:.0f} items/s), "
+                     f"assign {row['assign_s']:.1f} s", "-", "-", "-", "-"])
+  return rows
+
+
+def markdown(entries: Dict[str, Dict], machine: Dict, size: str, stamp: str) -> str:
+  peak = machine["matmul_peak_fp32"]
+  head = [f"Benchmarks, `--{size}`, {stamp} UTC", "",
+          f"Machine: {machine_line(machine)}. Measured fp32 matmul peak "
+          f"{peak['flops_per_s'] / 1e9:.1f} GFLOP/s ({peak['n']}x{peak['n']}, best of "
+          f"{peak['repeats']})" + (f"; data-sheet bf16 peak "
+                                   f"{machine['peak_bf16_flops_per_chip'] / 1e12:.0f} "
+                                   "TFLOP/s per chip" if machine.get("peak_bf16_flops_per_chip")
+                                   else "") + ".", ""]
+  for name in ("peer_train", "peer_decode"):
+    e = entries.get(name)
+    if e and e["status"] == "ok":
+      p = e["result"]
+      head.append(f"Peer `{name}`: {p['peer']} (torch {p['torch']}, transformers "
+                  f"{p['transformers']}, {p['threads']} threads), {p['shape']}, batch "
+                  f"{p['batch_size']}: {p['examples_per_s']:.2f} ex/s.")
+    elif e:
+      head.append(f"Peer `{name}`: {e['status']} ({e.get('reason') or e.get('log')}).")
+  if head[-1]:
+    head.append("")
+  lines = ["| script | shape | measured | model FLOP/s | of peak | peer | ours / peer |",
+           "|---|---|---|---:|---|---:|---:|"]
+  lines += ["| " + " | ".join(row) + " |" for row in table_rows(entries, machine)]
+  return "\n".join(head + lines) + "\n"
+
+
+def machine_line(m: Dict) -> str:
+  accelerator = ("no accelerator" if m["platform"] == "cpu" else
+                 f"{m['device_count']} x {m['device_kind']}")
+  return (f"{m['cpu_model']} ({m['cpu_usable_cores']} usable of {m['cpu_logical_cores']} "
+          f"cores), {m['ram_gib']} GiB RAM, {accelerator}; Python {m['python']}, jax "
+          f"{m['jax']}, jaxlib {m['jaxlib']}, flax {m['flax']}; commit {m['git_commit']}")
+
+
+def write_atomic(path: str, text: str) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------ main
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  size = parser.add_mutually_exclusive_group()
+  size.add_argument("--quick", dest="size", action="store_const", const="quick")
+  size.add_argument("--full", dest="size", action="store_const", const="full")
+  size.add_argument("--tiny", dest="size", action="store_const", const="tiny")
+  parser.add_argument("--out", default=os.path.join(REPO, "runs", "bench"),
+                      help="parent folder of the <timestamp>/ run folder")
+  parser.add_argument("--only", nargs="+", choices=list(SIZES["full"]), default=None,
+                      help="run only these benchmarks (the peers follow their shapes)")
+  parser.add_argument("--torch_python", default=None,
+                      help="a Python with torch + transformers: also run the PyTorch peer")
+  parser.add_argument("--no_peer_decode", action="store_true",
+                      help="with --torch_python, skip the (slow on CPU) generate() peer")
+  parser.add_argument("--timeout_s", type=float, default=3600, help="per script")
+  args = parser.parse_args(argv)
+  args.size = args.size or "quick"
+  stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+  out_dir = os.path.join(os.path.abspath(args.out), stamp)
+  for sub in ("raw", "logs"):
+    os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
+  python = sys.executable
+  start = time.perf_counter()
+
+  machine_entry = run_script("machine", [python, os.path.join(LAUNCH, "bench_machine.py")],
+                             out_dir, args.timeout_s)
+  if machine_entry["status"] != "ok":
+    print(machine_entry["log_tail"], file=sys.stderr)
+    return 1
+  machine = machine_entry["result"]
+  fp32_peak = machine["matmul_peak_fp32"]["flops_per_s"]
+
+  entries: Dict[str, Dict] = {}
+  for name, script_args in SIZES[args.size].items():
+    if args.only and name not in args.only:
+      continue
+    if script_args is None:
+      entries[name] = skipped(name, f"not run at --{args.size}")
+    elif name == "bench_train_mixture" and not os.path.isdir(MIXTURE_DATA):
+      entries[name] = skipped(name, "needs the quickstart's prepared data "
+                                    "(runs/ml100k_quickstart; `make demo`)")
+    else:
+      extra = ["--peak_flops", repr(fp32_peak)] if name == "bench_decode" else []
+      entries[name] = run_script(
+          name, [python, os.path.join(LAUNCH, f"{name}.py")] + script_args + extra,
+          out_dir, args.timeout_s)
+  if args.torch_python:
+    peer = os.path.join(LAUNCH, "peers", "bench_torch_t5.py")
+    modes = [("train", "bench_train")]
+    if not args.no_peer_decode:
+      modes.append(("decode", "bench_decode"))
+    for mode, ours in modes:
+      if ours in entries:
+        entries[f"peer_{mode}"] = run_script(
+            f"peer_{mode}", [args.torch_python, peer, mode] + PEER_SIZES[args.size][mode],
+            out_dir, args.timeout_s)
+  for entry in entries.values():
+    summarise(entry, machine)
+
+  table = markdown(entries, machine, args.size, stamp)
+  report = {"created_utc": stamp, "size": args.size, "machine": machine,
+            "wall_s": round(time.perf_counter() - start, 1),
+            "benchmarks": list(entries.values())}
+  write_atomic(os.path.join(out_dir, "bench.json"), json.dumps(report, indent=1) + "\n")
+  write_atomic(os.path.join(out_dir, "bench.md"), table)
+  print()
+  print(table)
+  print(f"[bench_all] {report['wall_s']:.0f} s; wrote {out_dir}/bench.json and bench.md")
+  return 1 if any(e["status"] == "failed" for e in entries.values()) else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
