@@ -52,13 +52,13 @@ def peak_flops_per_chip(device: jax.Device) -> Optional[float]:
 
 
 def measure_matmul_peak(n: Optional[int] = None, dtype: str = "float32",
-                        chain: Optional[int] = None, repeats: int = 5) -> Dict[str, float]:
+                        chain: Optional[int] = None, repeats: int = 10) -> Dict[str, float]:
   """Best FLOP/s of a jitted chain of `chain` [n, n] @ [n, n] products, best of `repeats`.
 
   A chain inside one jit keeps dispatch out of the timing; each product is 2 n^3 FLOPs.
   The result is what XLA reaches on this device at default precision, the ceiling that a
   compute-bound model step could reach, not a data-sheet number. Defaults: 4 products of
-  2048 on a CPU (about 0.5 s here), 16 of 8192 on an accelerator (a 2048 product takes
+  2048 on a CPU (about 0.5 s each here), 16 of 8192 on an accelerator (a 2048 product takes
   tens of microseconds there, too short to time).
   """
   on_cpu = jax.devices()[0].platform == "cpu"

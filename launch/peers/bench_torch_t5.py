@@ -18,6 +18,8 @@ decode: the shape of launch/bench_decode.py's model table (vocabulary 8320, inpu
 `generate(num_beams=30, prefix_allowed_tokens_fn=...)` walking a per-example prefix dict,
 the way the published GenSAR code constrains beams. All 30 beams are returned.
 
+On a CUDA device (`--device`, default cuda when torch sees one) the train step runs under
+bf16 autocast, as ours computes in bf16 on accelerators; decode stays fp32 on both sides.
 Prints one JSON object (the last line of stdout); `--json_out PATH` also writes it.
 """
 from __future__ import annotations
@@ -43,7 +45,12 @@ def build_model(args) -> transformers.T5ForConditionalGeneration:
       dropout_rate=args.dropout_rate, decoder_start_token_id=0, pad_token_id=0,
       eos_token_id=EOS)
   torch.manual_seed(0)
-  return transformers.T5ForConditionalGeneration(config)
+  return transformers.T5ForConditionalGeneration(config).to(args.device)
+
+
+def sync(args) -> None:
+  if args.device.startswith("cuda"):
+    torch.cuda.synchronize()
 
 
 def bench_train(args) -> dict:
@@ -55,10 +62,14 @@ def bench_train(args) -> dict:
                             generator=gen),
               torch.randint(2, args.vocab_size, (args.batch_size, args.target_length),
                             generator=gen)) for _ in range(4)]
+  batches = [(x.to(args.device), y.to(args.device)) for x, y in batches]
+  autocast = torch.autocast("cuda", dtype=torch.bfloat16,
+                            enabled=args.device.startswith("cuda"))
 
   def step(i):
     inputs, labels = batches[i % len(batches)]
-    loss = model(input_ids=inputs, labels=labels).loss
+    with autocast:
+      loss = model(input_ids=inputs, labels=labels).loss
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -67,10 +78,12 @@ def bench_train(args) -> dict:
   start = time.perf_counter()
   for i in range(args.warmup_steps):
     step(i)
+  sync(args)
   warmup_s = time.perf_counter() - start
   start = time.perf_counter()
   for i in range(args.steps):
     loss = step(i)
+  sync(args)
   elapsed = time.perf_counter() - start
   return {"mode": "train", "examples_per_s": args.batch_size * args.steps / elapsed,
           "seconds_per_step": elapsed / args.steps, "warmup_s": warmup_s,
@@ -106,7 +119,8 @@ def bench_decode(args) -> dict:
     return allowed[batch_id].get(tuple(sent[1:].tolist()), [0])
 
   inputs = torch.as_tensor(rng.integers(2, args.vocab_size,
-                                        size=(args.batch_size, args.input_length)))
+                                        size=(args.batch_size, args.input_length)),
+                           device=args.device)
 
   def decode():
     with torch.no_grad():
@@ -117,11 +131,13 @@ def bench_decode(args) -> dict:
 
   for _ in range(args.warmup_steps):
     decode()
+  sync(args)
   start = time.perf_counter()
   for _ in range(args.steps):
     out = decode()
+  sync(args)
   elapsed = time.perf_counter() - start
-  sequences = out.reshape(args.batch_size, args.beams, -1)[:, :, 1:7].numpy()
+  sequences = out.reshape(args.batch_size, args.beams, -1)[:, :, 1:7].cpu().numpy()
   valid = np.mean([tuple(s) in {tuple(r) for r in candidates[b].tolist()}
                    for b in range(args.batch_size) for s in sequences[b].tolist()])
   return {"mode": "decode", "examples_per_s": args.batch_size * args.steps / elapsed,
@@ -148,8 +164,10 @@ def main() -> None:
   parser.add_argument("--steps", type=int, default=None, help="20 train, 2 decode")
   parser.add_argument("--threads", type=int, default=None,
                       help="torch intra-op threads (default: the usable cores)")
+  parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if any)")
   parser.add_argument("--json_out", default=None)
   args = parser.parse_args()
+  args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
   train = args.mode == "train"
   args.batch_size = args.batch_size or (16 if train else 8)
   args.vocab_size = args.vocab_size or (32128 if train else 8320)
@@ -162,7 +180,8 @@ def main() -> None:
   result.update({
       "peer": "PyTorch + transformers T5", "torch": torch.__version__,
       "transformers": transformers.__version__, "python": platform.python_version(),
-      "threads": threads, "device": "cpu", "batch_size": args.batch_size,
+      "threads": threads, "device": (torch.cuda.get_device_name() if args.device == "cuda"
+                                     else args.device), "batch_size": args.batch_size,
       "input_length": args.input_length, "vocab_size": args.vocab_size,
       "shape": f"{args.num_layers}+{args.num_layers} layers, d_model {args.d_model}, "
                f"{args.num_heads} x {args.d_kv} heads, gated-GELU {args.d_ff}"})
