@@ -310,8 +310,12 @@ def markdown(entries: Dict[str, Dict], machine: Dict, size: str, stamp: str) -> 
 def machine_line(m: Dict) -> str:
   accelerator = ("no accelerator" if m["platform"] == "cpu" else
                  f"{m['device_count']} x {m['device_kind']}")
-  return (f"{m['cpu_model']} ({m['cpu_usable_cores']} usable of {m['cpu_logical_cores']} "
-          f"cores), {m['ram_gib']} GiB RAM, {accelerator}; Python {m['python']}, jax "
+  load = m.get("load_average_1_5_15")
+  return (f"{m['cpu_model']} (family/model {m.get('cpu_family_model')}, "
+          f"{'/'.join(m.get('cpu_vector_flags') or []) or 'no AVX2'}; "
+          f"{m['cpu_usable_cores']} usable of {m['cpu_logical_cores']} cores"
+          + (f", load average {load[0]:.1f} at the start" if load else "")
+          + f"), {m['ram_gib']} GiB RAM, {accelerator}; Python {m['python']}, jax "
           f"{m['jax']}, jaxlib {m['jaxlib']}, flax {m['flax']}; commit {m['git_commit']}")
 
 

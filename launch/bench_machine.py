@@ -82,20 +82,30 @@ def measure_matmul_peak(n: Optional[int] = None, dtype: str = "float32",
           "flops_per_s": 2.0 * n ** 3 * chain / best}
 
 
+# The vector units that set a CPU's matmul peak, as /proc/cpuinfo names them.
+VECTOR_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
 def _cpuinfo() -> Dict[str, object]:
-  model, logical = None, 0
+  fields, logical = {}, 0
   try:
     with open("/proc/cpuinfo", encoding="utf-8") as f:
       for line in f:
-        if line.startswith("model name") and model is None:
-          model = line.split(":", 1)[1].strip()
-        elif line.startswith("processor"):
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "processor":
           logical += 1
+        elif key in ("model name", "cpu family", "model", "flags"):
+          fields.setdefault(key, value.strip())
   except OSError:
     pass
   usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
-  return {"cpu_model": model or platform.processor() or platform.machine(),
-          "cpu_logical_cores": logical or os.cpu_count(), "cpu_usable_cores": usable}
+  flags = set(fields.get("flags", "").split())
+  return {"cpu_model": fields.get("model name") or platform.processor() or platform.machine(),
+          "cpu_family_model": f"{fields.get('cpu family')}/{fields.get('model')}",
+          "cpu_vector_flags": [f for f in VECTOR_FLAGS if f in flags],
+          "cpu_logical_cores": logical or os.cpu_count(), "cpu_usable_cores": usable,
+          "load_average_1_5_15": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
 
 
 def _ram_gib() -> Optional[float]:
