@@ -126,6 +126,7 @@ def run_script(name: str, command: List[str], out_dir: str, timeout_s: float) ->
     except subprocess.TimeoutExpired:
       rc = "timeout"
   entry["wall_s"] = round(time.perf_counter() - start, 2)
+  entry["load_average_1m_after"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
   if rc == 0 and os.path.exists(json_path):
     with open(json_path, encoding="utf-8") as f:
       entry["result"] = json.load(f)
@@ -299,6 +300,17 @@ def markdown(entries: Dict[str, Dict], machine: Dict, size: str, stamp: str) -> 
                   f"{p['batch_size']}: {p['examples_per_s']:.2f} ex/s.")
     elif e:
       head.append(f"Peer `{name}`: {e['status']} ({e.get('reason') or e.get('log')}).")
+  loads = [e.get("load_average_1m_after") for e in entries.values()]
+  loads = [x for x in loads + [(machine.get("load_average_1_5_15") or [None])[0]]
+           if x is not None]
+  cores = machine.get("cpu_usable_cores") or 1
+  if machine["platform"] == "cpu" and loads and max(loads) > 1.5 * cores + 0.5:
+    # A benchmark alone adds about `cores` to the 1-minute load average (its threads, the
+    # main thread now and then); half as much again means other work.
+    head.append(f"**Loaded machine**: the 1-minute load average reached {max(loads):.1f} on "
+                f"{cores} cores (each benchmark alone adds about {cores}); other work "
+                "shared the cores, so these timings, and the ratios most (PyTorch's "
+                "threads slow down more than XLA's when cores are shared), are unreliable.")
   if head[-1]:
     head.append("")
   lines = ["| script | shape | measured | model FLOP/s | of peak | peer | ours / peer |",
@@ -311,9 +323,11 @@ def machine_line(m: Dict) -> str:
   accelerator = ("no accelerator" if m["platform"] == "cpu" else
                  f"{m['device_count']} x {m['device_kind']}")
   load = m.get("load_average_1_5_15")
-  return (f"{m['cpu_model']} (family/model {m.get('cpu_family_model')}, "
-          f"{'/'.join(m.get('cpu_vector_flags') or []) or 'no AVX2'}; "
-          f"{m['cpu_usable_cores']} usable of {m['cpu_logical_cores']} cores"
+  flags = m.get("cpu_vector_flags")
+  return (f"{m['cpu_model']} ("
+          + (f"family/model {m['cpu_family_model']}, {'/'.join(flags) or 'no AVX2'}; "
+             if flags is not None else "")
+          + f"{m['cpu_usable_cores']} usable of {m['cpu_logical_cores']} cores"
           + (f", load average {load[0]:.1f} at the start" if load else "")
           + f"), {m['ram_gib']} GiB RAM, {accelerator}; Python {m['python']}, jax "
           f"{m['jax']}, jaxlib {m['jaxlib']}, flax {m['flax']}; commit {m['git_commit']}")
