@@ -26,8 +26,8 @@ not run: it needs an exported model artifact and a server, not a fixed synthetic
 Sizes: --quick (default) times each shape briefly (10 train steps, one decode batch of 8,
 one 100k catalogue, 10k items): about 3 minutes on an idle 2-core CPU with the peers (6-8
 when other work shares the cores); on an accelerator batch 256 for training and 8 and 64
-for decoding (ACCELERATOR_QUICK), well under 8 minutes; --full uses each script's defaults (tens of minutes on a CPU); --tiny is a
-tiny model on tiny shapes, for tests.
+for decoding (ACCELERATOR_QUICK), well under 8 minutes; --full uses each script's defaults
+(tens of minutes on a CPU); --tiny is a tiny model on tiny shapes, for tests.
 
 Peaks: throughput is set beside the measured fp32 matmul peak of the device (the CPU's
 only ceiling) and, on a known accelerator, the data-sheet bf16 peak of
