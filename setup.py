@@ -63,7 +63,10 @@ setuptools.setup(
     version="0.1.0",
     description="Unified generative search and recommendation (GenSAR) in JAX/Flax, T5X-style.",
     python_requires=">=3.11,<3.13",
-    packages=setuptools.find_packages(include=["gensar_jax", "gensar_jax.*", "tasks", "tasks.*"]),
+    # The repository's tasks/ folder is installed as the package gensar_tasks: a bare `tasks`
+    # in site-packages would claim a name other projects use too.
+    packages=setuptools.find_packages(include=["gensar_jax", "gensar_jax.*"]) + ["gensar_tasks"],
+    package_dir={"gensar_tasks": "tasks"},
     package_data={"gensar_jax": ["py.typed"]},
     # `gensar <stage> --gin_file=... --gin.NAME=value`, the same as python -m gensar_jax.<stage>.
     entry_points={"console_scripts": ["gensar = gensar_jax.commands:main"]},

@@ -53,7 +53,7 @@ from gensar_jax import gin_utils
 from gensar_jax import learning_curves
 from gensar_jax import results as results_lib
 from gensar_jax.identifiers.rqvae import MODES
-from tasks.gensar import MIXTURE_SUFFIXES
+from gensar_tasks.gensar import MIXTURE_SUFFIXES
 
 BASE_MODE = "dual"
 MIXTURES = tuple(MIXTURE_SUFFIXES) + ("single_id",)

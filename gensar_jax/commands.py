@@ -56,7 +56,7 @@ STAGES: Dict[str, Stage] = {
     "pipeline": Stage("gensar_jax.pipeline", "every stage in order, skipping complete ones",
                       devices=True),
     "ablations": Stage("gensar_jax.ablations", "GenSAR, its single-task ends and ablations"),
-    "show_tasks": Stage("tasks.show", "decode a few examples of every SeqIO task",
+    "show_tasks": Stage("gensar_tasks.show", "decode a few examples of every SeqIO task",
                         gin_file="gin/runs/show_tasks.gin"),
     "comparison": Stage("gensar_jax.comparison", "one table and plot from result files",
                         gin_flags=False),

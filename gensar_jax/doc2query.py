@@ -36,7 +36,7 @@ from gensar_jax.data.prepared import load_prepared
 from gensar_jax.decoding.beam_search import model_tokens_to_logits
 from gensar_jax.decoding.sampling import temperature_sample
 from gensar_jax.models.encoder_decoder import build_model
-from tasks.doc2query import doc2query_prompt
+from gensar_tasks.doc2query import doc2query_prompt
 
 
 def _normalise(text: str) -> str:

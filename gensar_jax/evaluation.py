@@ -29,7 +29,7 @@ from gensar_jax import metrics as metrics_lib
 from gensar_jax import vocabulary as vocab_lib
 from gensar_jax.decoding import build_candidate_tries, build_trie, decode_identifiers
 from gensar_jax.identifiers.table import IdentifierTable
-from tasks import prompts
+from gensar_tasks import prompts
 
 # Task key -> (results key, behaviour token).
 RANKING_TASKS = {prompts.REC: ("rec", vocab_lib.REC_ITEM),
@@ -255,7 +255,7 @@ def ranking_setup(prepared_dir: str = gin.REQUIRED, identifiers_dir: str = gin.R
   """
   from gensar_jax.data.prepared import load_prepared
   from gensar_jax.identifiers.table import load_identifier_table
-  from tasks import register_gensar
+  from gensar_tasks import register_gensar
   registration = register_gensar()
   if variant == "single_id":
     if registration.single_id is None:

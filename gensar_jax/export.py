@@ -72,7 +72,7 @@ def export_function(fn: Callable, params: Any, trie_leaves: Sequence[np.ndarray]
 
 def prompt_formats() -> Dict[str, str]:
   """The eval prompts (template 0) and event spellings, so a server needs no `tasks` import."""
-  from tasks import prompts
+  from gensar_tasks import prompts
   return {
       "search": prompts.template(prompts.SEARCH, 0),
       "recommend": prompts.template(prompts.REC, 0),

@@ -52,12 +52,11 @@ from gensar_jax import train_logging
 from gensar_jax import trainer as trainer_lib
 from gensar_jax.data.schema import DataError
 from gensar_jax.models import encoder_decoder
-import tasks  # noqa: F401  # pylint: disable=unused-import  # registers gensar_mixture with gin
+from gensar_jax.restore import CHECKPOINTS_SUBDIR, TRAINED_CONFIG
+import gensar_tasks  # noqa: F401  # pylint: disable=unused-import  # registers gensar_mixture with gin
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINTS_SUBDIR = "checkpoints"
-CONFIG_NAME = "config.gin"
 EVAL_PREFIX = "eval/"
 
 
@@ -101,7 +100,7 @@ def _positive(value: int, macro: str, allow_zero: bool = False) -> int:
 def _write_config(model_dir: str) -> None:
   if jax.process_index() != 0:
     return
-  io_utils.write_text(io_utils.join(model_dir, CONFIG_NAME), gin.operative_config_str())
+  io_utils.write_text(io_utils.join(model_dir, TRAINED_CONFIG), gin.operative_config_str())
 
 
 def _max_over_processes(value: int) -> int:

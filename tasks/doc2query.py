@@ -23,9 +23,9 @@ import tensorflow as tf
 
 from gensar_jax import vocabulary as vocab_lib
 from gensar_jax.data.prepared import load_prepared
-from tasks import preprocessors as pp
-from tasks import prompts
-from tasks import sources
+from gensar_tasks import preprocessors as pp
+from gensar_tasks import prompts
+from gensar_tasks import sources
 
 PREFIX = "Doc2query"
 INSTRUCTION = "Write a short search query that a user would type to find this item: {item}."

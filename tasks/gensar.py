@@ -1,6 +1,6 @@
 """Registration of the GenSAR tasks and mixtures with SeqIO.
 
-    from tasks import register_gensar
+    from gensar_tasks import register_gensar
     reg = register_gensar(prepared_dir, identifiers_dir, vocab_path,
                           pseudo_queries_path=None, prefix="gensar")
     seqio.get_mixture_or_task(reg.mixtures["all"]).get_dataset(...)
@@ -49,10 +49,10 @@ import seqio
 from gensar_jax.data.prepared import load_prepared
 from gensar_jax.identifiers.table import load_identifier_table
 from gensar_jax import vocabulary as vocab_lib
-from tasks import metrics as metrics_lib
-from tasks import preprocessors as pp
-from tasks import prompts
-from tasks import sources
+from gensar_tasks import metrics as metrics_lib
+from gensar_tasks import preprocessors as pp
+from gensar_tasks import prompts
+from gensar_tasks import sources
 
 EVAL_SPLITS = sources.EVAL_SPLITS
 MIXTURE_SUFFIXES = {

@@ -17,7 +17,7 @@ to fit *before* it is rendered, so SeqIO's trim-from-the-end never cuts what mat
 history prompts drop their oldest events first (the instruction and the search query stay
 whole), item prompts cut the item text (the instruction stays whole). Token counts come
 from the task's own vocabulary; `prompt_shortened` (int32, 0/1) records whether anything
-was dropped, and `python -m tasks.show` reports the share. Without a length (sequence_length
+was dropped, and `python -m gensar_tasks.show` reports the share. Without a length (sequence_length
 None, e.g. inspection) prompts are rendered whole.
 
 Besides "inputs" and "targets" (strings here; tokenized by `seqio.preprocessors.tokenize`)
@@ -42,8 +42,8 @@ import seqio
 import tensorflow as tf
 
 from gensar_jax.vocabulary import REC_ITEM, SRC_ITEM, SRC_QUERY
-from tasks import prompts
-from tasks.sources import SPLIT, TRAIN
+from gensar_tasks import prompts
+from gensar_tasks.sources import SPLIT, TRAIN
 
 Preprocessor = Callable[[tf.data.Dataset], tf.data.Dataset]
 

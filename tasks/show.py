@@ -1,6 +1,6 @@
 """Read the tasks as the model will: decoded examples and token-length statistics per task.
 
-  python -m tasks.show --gin_file=gin/runs/show_tasks.gin \
+  python -m gensar_tasks.show --gin_file=gin/runs/show_tasks.gin \
       --gin.PREPARED_DIR="'runs/ml100k/data'" --gin.IDENTIFIERS_DIR="'runs/ml100k/identifiers'" \
       --gin.VOCAB_PATH="'runs/ml100k/vocab/gensar.model'"
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 if __name__ == "__main__":  # one gin registration: run as the importable module
   import gensar_jax.gin_utils as _gin_utils
-  _gin_utils.run_module("tasks.show")
+  _gin_utils.run_module("gensar_tasks.show")
 
 import math
 from typing import Dict, List, Mapping, Optional, Sequence
@@ -27,7 +27,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-from tasks.gensar import register_gensar
+from gensar_tasks.gensar import register_gensar
 
 
 def _decode(vocab: seqio.Vocabulary, ids: np.ndarray) -> str:

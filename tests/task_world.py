@@ -1,5 +1,10 @@
-"""A small synthetic GenSAR world for tests: a prepared dataset, identifier tables, a
-SentencePiece vocabulary and registered SeqIO tasks, all built with the real stage functions.
+"""The helpers the tests share (one module; test modules import from here).
+
+The tiny model (`tiny_model`, `input_shapes`, `synthetic_batch`: the trainer, partitioning
+and multi-process tests, and tests/multiprocess_worker.py, the script the multi-process
+test starts), a teacher-forced forward pass compiled once per config (`jitted_forward`),
+and a small synthetic GenSAR world: a prepared dataset, identifier tables, a SentencePiece
+vocabulary and registered SeqIO tasks, all built with the real stage functions.
 
 One log of 10 users x 10-13 events over 30 items (real search sessions, distinct timestamps
 per user); identifier tables are written by hand (a dual one and a SID-only one) and the
@@ -9,9 +14,11 @@ tiny model on it first (test_evaluate_cli, test_infer, test_export: `world_flags
 `under_gin`), and the serving tests' artifact of a freshly initialised tiny model
 (`random_artifact`: test_serve, test_saved_model).
 """
+import functools
 import json
 import os
 import pathlib
+from typing import Dict
 
 import gin
 import numpy as np
@@ -20,7 +27,7 @@ import pandas as pd
 from gensar_jax import build_vocab as build_vocab_lib
 from gensar_jax import gin_utils
 from gensar_jax import prepare as prepare_lib
-from tasks import gensar
+from gensar_tasks import gensar
 
 REPO = gin_utils.REPO_ROOT
 NUM_NEGATIVES = 5
@@ -31,6 +38,62 @@ LENGTHS = {"inputs": 48, "targets": 12}
 DUAL_LEVELS = {"sid": ["m0", "m1", "s0", "s1"], "cid": ["m0", "m1", "c0", "c1"]}
 SID_ONLY_LEVELS = {"sid": ["s0", "s1", "s2", "s3"], "cid": None}
 CODEBOOK = 8
+
+TINY_VOCAB = 128
+INPUT_LENGTH = 12
+TARGET_LENGTH = 6
+
+
+# --------------------------------------------------------------------------- tiny model
+
+
+def tiny_model(dropout_rate: float = 0.0, dtype: str = "float32", z_loss: float = 1e-4):
+  """A 1+1-layer T5 with widths divisible by a model axis of 2 (vocab 128, heads 2)."""
+  import seqio
+  from gensar_jax.models.encoder_decoder import EncoderDecoderModel
+  from gensar_jax.models.t5 import Transformer
+  from gensar_jax.models.t5_config import T5Config
+  config = T5Config(vocab_size=TINY_VOCAB, emb_dim=32, num_heads=2, head_dim=8, mlp_dim=64,
+                    num_encoder_layers=1, num_decoder_layers=1, dropout_rate=dropout_rate,
+                    dtype=dtype)
+  vocabulary = seqio.PassThroughVocabulary(size=TINY_VOCAB, eos_id=1)
+  return EncoderDecoderModel(Transformer(config), vocabulary, z_loss=z_loss)
+
+
+def input_shapes(batch_size: int) -> Dict[str, tuple]:
+  return {"encoder_input_tokens": (batch_size, INPUT_LENGTH),
+          "decoder_input_tokens": (batch_size, TARGET_LENGTH)}
+
+
+def synthetic_batch(seed: int, batch_size: int) -> Dict[str, np.ndarray]:
+  """A learnable batch: the target is the reversed prefix of the input, then EOS and PAD.
+
+  Targets have varying lengths so microbatches carry different token weights, which is
+  what makes exact gradient accumulation non-trivial.
+  """
+  rng = np.random.default_rng(seed)
+  inputs = rng.integers(2, TINY_VOCAB, size=(batch_size, INPUT_LENGTH), dtype=np.int32)
+  lengths = rng.integers(1, TARGET_LENGTH, size=batch_size)  # tokens before EOS
+  targets = np.zeros((batch_size, TARGET_LENGTH), np.int32)
+  weights = np.zeros((batch_size, TARGET_LENGTH), np.int32)
+  for row, n in enumerate(lengths):
+    targets[row, :n] = inputs[row, :n][::-1]
+    targets[row, n] = 1
+    weights[row, :n + 1] = 1
+  decoder_inputs = np.zeros_like(targets)
+  decoder_inputs[:, 1:] = targets[:, :-1]
+  return {"encoder_input_tokens": inputs, "decoder_input_tokens": decoder_inputs,
+          "decoder_target_tokens": targets, "decoder_loss_weights": weights}
+
+
+@functools.lru_cache(maxsize=None)
+def jitted_forward(config):
+  """Teacher-forced logits `f(params, encoder_tokens, decoder_inputs)` of a T5Config's
+  Transformer, jitted once per config (compiling dominates the model tests' time)."""
+  import jax
+  from gensar_jax.models.t5 import Transformer
+  module = Transformer(config)
+  return jax.jit(lambda p, e, d: module.apply({"params": p}, e, d))
 
 
 # --------------------------------------------------------------------------- synthetic world

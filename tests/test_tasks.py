@@ -20,7 +20,7 @@ import tensorflow as tf
 from gensar_jax import vocabulary as vocab_lib
 from gensar_jax.data import records
 from gensar_jax.data.prepared import load_prepared
-from tasks import gensar, metrics, prompts, show, sources
+from gensar_tasks import gensar, metrics, prompts, show, sources
 
 from task_world import (CODEBOOK, DUAL_LEVELS, LENGTHS, NUM_ITEMS, NUM_NEGATIVES, REPO,
                         SID_ONLY_LEVELS, build_world, parse_and_call, write_table)
