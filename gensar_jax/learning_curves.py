@@ -110,7 +110,3 @@ def write_curves(runs: Mapping[str, str], output_dir: str) -> Dict[str, List[Dic
       f.write(format_curves(curves))
     write_json(os.path.join(tmp, JSON_FILE), curves)
   return curves
-
-
-def read_curves(output_dir: str) -> Dict[str, List[Dict]]:
-  return io_utils.read_json(io_utils.join(output_dir, JSON_FILE))

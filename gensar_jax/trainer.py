@@ -94,9 +94,6 @@ class Trainer:
     num_microbatches: gradient accumulation steps inside one train step; the global batch
       must split evenly into them.
     seed: seeds parameter initialisation and (via fold_in with the step) dropout.
-    compiler_options: XLA options for every compiled step, e.g.
-      {'xla_backend_optimization_level': 0} to halve CPU compile time in tests; None (the
-      default) compiles with XLA's defaults.
   """
 
   def __init__(self,
@@ -104,8 +101,7 @@ class Trainer:
                partitioner: Partitioner,
                optimizer: Optimizer,
                num_microbatches: int = 1,
-               seed: int = 0,
-               compiler_options: Optional[Dict[str, Any]] = None):
+               seed: int = 0):
     if not isinstance(optimizer, Optimizer):
       raise TypeError(f"Trainer: optimizer must be a gensar_jax.optimizers.Optimizer (from "
                       f"create_optimizer), got {type(optimizer).__name__}")
@@ -116,7 +112,6 @@ class Trainer:
     self.optimizer = optimizer
     self.num_microbatches = num_microbatches
     self.seed = seed
-    self.compiler_options = dict(compiler_options) if compiler_options else None
     self._input_shapes: Optional[Dict[str, Tuple[int, ...]]] = None
     self._state_shape: Optional[TrainState] = None
     self._state_shardings: Optional[TrainState] = None
@@ -190,8 +185,7 @@ class Trainer:
     self._derive_shapes(input_shapes)
     if self._init_jit is None:
       self._init_jit = jax.jit(functools.partial(self._init_fn, boxed=False),
-                               out_shardings=self._state_shardings,
-                               compiler_options=self.compiler_options)
+                               out_shardings=self._state_shardings)
     with self.partitioner.activation_context():
       return self._init_jit(jax.random.PRNGKey(self.seed))
 
@@ -291,8 +285,7 @@ class Trainer:
       step = jax.jit(self._train_step_fn,
                      in_shardings=(self._state_shardings, batch_shardings),
                      out_shardings=(self._state_shardings, self.partitioner.replicated),
-                     donate_argnums=(0,),
-                     compiler_options=self.compiler_options)
+                     donate_argnums=(0,))
       self._train_steps[key] = step
     return step
 
@@ -329,8 +322,7 @@ class Trainer:
       batch_shardings = self.batch_shardings({k: v.shape for k, v in batch.items()})
       step = jax.jit(self._eval_step_fn,
                      in_shardings=(self._state_shardings.params, batch_shardings),
-                     out_shardings=self.partitioner.replicated,
-                     compiler_options=self.compiler_options)
+                     out_shardings=self.partitioner.replicated)
       self._eval_steps[key] = step
     with self.partitioner.activation_context():
       return step(params, batch)

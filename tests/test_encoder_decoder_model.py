@@ -1,7 +1,6 @@
 """EncoderDecoderModel: loss against a NumPy reference, scores, greedy decoding."""
 from __future__ import annotations
 
-import functools
 
 import flax
 import jax
@@ -12,6 +11,7 @@ import seqio
 
 from gensar_jax.models import EncoderDecoderModel, T5Config, Transformer, build_model
 from gensar_jax.models.encoder_decoder import token_cross_entropy
+from task_world import jitted_forward
 
 TINY = dict(emb_dim=32, num_heads=2, head_dim=16, mlp_dim=64, num_encoder_layers=2,
             num_decoder_layers=2)
@@ -50,15 +50,9 @@ def tiny():
   return model, params, np.asarray(logits, np.float64), jax.jit(model.loss_fn)
 
 
-@functools.lru_cache(maxsize=None)
-def _jitted_forward(config: T5Config):
-  module = Transformer(config)
-  return jax.jit(lambda p, e, d: module.apply({"params": p}, e, d))
-
-
 def _forward(model):
   """Teacher-forced logits, compiled once per config (compiling dominates test time)."""
-  return _jitted_forward(model.module.config)
+  return jitted_forward(model.module.config)
 
 
 def _reference_sums(logits, batch, label_smoothing, z_loss):

@@ -1,7 +1,6 @@
 """The T5.1.1 network: relative positions, logical axes, KV-cache decoding, gin sizes."""
 from __future__ import annotations
 
-import functools
 import re
 
 import flax
@@ -16,6 +15,7 @@ import seqio
 from gensar_jax import gin_utils
 from gensar_jax.models import EncoderDecoderModel, T5Config, Transformer, vocab_size_for
 from gensar_jax.models.layers import relative_position_bucket
+from task_world import jitted_forward
 
 TINY = dict(emb_dim=32, num_heads=2, head_dim=16, mlp_dim=64, num_encoder_layers=2,
             num_decoder_layers=2)
@@ -36,15 +36,9 @@ def _init(model, seed=0):
   return jax.jit(lambda rng: model.get_initial_variables(rng, shapes))(jax.random.PRNGKey(seed))
 
 
-@functools.lru_cache(maxsize=None)
-def _jitted_forward(config: T5Config):
-  module = Transformer(config)
-  return jax.jit(lambda p, e, d: module.apply({"params": p}, e, d))
-
-
 def _forward(model, params, encoder_tokens, decoder_inputs):
   """Teacher-forced logits, jitted once per config (compiling dominates test time)."""
-  return np.asarray(_jitted_forward(model.module.config)(params, encoder_tokens, decoder_inputs))
+  return np.asarray(jitted_forward(model.module.config)(params, encoder_tokens, decoder_inputs))
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,6 @@ import sys
 import time
 
 import gin
-import jax
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -39,21 +38,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 20
 BATCH = 8
 PREFIX = "ttrain"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-  """Every run builds a new Trainer, so the same steps are compiled again; a persistent
-  cache turns the repeats into loads (the dominant cost of this module on 2 cores)."""
-  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-           "jax_persistent_cache_min_entry_size_bytes")
-  before = {name: getattr(jax.config, name) for name in names}
-  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-  yield
-  for name, value in before.items():
-    jax.config.update(name, value)
 
 
 @pytest.fixture(scope="module")

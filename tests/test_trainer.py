@@ -1,8 +1,4 @@
-"""The sharded train step: mesh-independence, exact accumulation, resumability, learning.
-
-Every trainer here compiles with XLA's optimisation level 0 (Trainer's compiler_options):
-the numerics are the same HLO, and CPU compilation takes half the time.
-"""
+"""The sharded train step: mesh-independence, exact accumulation, resumability, learning."""
 from __future__ import annotations
 
 import jax
@@ -13,9 +9,7 @@ import pytest
 from gensar_jax import optimizers
 from gensar_jax import partitioning
 from gensar_jax import trainer as trainer_lib
-from multiprocess_worker import input_shapes, synthetic_batch, tiny_model
-
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
+from task_world import input_shapes, synthetic_batch, tiny_model
 
 
 def _trainer(data, model, fsdp=False, num_microbatches=1, peak=1e-2, warmup=0, seed=0,
@@ -27,8 +21,7 @@ def _trainer(data, model, fsdp=False, num_microbatches=1, peak=1e-2, warmup=0, s
     optimizer = optimizers.create_optimizer(learning_rate_fn=schedule)
   return trainer_lib.Trainer(tiny_model(dropout_rate=dropout_rate),
                              partitioning.Partitioner(mesh, fsdp=fsdp), optimizer,
-                             num_microbatches=num_microbatches, seed=seed,
-                             compiler_options=FAST_COMPILE)
+                             num_microbatches=num_microbatches, seed=seed)
 
 
 def _train(trainer, batches, state=None):
