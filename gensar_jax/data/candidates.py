@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Dict, Iterable, List, Optional
 
-import bm25s
 import gin
 import numpy as np
 from tqdm import tqdm
@@ -79,6 +78,11 @@ class BM25Ranker:
   """
 
   def __init__(self, item_texts: List[str]):
+    # Imported here, not at module level: bm25s runs a JAX computation when imported, which
+    # starts JAX's backend; every stage imports this module, and on a multi-host slice
+    # jax.distributed.initialize must run before the backend starts.
+    import bm25s  # pylint: disable=g-import-not-at-top
+    self._bm25s = bm25s
     tokens = bm25s.tokenize(item_texts, stopwords="en", show_progress=False,
                             return_ids=False)
     self.num_items = len(item_texts)
@@ -97,7 +101,7 @@ class BM25Ranker:
 
   def scores(self, query: str) -> np.ndarray:
     """BM25 score of every item for a query (for the BM25 baseline and tests)."""
-    tokens = bm25s.tokenize([query], stopwords="en", show_progress=False,
+    tokens = self._bm25s.tokenize([query], stopwords="en", show_progress=False,
                             return_ids=False)[0]
     if not tokens:
       return np.zeros(self.num_items, dtype=np.float32)
