@@ -40,16 +40,12 @@ import jax
 import orbax.checkpoint as ocp
 
 from gensar_jax import io_utils
-from gensar_jax.data.schema import DataError
+from gensar_jax.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 
 STATE_ITEM = "state"
 DATA_ITEM = "data"
-
-
-class CheckpointError(DataError):
-  """No checkpoint can be restored, or one does not fit the run (exit code 2 in CLIs)."""
 
 
 @dataclasses.dataclass(frozen=True)

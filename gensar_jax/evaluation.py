@@ -32,8 +32,8 @@ from gensar_jax.identifiers.table import IdentifierTable
 from gensar_tasks import prompts
 
 # Task key -> (results key, behaviour token).
-RANKING_TASKS = {prompts.REC: ("rec", vocab_lib.REC_ITEM),
-                 prompts.SEARCH: ("search", vocab_lib.SRC_ITEM)}
+RANKING_TASKS = {prompts.NEXT_REC_ITEM: ("rec", vocab_lib.REC_ITEM),
+                 prompts.NEXT_SEARCH_ITEM: ("search", vocab_lib.SRC_ITEM)}
 
 
 class IdentifierTokens:
@@ -266,8 +266,8 @@ def ranking_setup(prepared_dir: str = gin.REQUIRED, identifiers_dir: str = gin.R
   item_ids = [str(i) for i in prepared.items["item_id"]]
   indices = ranking_indices(table, registration.vocabulary, item_ids, registration.rec_space,
                             registration.search_space)
-  names = {"rec": registration.tasks[prompts.REC],
-           "search": registration.tasks[prompts.SEARCH]}
+  names = {"rec": registration.tasks[prompts.NEXT_REC_ITEM],
+           "search": registration.tasks[prompts.NEXT_SEARCH_ITEM]}
   names = {k: v for k, v in names.items() if k in SINGLE_TASK_VARIANTS.get(variant, names)}
   return RankingSetup(task_names=names, indices=indices,
                       dataset=str(prepared.stats.get("name", os.path.basename(prepared_dir))),

@@ -74,8 +74,8 @@ def prompt_formats() -> Dict[str, str]:
   """The eval prompts (template 0) and event spellings, so a server needs no `tasks` import."""
   from gensar_tasks import prompts
   return {
-      "search": prompts.template(prompts.SEARCH, 0),
-      "recommend": prompts.template(prompts.REC, 0),
+      "search": prompts.template(prompts.NEXT_SEARCH_ITEM, 0),
+      "recommend": prompts.template(prompts.NEXT_REC_ITEM, 0),
       "history_separator": prompts.HISTORY_SEPARATOR,
       "rec_event": REC_ITEM + "{identifier}",
       "search_event": SRC_QUERY + " {query}" + SRC_ITEM + "{identifier}",

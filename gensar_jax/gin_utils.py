@@ -18,10 +18,12 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import gin
 
+from gensar_jax.errors import GensarError
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-class FlagError(ValueError):
+class FlagError(GensarError):
   """A command line gin cannot use: a missing file, an unparsable value, an unknown macro.
   `run` prints it as one line and exits with code 2."""
 
@@ -178,7 +180,6 @@ def run(main: Callable[[], object], argv: Optional[Sequence[str]] = None,
   elsewhere it only logs the topology line.
   """
   from gensar_jax import distributed  # registers initialize_distributed with gin
-  from gensar_jax.data.schema import DataError
   argv = sys.argv[1:] if argv is None else argv
   if any(a in ("-h", "--help") for a in argv):
     print(_help_text(main))
@@ -188,7 +189,7 @@ def run(main: Callable[[], object], argv: Optional[Sequence[str]] = None,
     if devices:
       distributed.initialize_distributed()
     main()
-  except (DataError, FlagError) as e:
+  except GensarError as e:
     print(f"error: {user_message(e)}", file=sys.stderr)
     raise SystemExit(2) from None
   except (ValueError, RuntimeError) as e:

@@ -49,7 +49,8 @@ logger = logging.getLogger(__name__)
 
 CONSTRAINTS = ("catalogue", "candidates")
 # Accepted task names -> the key evaluation.RankingSetup uses.
-TASK_KEYS = {prompts.REC: "rec", prompts.SEARCH: "search", "rec": "rec", "search": "search"}
+RANKING_TASK_OF = {prompts.NEXT_REC_ITEM: "rec", prompts.NEXT_SEARCH_ITEM: "search",
+                   "rec": "rec", "search": "search"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +91,7 @@ def _identifier_strings(index: evaluation.IdentifierTokens,
 def infer(model_dir: str = gin.REQUIRED, prepared_dir: str = gin.REQUIRED,
           identifiers_dir: str = gin.REQUIRED,
           task_feature_lengths: Mapping[str, int] = gin.REQUIRED,
-          task: str = prompts.REC, split: str = "test", output_path: Optional[str] = None,
+          task: str = prompts.NEXT_REC_ITEM, split: str = "test", output_path: Optional[str] = None,
           checkpoint: Union[str, int] = "best", constraint: str = "catalogue",
           num_beams: int = 30, top_k: int = 10, batch_size: int = 16,
           max_examples: Optional[int] = None, progress: bool = True) -> InferSummary:
@@ -115,15 +116,15 @@ def infer(model_dir: str = gin.REQUIRED, prepared_dir: str = gin.REQUIRED,
                        (identifiers_dir, "IDENTIFIERS_DIR")):
     if not isinstance(value, str) or not value:
       raise DataError(f"infer: {macro} is required (--gin.{macro}=...)")
-  if task not in TASK_KEYS:
-    raise DataError(f"infer.task={task!r}: expected {prompts.REC!r} or {prompts.SEARCH!r}")
+  if task not in RANKING_TASK_OF:
+    raise DataError(f"infer.task={task!r}: expected {prompts.NEXT_REC_ITEM!r} or {prompts.NEXT_SEARCH_ITEM!r}")
   if constraint not in CONSTRAINTS:
     raise DataError(f"infer.constraint={constraint!r}: expected one of {CONSTRAINTS}")
   if not 1 <= top_k <= num_beams:
     raise DataError(f"infer: top_k={top_k} must be between 1 and num_beams={num_beams}")
   if batch_size < 1:
     raise DataError(f"infer.batch_size={batch_size} must be >= 1")
-  key = TASK_KEYS[task]
+  key = RANKING_TASK_OF[task]
 
   run = restore.load_run(model_dir, checkpoint, "infer")
   setup, model, params, step = run.setup, run.model, run.params, run.step

@@ -18,14 +18,15 @@ import os
 from typing import Dict, List, Mapping, Sequence, Tuple
 
 from gensar_jax import io_utils
+from gensar_jax.errors import GensarError
 from gensar_jax.io_utils import atomic_output_dir, write_json
+from gensar_jax.results import TASKS
 from gensar_jax.train_logging import JSONL_NAME, read_jsonl_metrics
 
-TASKS = ("rec", "search")
 PNG_FILE, MD_FILE, JSON_FILE = "curves.png", "curves.md", "curves.json"
 
 
-class CurveError(ValueError):
+class CurveError(GensarError):
   """A run named for the curves has no metrics to draw."""
 
 

@@ -22,6 +22,7 @@ from typing import Any, Dict, List, Optional
 
 from gensar_jax import io_utils
 from gensar_jax import metrics as metrics_lib
+from gensar_jax.errors import GensarError
 
 FAMILIES = ("baseline", "generative")
 TASKS = ("rec", "search")
@@ -30,7 +31,7 @@ METRIC_NAMES = tuple([f"HR@{k}" for k in metrics_lib.HIT_CUTOFFS] +
 FIELDS = ("system", "family", "seed", "split", "dataset", "rec", "search", "wall_seconds")
 
 
-class ResultError(ValueError):
+class ResultError(GensarError):
   """A result file (or a result about to be written) breaks the schema."""
 
 

@@ -47,9 +47,9 @@ from typing import Iterable, List, Optional, Sequence
 
 import seqio
 
-PAD_ID = 0
-EOS_ID = 1
-UNK_ID = 2
+from gensar_jax.errors import GensarError
+from gensar_jax.token_ids import EOS_ID, PAD_ID, UNK_ID
+
 BYTE_PIECES = 256
 
 REC_ITEM = "<rec_item>"
@@ -60,7 +60,7 @@ BEHAVIOUR_TOKENS = (REC_ITEM, SRC_QUERY, SRC_ITEM)
 DEFAULT_VOCAB_SIZE = 8000
 
 
-class VocabularyError(ValueError):
+class VocabularyError(GensarError):
   """The vocabulary cannot represent what a task needs (names the missing tokens)."""
 
 

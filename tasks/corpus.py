@@ -42,7 +42,7 @@ def vocabulary_corpus(prepared_dir: str, pseudo_queries_path: Optional[str] = No
     return prompts.history_text(events)
 
   lines: List[str] = []
-  for task in prompts.TASK_KEYS:
+  for task in prompts.TASK_KINDS:
     for index in range(prompts.num_templates(task)):
       for _ in range(renders_per_template):
         space = rng.choice(sorted(prompts.SPACE_NAMES))

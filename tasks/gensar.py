@@ -63,11 +63,11 @@ MIXTURE_SUFFIXES = {
     "search_only": "_search_only",
 }
 MIXTURE_TASKS = {
-    "all": prompts.TASK_KEYS,
-    "no_adhoc": tuple(k for k in prompts.TASK_KEYS if k != prompts.ADHOC),
-    "no_alignment": (prompts.REC, prompts.SEARCH, prompts.QUERY, prompts.ADHOC),
-    "rec_only": (prompts.REC,),
-    "search_only": (prompts.SEARCH,),
+    "all": prompts.TASK_KINDS,
+    "no_adhoc": tuple(k for k in prompts.TASK_KINDS if k != prompts.ADHOC),
+    "no_alignment": (prompts.NEXT_REC_ITEM, prompts.NEXT_SEARCH_ITEM, prompts.QUERY, prompts.ADHOC),
+    "rec_only": (prompts.NEXT_REC_ITEM,),
+    "search_only": (prompts.NEXT_SEARCH_ITEM,),
 }
 _NAME = re.compile(r"^[\w\d\.\:_#]+$")
 
@@ -78,7 +78,7 @@ class GensarRegistration:
 
   Attributes:
     prefix: the name prefix.
-    tasks: task key (tasks/prompts.py TASK_KEYS) -> registered task name.
+    tasks: task key (tasks/prompts.py TASK_KINDS) -> registered task name.
     mixtures: mixture key ("all", "no_adhoc", ...) -> registered mixture name.
     rates: task key -> mixing rate used in the mixtures.
     rec_space, search_space: identifier space of recommendation / search targets.
@@ -115,8 +115,8 @@ def mixture_rates(stats: Dict, num_items: int, num_spaces: int,
   search_train = int(stats["rows"]["search"]["train"])
   alignment = min(alignment_rows_per_space, num_items) * num_spaces
   rates = {
-      prompts.REC: rec_train if rec_rows is None else min(rec_rows, rec_train),
-      prompts.SEARCH: min(search_rows, search_train),
+      prompts.NEXT_REC_ITEM: rec_train if rec_rows is None else min(rec_rows, rec_train),
+      prompts.NEXT_SEARCH_ITEM: min(search_rows, search_train),
       prompts.QUERY: min(query_rows, search_train),
       prompts.ADHOC: adhoc_rows,
       prompts.ITEM_TO_ID: alignment,
@@ -194,14 +194,14 @@ def _register(prefix: str, prepared, strings: pp.IdentifierStrings,
   item_ids = strings.item_ids
   item_texts = prepared.item_texts()
   item_source = sources.item_rows_source(item_ids, item_texts, strings.spaces)
-  names = {key: f"{prefix}_{key}" for key in prompts.TASK_KEYS}
+  names = {key: f"{prefix}_{key}" for key in prompts.TASK_KINDS}
 
   ranking = [metrics_lib.ranking_metrics]
-  _replace_task(names[prompts.REC], source=history_source, output_features=features,
-                preprocessors=[pp.history_task(prompts.REC, strings), *post],
+  _replace_task(names[prompts.NEXT_REC_ITEM], source=history_source, output_features=features,
+                preprocessors=[pp.history_task(prompts.NEXT_REC_ITEM, strings), *post],
                 postprocess_fn=metrics_lib.postprocess_identifier, metric_fns=ranking)
-  _replace_task(names[prompts.SEARCH], source=history_source, output_features=features,
-                preprocessors=[pp.history_task(prompts.SEARCH, strings), *post],
+  _replace_task(names[prompts.NEXT_SEARCH_ITEM], source=history_source, output_features=features,
+                preprocessors=[pp.history_task(prompts.NEXT_SEARCH_ITEM, strings), *post],
                 postprocess_fn=metrics_lib.postprocess_identifier, metric_fns=ranking)
   _replace_task(names[prompts.QUERY], source=history_source, output_features=features,
                 preprocessors=[pp.history_task(prompts.QUERY, strings), *post],
@@ -219,7 +219,7 @@ def _register(prefix: str, prepared, strings: pp.IdentifierStrings,
 
   if rates is None:
     rates = mixture_rates(stats, num_items=len(item_ids), num_spaces=len(strings.spaces))
-  missing = [k for k in prompts.TASK_KEYS if k not in rates]
+  missing = [k for k in prompts.TASK_KINDS if k not in rates]
   if missing:
     raise ValueError(f"rates lack task keys {missing}")
   mixtures = {}

@@ -107,12 +107,12 @@ def render_template(task: str, index: tf.Tensor, slots: Mapping[str, tf.Tensor])
 def template_index(task: str, split: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
   """Uniform over the task's templates in train, 0 otherwise (int32 scalar).
 
-  The task's position in TASK_KEYS is folded into the seed: SeqIO starts every task of a
+  The task's position in TASK_KINDS is folded into the seed: SeqIO starts every task of a
   mixture from the same map seed, and the tasks' template sequences should not move in
   lockstep.
   """
   seed = tf.random.experimental.stateless_fold_in(
-      tf.cast(seed, tf.int64), prompts.TASK_KEYS.index(task))
+      tf.cast(seed, tf.int64), prompts.TASK_KINDS.index(task))
   drawn = tf.random.stateless_uniform([], seed=seed, minval=0,
                                       maxval=prompts.num_templates(task), dtype=tf.int32)
   return tf.where(tf.equal(split, TRAIN), drawn, tf.constant(0, tf.int32))
@@ -196,9 +196,9 @@ def _lookup_in_space(tables, space: tf.Tensor, item: tf.Tensor) -> tf.Tensor:
 
 def history_task(task: str, strings: IdentifierStrings) -> Preprocessor:
   """Next rec item, next search item or next query from prepared examples."""
-  if task not in (prompts.REC, prompts.SEARCH, prompts.QUERY):
+  if task not in (prompts.NEXT_REC_ITEM, prompts.NEXT_SEARCH_ITEM, prompts.QUERY):
     raise ValueError(f"{task} is not a history task")
-  kind = "rec" if task == prompts.REC else "search"
+  kind = "rec" if task == prompts.NEXT_REC_ITEM else "search"
 
   def preprocess(ds: tf.data.Dataset, sequence_length=None,
                  output_features=None) -> tf.data.Dataset:
@@ -212,7 +212,7 @@ def history_task(task: str, strings: IdentifierStrings) -> Preprocessor:
       events = history_events(ex["history_kind"], ex["history_item"], ex["history_query"],
                               rec_table, search_table)
       slots = {}
-      if task == prompts.SEARCH:
+      if task == prompts.NEXT_SEARCH_ITEM:
         slots["query"] = tf.strings.join([SRC_QUERY, " ", ex["query"]])
       index = template_index(task, ex[SPLIT], seed)
       if budget is None:
@@ -236,7 +236,7 @@ def history_task(task: str, strings: IdentifierStrings) -> Preprocessor:
       if task == prompts.QUERY:
         out["targets"] = tf.strings.join([SRC_QUERY, " ", ex["query"]])
       else:
-        behaviour, table = ((REC_ITEM, rec_table) if task == prompts.REC
+        behaviour, table = ((REC_ITEM, rec_table) if task == prompts.NEXT_REC_ITEM
                             else (SRC_ITEM, search_table))
         out["targets"] = tf.strings.join([behaviour, table.lookup(ex["target_item"])])
         out["candidate_items"] = ex["candidates"]

@@ -26,13 +26,13 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from gensar_jax.vocabulary import REC_ITEM, SRC_ITEM, SRC_QUERY
 
 # Task keys, in the order of docs/method.md section 3.
-REC = "next_rec_item"
-SEARCH = "next_search_item"
+NEXT_REC_ITEM = "next_rec_item"
+NEXT_SEARCH_ITEM = "next_search_item"
 QUERY = "next_query"
 ADHOC = "adhoc_search"
 ITEM_TO_ID = "item_to_id"
 ID_TO_ITEM = "id_to_item"
-TASK_KEYS = (REC, SEARCH, QUERY, ADHOC, ITEM_TO_ID, ID_TO_ITEM)
+TASK_KINDS = (NEXT_REC_ITEM, NEXT_SEARCH_ITEM, QUERY, ADHOC, ITEM_TO_ID, ID_TO_ITEM)
 
 HISTORY_SEPARATOR = "; "
 SPACE_NAMES = {"sid": "search", "cid": "recommendation"}
@@ -40,8 +40,8 @@ BEHAVIOUR_OF_SPACE = {"sid": SRC_ITEM, "cid": REC_ITEM}
 
 # The prefix that names the task; every input starts with it.
 PREFIXES: Dict[str, str] = {
-    REC: "Recommendation",
-    SEARCH: "Search",
+    NEXT_REC_ITEM: "Recommendation",
+    NEXT_SEARCH_ITEM: "Search",
     QUERY: "Query prediction",
     ADHOC: "Ad-hoc search",
     ITEM_TO_ID: "Item to identifier",
@@ -49,7 +49,7 @@ PREFIXES: Dict[str, str] = {
 }
 
 INSTRUCTIONS: Dict[str, Tuple[str, ...]] = {
-    REC: (
+    NEXT_REC_ITEM: (
         "The user's recent activity, oldest first: {history}. Which item will the user "
         "engage with next?",
         "Here is what this user did lately: {history}. Recommend the item they are most "
@@ -68,7 +68,7 @@ INSTRUCTIONS: Dict[str, Tuple[str, ...]] = {
         "Considering the activity {history}, which item fits this user next?",
         "Use this user's history {history} to forecast the item they will want next.",
     ),
-    SEARCH: (
+    NEXT_SEARCH_ITEM: (
         "The user's recent activity, oldest first: {history}. The user now searches for "
         "{query}. Which item will the user click?",
         "Here is what this user did lately: {history}. They type the query {query}. Find "
@@ -147,8 +147,8 @@ INSTRUCTIONS: Dict[str, Tuple[str, ...]] = {
 
 # The slots each task's templates must use (checked at import time).
 SLOTS: Dict[str, Tuple[str, ...]] = {
-    REC: ("history",),
-    SEARCH: ("history", "query"),
+    NEXT_REC_ITEM: ("history",),
+    NEXT_SEARCH_ITEM: ("history", "query"),
     QUERY: ("history",),
     ADHOC: ("query",),
     ITEM_TO_ID: ("item", "space"),
@@ -213,7 +213,7 @@ def identifier_text(space: str, identifier: str) -> str:
 
 
 def _check_templates() -> None:
-  for task in TASK_KEYS:
+  for task in TASK_KINDS:
     if not 8 <= len(INSTRUCTIONS[task]) <= 12:
       raise AssertionError(f"{task}: expected about ten templates")
     if len(set(INSTRUCTIONS[task])) != len(INSTRUCTIONS[task]):

@@ -180,7 +180,7 @@ def test_engine_prompts_match_the_training_prompts(exported):
   want_history = prompts.history_text([
       ("rec", spell("recommend", "I03"), ""), ("search", spell("search", "I07"), "coffee maker"),
       ("rec", spell("recommend", "I11"), "")])
-  want = prompts.render(prompts.SEARCH, 0, history=want_history,
+  want = prompts.render(prompts.NEXT_SEARCH_ITEM, 0, history=want_history,
                         query=prompts.query_text("café grinder"))
   got = engine.prompt("search", Query(history=events, k=2, query="café grinder"))
   assert got == want

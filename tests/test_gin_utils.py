@@ -122,3 +122,27 @@ def test_mistyped_macro_and_unquoted_string_are_one_line_usage_errors(tmp_path, 
                                                    "--gin.MODEL_DIR='m'", "--gin.TRAIN_STEPS=5"])
   assert seen == [("m", 5, 1)]
   gin.clear_config()
+
+
+def test_every_user_error_is_one_gensar_error_printed_as_one_line(capsys):
+  """One hierarchy: the errors a user's input can cause all derive from GensarError, which
+  every entry point prints as one line with exit code 2 (and stay ValueErrors)."""
+  from gensar_jax import checkpoints, errors, learning_curves, results, vocabulary
+  from gensar_jax.data import schema
+  from gensar_jax.decoding import trie
+  from gensar_jax.identifiers import text_encoder
+  from gensar_jax.serving import artifact
+  user_errors = [schema.DataError, checkpoints.CheckpointError, text_encoder.CheckpointError,
+                 gin_utils.FlagError, vocabulary.VocabularyError, artifact.ArtifactError,
+                 trie.TrieBuildError, results.ResultError, learning_curves.CurveError]
+  assert all(issubclass(e, errors.GensarError) and issubclass(e, ValueError)
+             for e in user_errors)
+  assert checkpoints.CheckpointError is text_encoder.CheckpointError  # one class, one name
+
+  def broken_artifact():
+    raise artifact.ArtifactError("runs/x/export: metadata.json is not JSON")
+
+  with pytest.raises(SystemExit) as e:
+    gin_utils.run(broken_artifact, [])
+  assert e.value.code == 2
+  assert capsys.readouterr().err.strip() == "error: runs/x/export: metadata.json is not JSON"

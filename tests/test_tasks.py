@@ -76,10 +76,10 @@ def test_build_vocab_holds_every_table_token_whole(world):
 # --------------------------------------------------------------------------- shapes, tokens
 
 
-BEHAVIOUR = {prompts.REC: vocab_lib.REC_ITEM, prompts.SEARCH: vocab_lib.SRC_ITEM,
+BEHAVIOUR = {prompts.NEXT_REC_ITEM: vocab_lib.REC_ITEM, prompts.NEXT_SEARCH_ITEM: vocab_lib.SRC_ITEM,
              prompts.QUERY: vocab_lib.SRC_QUERY, prompts.ADHOC: vocab_lib.SRC_ITEM}
-TASK_SPLITS = [(k, s) for k in prompts.TASK_KEYS for s in ("train", "validation")
-               if s == "train" or k in (prompts.REC, prompts.SEARCH, prompts.QUERY)]
+TASK_SPLITS = [(k, s) for k in prompts.TASK_KINDS for s in ("train", "validation")
+               if s == "train" or k in (prompts.NEXT_REC_ITEM, prompts.NEXT_SEARCH_ITEM, prompts.QUERY)]
 
 
 @pytest.mark.parametrize("key,split", TASK_SPLITS)
@@ -156,7 +156,7 @@ def python_prompt(key, ex, raw, forward):
   return prompts.render(key, int(ex["template"]), **{s: slots[s] for s in prompts.SLOTS[key]})
 
 
-@pytest.mark.parametrize("key", [prompts.REC, prompts.SEARCH, prompts.QUERY])
+@pytest.mark.parametrize("key", [prompts.NEXT_REC_ITEM, prompts.NEXT_SEARCH_ITEM, prompts.QUERY])
 def test_history_holds_only_earlier_events(world, key):
   """Against the raw CSV log: the prompt's history is exactly the last 5 rec and last 5
   search events strictly before the target, oldest first; TF and Python render the same
@@ -178,13 +178,13 @@ def test_history_holds_only_earlier_events(world, key):
       assert len(target) == 1 and target["item_id"].iloc[0] == text(ex["target_item"])
       if key == prompts.QUERY:
         assert text(ex["targets_pretokenized"]) == "<src_query> " + target["query"].iloc[0]
-      if key == prompts.SEARCH:  # the current query is in the prompt too
+      if key == prompts.NEXT_SEARCH_ITEM:  # the current query is in the prompt too
         assert "<src_query> " + target["query"].iloc[0] in prompt
       if split != "train":
         assert ex["template"] == 0
-        if key == prompts.REC:
+        if key == prompts.NEXT_REC_ITEM:
           check_candidates(ex, "cid", vocab_lib.REC_ITEM, forward)
-        if key == prompts.SEARCH:
+        if key == prompts.NEXT_SEARCH_ITEM:
           check_candidates(ex, "sid", vocab_lib.SRC_ITEM, forward)
       elif key != prompts.QUERY:
         assert len(ex["candidate_items"]) == 0
@@ -199,7 +199,7 @@ def test_templates_sampled_in_train_fixed_in_eval(world):
   other = [int(ex["template"]) for ex in examples(t, "train", seed=4)]
   assert first == again and first != other
   assert len(set(first)) >= 5 and max(first) < prompts.num_templates(prompts.ID_TO_ITEM)
-  history = [int(ex["template"]) for ex in examples(task(world, prompts.REC), "train", seed=3)]
+  history = [int(ex["template"]) for ex in examples(task(world, prompts.NEXT_REC_ITEM), "train", seed=3)]
   assert len(set(history)) >= 5
   # (eval splits always use template 0: checked in test_history_holds_only_earlier_events)
 
@@ -267,8 +267,8 @@ def test_mixtures_and_rates(world):
   with open(os.path.join(world["prepared"], "stats.json")) as f:
     rows = json.load(f)["rows"]
   assert reg.rates == {
-      prompts.REC: rows["rec"]["train"],
-      prompts.SEARCH: min(100_000, rows["search"]["train"]),
+      prompts.NEXT_REC_ITEM: rows["rec"]["train"],
+      prompts.NEXT_SEARCH_ITEM: min(100_000, rows["search"]["train"]),
       prompts.QUERY: min(1_000, rows["search"]["train"]),
       prompts.ADHOC: 1_000,
       prompts.ITEM_TO_ID: 2 * NUM_ITEMS,  # 1,000 per space, capped by the catalogue
@@ -282,9 +282,9 @@ def test_mixtures_and_rates(world):
   assert names("t4_rec_only") == ["t4_next_rec_item"]
   assert names("t4_search_only") == ["t4_next_search_item"]
   assert names("t4_no_alignment") == sorted(
-      reg.tasks[k] for k in (prompts.REC, prompts.SEARCH, prompts.QUERY, prompts.ADHOC))
+      reg.tasks[k] for k in (prompts.NEXT_REC_ITEM, prompts.NEXT_SEARCH_ITEM, prompts.QUERY, prompts.ADHOC))
   mixture = seqio.get_mixture_or_task("t4")
-  assert mixture.get_rate(seqio.get_mixture_or_task("t4_next_rec_item")) == reg.rates[prompts.REC]
+  assert mixture.get_rate(seqio.get_mixture_or_task("t4_next_rec_item")) == reg.rates[prompts.NEXT_REC_ITEM]
   ds = mixture.get_dataset(LENGTHS, split="train", seed=0, num_epochs=None)
   batch = next(seqio.EncDecFeatureConverter(pack=True)(ds, LENGTHS).batch(4)
                .as_numpy_iterator())
@@ -297,7 +297,7 @@ def test_mixture_rates_from_gin(world):
                          lambda: gensar.mixture_rates({"rows": {"rec": {"train": 50},
                                                                 "search": {"train": 40}}},
                                                       num_items=3, num_spaces=2))
-  assert rates[prompts.REC] == 5 and rates[prompts.SEARCH] == 7
+  assert rates[prompts.NEXT_REC_ITEM] == 5 and rates[prompts.NEXT_SEARCH_ITEM] == 7
   assert rates[prompts.QUERY] == 40 and rates[prompts.ITEM_TO_ID] == 6
 
 
@@ -335,7 +335,7 @@ def test_single_identifier_ablations(world):
   forward, _ = identifier_maps(world)
   single = world["reg"].single_id
   assert single.rec_space == single.search_space == "sid"
-  for ex in examples(task(world, prompts.REC, single), "test"):
+  for ex in examples(task(world, prompts.NEXT_REC_ITEM, single), "test"):
     assert text(ex["targets_pretokenized"]) == "<rec_item>" + forward["sid"][text(ex["target_item"])]
     assert "<c0_" not in text(ex["inputs_pretokenized"])
   assert len(examples(task(world, prompts.ITEM_TO_ID, single), "train")) == NUM_ITEMS
@@ -343,7 +343,7 @@ def test_single_identifier_ablations(world):
   reg = gensar.register_gensar(world["prepared"], world["sid_only"], world["vocab_path"],
                                prefix="t4_sidonly")
   assert reg.single_id is None and "single_id" not in reg.mixtures
-  ex = examples(task(world, prompts.REC, reg), "test")[0]
+  ex = examples(task(world, prompts.NEXT_REC_ITEM, reg), "test")[0]
   assert re.fullmatch(r"<rec_item><s0_\d><s1_\d><s2_\d><s3_\d>", text(ex["targets_pretokenized"]))
 
 
@@ -381,7 +381,7 @@ def test_ranking_metrics_equal_hand_computed(world):
   for k in expected:
     assert got[k] == pytest.approx(expected[k])
   assert metrics.query_exact_match(["a b", "c"], [["a b", "c"], " d"]) == {"exact_match": 0.5}
-  t = task(world, prompts.REC)
+  t = task(world, prompts.NEXT_REC_ITEM)
   assert t.predict_metric_fns == [metrics.ranking_metrics]
   assert task(world, prompts.QUERY).predict_metric_fns == [metrics.query_exact_match]
   assert t.postprocess_fn(b"<rec_item> <m0_1>", example={}, is_target=True) == "<rec_item><m0_1>"
@@ -427,7 +427,7 @@ def slot_values(key, ex, prompt):
   return dict(zip(names, match.groups()))
 
 
-@pytest.mark.parametrize("key", [prompts.REC, prompts.SEARCH])
+@pytest.mark.parametrize("key", [prompts.NEXT_REC_ITEM, prompts.NEXT_SEARCH_ITEM])
 def test_prompt_budget_drops_the_oldest_history_first(world, key):
   """With an input length shorter than the whole prompt, the oldest events go; the task
   prefix, the instruction and the query stay whole, and nothing is cut from the end."""

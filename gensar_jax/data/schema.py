@@ -32,16 +32,14 @@ from typing import List, Optional, Sequence
 import numpy as np
 import pandas as pd
 
+from gensar_jax.errors import DataError  # noqa: F401  re-exported: data errors live here by name
+
 REC = "rec"
 SEARCH = "search"
 KINDS = (REC, SEARCH)
 
 ITEM_COLUMNS = ("item_id", "title", "description", "categories")
 EVENT_COLUMNS = ("user_id", "timestamp", "kind", "item_id", "query", "interaction", "line")
-
-
-class DataError(ValueError):
-  """Bad input data. The message names the file, the line or row, and the field."""
 
 
 def where(path: str, line: int | None = None, field: str | None = None) -> str:

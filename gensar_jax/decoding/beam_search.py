@@ -17,10 +17,9 @@ import numpy as np
 from flax import struct
 
 from gensar_jax.decoding import trie as trie_lib
+from gensar_jax.token_ids import EOS_ID, PAD_ID
 
 NEG_INF = -np.inf
-PAD_ID = 0
-EOS_ID = 1
 
 
 class TokensToLogits(Protocol):

@@ -14,8 +14,9 @@ import jax
 import jax.numpy as jnp
 
 from gensar_jax.decoding import trie as trie_lib
-from gensar_jax.decoding.beam_search import (EOS_ID, NEG_INF, PAD_ID, BeamSearchResult,
-                                             TokensToLogits, step_log_probs, write_position)
+from gensar_jax.decoding.beam_search import (NEG_INF, BeamSearchResult, TokensToLogits,
+                                             step_log_probs, write_position)
+from gensar_jax.token_ids import EOS_ID, PAD_ID
 
 
 def filter_logits(logits: jax.Array, topk: int = 0, topp: float = 0.0) -> jax.Array:

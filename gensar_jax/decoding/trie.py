@@ -36,10 +36,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from gensar_jax.errors import GensarError
+
 Array = Union[jax.Array, np.ndarray]
 
 
-class TrieBuildError(ValueError):
+class TrieBuildError(GensarError):
   """Raised for identifier sequences that cannot form a trie (duplicates, bad shapes)."""
 
 

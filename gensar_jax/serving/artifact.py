@@ -34,8 +34,9 @@ from typing import Any, Dict, Iterator, List, Mapping, Sequence, Tuple
 
 import numpy as np
 
+from gensar_jax.errors import GensarError
+
 FORMAT_VERSION = 2  # 2: tries store local codes and no CSR next states
-TASKS = ("search", "recommend")
 
 METADATA_FILE = "metadata.json"
 PARAMS_FILE = "params.msgpack"
@@ -45,7 +46,7 @@ IDENTIFIERS_FILE = "identifiers.npz"
 TRIES_FILE = "tries.npz"
 
 
-class ArtifactError(ValueError):
+class ArtifactError(GensarError):
   """The directory is not a complete serving artifact of a format this code reads."""
 
 
