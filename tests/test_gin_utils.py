@@ -146,3 +146,18 @@ def test_every_user_error_is_one_gensar_error_printed_as_one_line(capsys):
     gin_utils.run(broken_artifact, [])
   assert e.value.code == 2
   assert capsys.readouterr().err.strip() == "error: runs/x/export: metadata.json is not JSON"
+
+
+def test_each_required_value_is_declared_in_one_gin_file():
+  """A `NAME = %gin.REQUIRED` repeated in several files silently depends on include order
+  (a later declaration undoes an earlier binding); shared ones live in gin/inputs/."""
+  import collections
+  import pathlib
+  import re
+  declared = collections.defaultdict(list)
+  for path in pathlib.Path(gin_utils.REPO_ROOT, "gin").rglob("*.gin"):
+    for line in path.read_text(encoding="utf-8").splitlines():
+      match = re.match(r"\s*([A-Z_][A-Z0-9_]*)\s*=\s*%gin\.REQUIRED\b", line)
+      if match:
+        declared[match.group(1)].append(str(path.relative_to(gin_utils.REPO_ROOT)))
+  assert declared and {k: v for k, v in declared.items() if len(v) > 1} == {}
