@@ -124,10 +124,6 @@ class _LevelEdges:
   num_parents: int
   num_children: int
 
-  @property
-  def token(self) -> np.ndarray:
-    return self.codes[self.local]
-
 
 def _check_sequences(sequences: np.ndarray, what: str) -> np.ndarray:
   sequences = np.asarray(sequences)

@@ -52,6 +52,11 @@ class _Occupancy:
     return self.counts.get(tuple(prefix), 0) < self.k ** (self.length - len(prefix))
 
 
+def _row(tree: assignment_lib._CodeTree, item: int, space: str) -> list:
+  """One item's full codes in one space (tree.full would concatenate every item's)."""
+  return tree.shared[item].tolist() + tree.specific[space][item].tolist()
+
+
 def _repick(tree: assignment_lib._CodeTree, item: int, spaces: Sequence[str],
             occupancy: Dict[str, _Occupancy], first: int, last: int) -> None:
   """Re-chooses levels first..last-1 of `item`: nearest code whose subtree has room in every
@@ -60,8 +65,9 @@ def _repick(tree: assignment_lib._CodeTree, item: int, spaces: Sequence[str],
   for level in range(first, last):
     residual = tree.residual(index, spaces[0], level)  # [1, width]
     dist = assignment_lib._sq_dist(residual, tree.codebook(spaces[0], level))[0]  # [K]
+    prefixes = [(occupancy[s], _row(tree, item, s)[:level]) for s in spaces]
     for code in np.argsort(dist, kind="stable").tolist():
-      if all(occupancy[s].has_room(list(tree.full(s)[item, :level]) + [code]) for s in spaces):
+      if all(room.has_room(prefix + [code]) for room, prefix in prefixes):
         tree.set_codes(index, spaces[0], level, np.asarray([code]))
         break
     else:  # the caller only starts below a prefix with room, so a code must exist
@@ -72,7 +78,7 @@ def _deepest_with_room(tree, item: int, spaces: Sequence[str], occupancy, lowest
                        highest: int) -> Optional[int]:
   """The deepest level in [lowest, highest) whose parent prefix has room in all `spaces`."""
   for level in range(highest - 1, lowest - 1, -1):
-    if all(occupancy[s].has_room(tree.full(s)[item, :level]) for s in spaces):
+    if all(occupancy[s].has_room(_row(tree, item, s)[:level]) for s in spaces):
       return level
   return None
 
@@ -116,7 +122,7 @@ def extend_codes(trained: rqvae_lib.TrainedRQVAE, existing: Dict[str, np.ndarray
     occupancy[s] = _Occupancy(codes, lay.codebook_size)
   m, length = lay.shared_levels, tree.length
   for item in range(n):
-    crowded = [s for s in lay.spaces if not occupancy[s].has_room(tree.full(s)[item])]
+    crowded = [s for s in lay.spaces if not occupancy[s].has_room(_row(tree, item, s))]
     if crowded:
       needs_shared = [s for s in crowded
                       if _deepest_with_room(tree, item, (s,), occupancy, m, length) is None]
@@ -133,7 +139,7 @@ def extend_codes(trained: rqvae_lib.TrainedRQVAE, existing: Dict[str, np.ndarray
           level = _deepest_with_room(tree, item, (s,), occupancy, m, length)
           _repick(tree, item, (s,), occupancy, level, length)
     for s in lay.spaces:
-      occupancy[s].add(tree.full(s)[item].tolist())
+      occupancy[s].add(_row(tree, item, s))
   codes = {SPACE_OF[s]: tree.full(s).astype(np.int32) for s in lay.spaces}
   moved = {SPACE_OF[s]: int(np.any(codes[SPACE_OF[s]] != argmin[s], axis=1).sum())
            for s in lay.spaces}
