@@ -148,6 +148,45 @@ def test_beams_beyond_valid_items_are_marked_invalid():
   assert (np.asarray(out.sequences)[0, len(ids):] == 0).all()
 
 
+def reference_beam_search(decoder, ids, beams):
+  """NumPy beam search: each step extends every live beam by the next tokens that the
+  identifier list itself allows (no trie), scored with a full log-softmax over the vocab.
+  Returns (sequences [beams, L], scores [beams]), best first, -inf / PAD where none is left."""
+  table = np.asarray(decoder.table, np.float64)
+  live = [((), 0.0, (0 * 31 + 0 + 1) % HASH_BUCKETS)]            # (prefix, score, hash)
+  for step in range(ids.shape[1]):
+    extended = []
+    for prefix, score, hashed in live:
+      logits = table[step, hashed]
+      log_probs = logits - logits.max() - np.log(np.exp(logits - logits.max()).sum())
+      matching = ids[(ids[:, :step] == prefix).all(axis=1)] if step else ids
+      for token in sorted(set(matching[:, step].tolist())):
+        extended.append((prefix + (token,), score + log_probs[token],
+                         (hashed * 31 + token + 1) % HASH_BUCKETS))
+    live = sorted(extended, key=lambda e: -e[1])[:beams]
+  sequences = np.zeros((beams, ids.shape[1]), np.int32)
+  scores = np.full(beams, -np.inf)
+  for i, (prefix, score, _) in enumerate(live):
+    sequences[i], scores[i] = prefix, score
+  return sequences, scores
+
+
+@pytest.mark.parametrize("num_dense_levels", [0, 2, 6])
+def test_pruned_search_equals_a_numpy_beam_search_over_the_identifier_list(num_dense_levels):
+  """Small beams prune at every level, so a wrong candidate set or a wrong top-k at any
+  level (each level has its own width) changes the result."""
+  rng = np.random.default_rng(8)
+  ids = random_ids(rng, 120, codes=5)
+  trie = trie_lib.build_trie(ids, num_dense_levels)
+  for seed, beams in [(0, 3), (1, 7), (2, 20)]:
+    out = run_constrained(trie, seed, 1, beams)
+    want_sequences, want_scores = reference_beam_search(ToyDecoder(seed), ids, beams)
+    np.testing.assert_array_equal(np.asarray(out.sequences)[0], want_sequences)
+    np.testing.assert_allclose(np.asarray(out.scores)[0], want_scores, atol=1e-4)
+    found = np.asarray(out.items)[0]
+    np.testing.assert_array_equal(ids[found[found >= 0]], want_sequences[np.isfinite(want_scores)])
+
+
 def test_sharded_search_matches_unsharded():
   devices = np.array(jax.devices())
   assert len(devices) == 8

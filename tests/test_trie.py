@@ -155,3 +155,44 @@ def test_candidate_tries_reject_an_example_without_candidates():
   batch = np.stack([random_identifiers(np.random.default_rng(6), 4), -np.ones((4, 6), np.int32)])
   with pytest.raises(trie_lib.TrieBuildError, match="example 1 has no valid candidate"):
     candidate_tries.build_candidate_tries(batch)
+
+
+def brute_force_children(seqs, depth):
+  """Per depth-`depth` state (numbered as the sorted distinct prefixes), the set of
+  (token, child state) pairs, from the identifier list itself."""
+  parents = np.unique(seqs[:, :depth], axis=0)                   # [S_d, depth], sorted
+  children = np.unique(seqs[:, :depth + 1], axis=0)              # [S_{d+1}, depth + 1]
+  child_of = {tuple(row): s for s, row in enumerate(children.tolist())}
+  out = [set() for _ in range(len(parents))]
+  index = {tuple(row): s for s, row in enumerate(parents.tolist())}
+  for row in seqs.tolist():
+    parent = index[tuple(row[:depth])]
+    out[parent].add((row[depth], child_of[tuple(row[:depth + 1])]))
+  return out
+
+
+@pytest.mark.parametrize("num_dense_levels", [0, 2, 6])
+def test_candidates_and_masks_equal_brute_force_continuations(num_dense_levels):
+  """Every level's candidates (static level and traced step) and masks are exactly the
+  set of next tokens and child states of the identifiers sharing the beam's prefix."""
+  rng = np.random.default_rng(7)
+  seqs = random_identifiers(rng, 400, codes=6)
+  trie = trie_lib.build_trie(seqs, num_dense_levels)
+  vocab = 64
+  for d in range(seqs.shape[1]):
+    expected = brute_force_children(seqs, d)
+    state = rng.integers(0, len(expected), size=(2, 40)).astype(np.int32)    # [batch, beams]
+    tokens, nxt, valid = map(np.asarray, trie_lib.level_candidates(trie, d, state))
+    assert tokens.shape[-1] == trie.max_branch[d]
+    traced = [np.asarray(x) for x in trie_lib.step_candidates(trie, jnp.int32(d), state)]
+    masks = [np.asarray(trie_lib.allowed_token_mask(trie, step, state, vocab))
+             for step in (d, jnp.int32(d))]
+    for b, k in np.ndindex(*state.shape):
+      want = expected[state[b, k]]
+      got = set(zip(tokens[b, k][valid[b, k]].tolist(), nxt[b, k][valid[b, k]].tolist()))
+      assert got == want, (d, b, k)
+      got_traced = set(zip(traced[0][b, k][traced[2][b, k]].tolist(),
+                           traced[1][b, k][traced[2][b, k]].tolist()))
+      assert got_traced == want
+      for mask in masks:
+        assert set(np.flatnonzero(mask[b, k]).tolist()) == {t for t, _ in want}

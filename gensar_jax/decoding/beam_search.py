@@ -3,12 +3,14 @@
 The published GenSAR code constrains Hugging Face beam search with a Python callback per beam
 per step. Here the whole search is one traced loop: the trie state rides beside each beam and
 is gathered with it (like the decoder cache), allowed tokens come from table lookups
-(trie.step_candidates), and top-k runs over the allowed candidates only
-([batch, beams * width] rather than [batch, beams * vocab]). Call it inside jax.jit;
-num_beams and decode_length are static.
+(trie.level_candidates), and top-k runs over the allowed candidates only
+([batch, beams * max_branch[level]] rather than [batch, beams * vocab]); log-probs are
+normalised per beam but only read at those candidates, never written for the whole vocab.
+Call it inside jax.jit; num_beams and decode_length are static.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Optional, Protocol, Tuple
 
 import jax
@@ -91,23 +93,76 @@ def _first_beam_alive(batch_size: int, num_beams: int) -> jax.Array:
 # ----------------------------------------------------------------------------- constrained
 
 
+def step_logits(tokens_to_logits: TokensToLogits, last_tokens: jax.Array, cache: Any):
+  """Runs the decoder one step for [batch, beams] last tokens -> float32 logits [b, k, V]."""
+  batch, beams = last_tokens.shape
+  logits, cache = tokens_to_logits(last_tokens.reshape(batch * beams, 1), cache)
+  return logits.astype(jnp.float32).reshape(batch, beams, -1), cache
+
+
+def log_normaliser(logits: jax.Array) -> Tuple[jax.Array, jax.Array]:
+  """(max, log-sum-exp of logits - max), each [..., 1], for logits [..., vocab].
+
+  log_softmax(logits)[t] == (logits[t] - max) - lse, computed in the same order as
+  jax.nn.log_softmax. The constrained search needs it only at the few allowed tokens, so it
+  reduces over the vocabulary without writing a [batch, beams, vocab] log-prob array.
+  """
+  top = jnp.max(logits, axis=-1, keepdims=True)                          # [..., 1]
+  return top, jnp.log(jnp.sum(jnp.exp(logits - top), axis=-1, keepdims=True))
+
+
+def _first_beam_normaliser(logits: jax.Array) -> Tuple[jax.Array, jax.Array]:
+  """log_normaliser of beam 0 only, broadcast to every beam: [b, k, vocab] -> 2 x [b, k, 1].
+
+  At step 0 only beam 0 is alive (the others start at -inf), so their normalisers never
+  reach a score; skipping them saves the exp over (beams - 1) x vocab logits, which is most
+  of a step's cost once the decoder has run.
+  """
+  top, lse = log_normaliser(logits[:, :1])                               # [b, 1, 1]
+  shape = logits.shape[:-1] + (1,)
+  return jnp.broadcast_to(top, shape), jnp.broadcast_to(lse, shape)
+
+
+def _expand_level(trie: trie_lib.TrieArrays, level: int, logits, top, lse, scores, state):
+  """Best `beams` extensions of every beam at one level (static), from its children only.
+
+  Candidates are max_branch[level] wide, so the top-k runs over beams * (that level's
+  branching) rather than beams * vocab or beams * (the widest level's branching).
+
+  Args:
+    logits: [b, k, vocab] float32; top, lse: [b, k, 1] from log_normaliser.
+    scores: [b, k] running log-probs (-inf for dead beams); state: [b, k] trie states.
+  Returns:
+    (scores, parent beam, token, next state), each [b, k].
+  """
+  b, k = scores.shape
+  tokens, nxt, valid = trie_lib.level_candidates(trie, level, state)     # [b, k, width]
+  width = tokens.shape[-1]
+  token_lp = (jnp.take_along_axis(logits, tokens, axis=-1) - top) - lse  # [b, k, width]
+  total = jnp.where(valid, scores[..., None] + token_lp, NEG_INF)        # [b, k, width]
+  top_scores, flat = jax.lax.top_k(total.reshape(b, k * width), k)      # [b, k]
+  new_tokens = jnp.take_along_axis(tokens.reshape(b, k * width), flat, axis=1)
+  new_state = jnp.take_along_axis(nxt.reshape(b, k * width), flat, axis=1)
+  return top_scores, flat // width, new_tokens, new_state
+
+
 def _constrained_beam_search(tokens_to_logits, initial_cache, batch_size, num_beams,
                              decode_length, trie: trie_lib.TrieArrays) -> BeamSearchResult:
   if decode_length != trie.num_levels:
     raise ValueError(f"decode_length {decode_length} != identifier length {trie.num_levels} "
                      "of the constraint trie")
-  b, k, width = batch_size, num_beams, trie.width
+  b, k = batch_size, num_beams
+  # One branch per level, each at its own static width; the decoder stays outside the switch
+  # (and the loop is not unrolled), so it is compiled once.
+  expand = [functools.partial(_expand_level, trie, level) for level in range(decode_length)]
 
   def body(step, carry):
     sequences, scores, state, last, cache = carry
-    log_probs, _, cache = step_log_probs(tokens_to_logits, last, cache)   # [b, k, vocab]
-    tokens, nxt, valid = trie_lib.step_candidates(trie, step, state)     # [b, k, width]
-    token_lp = jnp.take_along_axis(log_probs, tokens, axis=-1)          # [b, k, width]
-    total = jnp.where(valid, scores[..., None] + token_lp, NEG_INF)     # [b, k, width]
-    top_scores, flat = jax.lax.top_k(total.reshape(b, k * width), k)    # [b, k]
-    beam = flat // width
-    new_tokens = jnp.take_along_axis(tokens.reshape(b, k * width), flat, axis=1)
-    new_state = jnp.take_along_axis(nxt.reshape(b, k * width), flat, axis=1)
+    logits, cache = step_logits(tokens_to_logits, last, cache)           # [b, k, vocab]
+    top, lse = jax.lax.cond(step == 0, _first_beam_normaliser, log_normaliser,
+                            logits)                                      # [b, k, 1]
+    top_scores, beam, new_tokens, new_state = jax.lax.switch(
+        step, expand, logits, top, lse, scores, state)                   # each [b, k]
     sequences = write_position(gather_batch_beams(sequences, beam), step, new_tokens)
     cache = gather_beams(cache, beam, b, k)
     return sequences, top_scores, new_state, new_tokens, cache
