@@ -4,10 +4,12 @@ Prints two tables:
 1. Per-example candidate tries (target + negatives) with a T5.1.1-small-shaped model
    (random weights; speed does not depend on their values): examples/s and memory, per batch.
 2. Catalogue-wide tries of random 4-level IDs (SID under <src_item>, CID under <rec_item>):
-   build time, device bytes per edge and per identifier, per-step masking time at STATIC's
-   serving shape (batch 2 x 70 beams), which should not grow with the catalogue, and a whole
-   constrained decode at that shape (random logits, every level, top-70 each step): the
-   figure to set beside STATIC's per-decode latency.
+   build time, device bytes per edge and per identifier, per-step cost at STATIC's serving
+   shape (batch 2 x 70 beams) of a vocab mask and of the candidate lookup the decode uses
+   (neither should grow with the catalogue), and a whole constrained decode at that shape
+   (random logits, every level, top-70 each step): the figure to set beside STATIC's
+   per-decode latency, at this vocabulary and at STATIC's benchmark vocabulary (2,048; most
+   of a decode is the log-softmax normaliser over the vocabulary).
 The model table also states the decode ceiling: FLOPs per example (launch/decode_flops.py
 derives them), the device's measured fp32 matmul peak (launch/bench_machine.py), ceiling
 examples/s = peak / FLOPs per example, and each batch's examples/s as a share of it.
@@ -102,7 +104,9 @@ def bench_model(args) -> list:
 MODEL_COLUMNS = ("batch", "examples_per_s", "seconds_per_batch", "compile_s", "trie_ms",
                  "xla_gib", "peak_rss_gib", "valid_beams")
 CATALOGUE_COLUMNS = ("sequences", "build_s", "edges", "mib", "bytes_per_edge",
-                     "bytes_per_identifier", "mask_us_dense", "mask_us_csr", "decode_ms")
+                     "bytes_per_identifier", "mask_us_dense", "mask_us_csr",
+                     "candidates_us_dense", "candidates_us_csr", "decode_ms",
+                     "decode_ms_static_vocab")
 
 
 def model_flops(args) -> dict:
@@ -111,6 +115,19 @@ def model_flops(args) -> dict:
   return decode_flops.constrained_decode_flops(
       **size, vocab_size=args.vocab_size, input_length=args.input_length, beams=args.beams,
       decode_steps=6)
+
+
+def best_us(fn, *args, repeats: int, trials: int = 3) -> float:
+  """Best of `trials` mean times of `repeats` calls, in microseconds (after one warm-up)."""
+  jax.block_until_ready(fn(*args))
+  best = float("inf")
+  for _ in range(trials):
+    start = time.perf_counter()
+    for _ in range(repeats):
+      out = fn(*args)
+    jax.block_until_ready(out)
+    best = min(best, (time.perf_counter() - start) / repeats * 1e6)
+  return best
 
 
 def bench_catalogue(args) -> list:
@@ -124,43 +141,39 @@ def bench_catalogue(args) -> list:
     build_s = time.perf_counter() - start
     trie = jax.device_put(host_trie)
     edges = host_trie.num_edges()
-    step_times = []
+    mask_us, candidates_us = [], []
     for step in (1, 3):  # a dense level and a CSR level
       depth_states = np.unique(sequences[:, :step], axis=0, return_inverse=True)[1].ravel()
       state = jnp.asarray(rng.choice(depth_states.max() + 1, size=(args.mask_batch,
                                                                    args.mask_beams)), jnp.int32)
       mask_fn = jax.jit(lambda t, s, step=step: trie_lib.allowed_token_mask(
-          t, jnp.int32(step), s, args.vocab_size))
-      jax.block_until_ready(mask_fn(trie, state))
-      start = time.perf_counter()
-      for _ in range(args.mask_repeats):
-        out = mask_fn(trie, state)
-      jax.block_until_ready(out)
-      step_times.append((time.perf_counter() - start) / args.mask_repeats * 1e6)
+          t, step, s, args.vocab_size))                       # [batch, beams, vocab] bool
+      lookup_fn = jax.jit(lambda t, s, step=step: trie_lib.level_candidates(t, step, s))
+      mask_us.append(best_us(mask_fn, trie, state, repeats=args.mask_repeats))
+      candidates_us.append(best_us(lookup_fn, trie, state, repeats=args.mask_repeats))
+    decode_ms = [full_decode_ms(args, trie, rng, vocab)
+                 for vocab in (args.vocab_size, args.static_vocab_size)]
     rows.append((len(sequences), build_s, edges, host_trie.nbytes() / 2**20,
                  host_trie.bytes_per_edge(), host_trie.nbytes() / len(sequences),
-                 step_times[0], step_times[1], full_decode_ms(args, trie, rng)))
+                 *mask_us, *candidates_us, *decode_ms))
   return rows
 
 
-def full_decode_ms(args, trie, rng) -> float:
+def full_decode_ms(args, trie, rng, vocab_size: int) -> float:
   """Milliseconds per constrained beam search over the whole catalogue trie, with the
-  decoder replaced by random logits (the trie, the masking and the top-k are what cost)."""
+  decoder replaced by random logits (the trie, the normaliser and the top-k are what cost)."""
   b, k, length = args.mask_batch, args.mask_beams, trie.num_levels
-  logits = jnp.asarray(rng.normal(size=(length, b * k, args.vocab_size)), jnp.float32)
+  logits = jnp.asarray(rng.normal(size=(length, b * k, vocab_size)), jnp.float32)
 
-  def tokens_to_logits(tokens, cache):  # [b * k, 1] -> [b * k, vocab]; cache: the step
-    del tokens
-    return logits[cache], cache + 1
+  @jax.jit
+  def decode(trie, logits):  # logits an argument, so XLA cannot fold them at compile time
+    def tokens_to_logits(tokens, cache):  # [b * k, 1] -> [b * k, vocab]; cache: the step
+      del tokens
+      return logits[cache], cache + 1
 
-  decode = jax.jit(lambda t: bs.beam_search(tokens_to_logits, jnp.int32(0), b, k, length,
-                                            constraint=t).scores)
-  jax.block_until_ready(decode(trie))
-  start = time.perf_counter()
-  for _ in range(args.mask_repeats):
-    out = decode(trie)
-  jax.block_until_ready(out)
-  return (time.perf_counter() - start) / args.mask_repeats * 1e3
+    return bs.beam_search(tokens_to_logits, jnp.int32(0), b, k, length, constraint=trie).scores
+
+  return best_us(decode, trie, logits, repeats=max(args.mask_repeats // 10, 1)) / 1e3
 
 
 def main():
@@ -176,7 +189,11 @@ def main():
   parser.add_argument("--catalogue_sizes", type=int, nargs="+", default=[100_000, 1_000_000])
   parser.add_argument("--mask_batch", type=int, default=2)
   parser.add_argument("--mask_beams", type=int, default=70)
-  parser.add_argument("--mask_repeats", type=int, default=200)
+  parser.add_argument("--mask_repeats", type=int, default=200,
+                      help="calls per timed trial of a mask / lookup (a tenth for a decode)")
+  parser.add_argument("--static_vocab_size", type=int, default=2048,
+                      help="vocabulary of the second catalogue decode: STATIC's benchmark "
+                           "default, so its per-decode latency compares like for like")
   parser.add_argument("--skip_model", action="store_true")
   parser.add_argument("--peak_flops", type=float, default=None,
                       help="fp32 matmul FLOP/s of the ceiling (default: measured here)")
@@ -209,11 +226,12 @@ def main():
   print(f"\n2. Catalogue tries (SIDs + CIDs, 4 levels x 256 codes); masking at batch "
         f"{args.mask_batch} x beams {args.mask_beams}, vocab {args.vocab_size}")
   print(f"{'sequences':>10} {'build s':>8} {'edges':>10} {'MiB':>8} {'B/edge':>7} {'B/id':>6} "
-        f"{'mask us (dense)':>15} {'mask us (CSR)':>13} {'decode ms':>9}")
+        f"{'mask us (dense)':>15} {'mask us (CSR)':>13} {'lookup us (dense)':>17} "
+        f"{'lookup us (CSR)':>15} {'decode ms':>9} {f'at vocab {args.static_vocab_size}':>14}")
   for row in bench_catalogue(args):
     result["catalogue"].append(dict(zip(CATALOGUE_COLUMNS, row)))
-    print("{:>10} {:>8.2f} {:>10} {:>8.1f} {:>7.2f} {:>6.2f} {:>15.1f} {:>13.1f} "
-          "{:>9.2f}".format(*row))
+    print("{:>10} {:>8.2f} {:>10} {:>8.1f} {:>7.2f} {:>6.2f} {:>15.1f} {:>13.1f} {:>17.1f} "
+          "{:>15.1f} {:>9.2f} {:>14.2f}".format(*row))
   if args.json_out:
     with open(args.json_out, "w", encoding="utf-8") as f:
       json.dump(result, f, indent=1, default=float)
