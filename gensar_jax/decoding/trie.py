@@ -21,9 +21,10 @@ The depth-L states are the leaves; `leaf_items` maps each to the row of the inpu
 At 1M SIDs + 1M CIDs of 4 levels x 256 codes this is about 11 bytes per identifier.
 
 Every array carries a leading "trie batch" dim: 1 for one shared (catalogue) trie, or the
-example batch for per-example candidate tries (see candidate_tries.py). Lookups take a traced
-step (the level) and a per-beam state, and cost O(batch * beams * branch) gathers whatever the
-catalogue size, with no host round trip.
+example batch for per-example candidate tries (see candidate_tries.py). Lookups take the level
+(a Python int for level_candidates, at that level's own width; traced for step_candidates, at
+the widest level's) and a per-beam state, and cost O(batch * beams * branch) gathers whatever
+the catalogue size, with no host round trip.
 """
 from __future__ import annotations
 
