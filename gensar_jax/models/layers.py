@@ -31,6 +31,38 @@ MASK_VALUE = -1e10
 default_kernel_init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
 
 
+@jax.custom_vjp
+def add_shared_bias(x: Array, bias: Array) -> Array:
+  """x [batch, ...] + bias [1, ...] (broadcast over the batch and any other size-1 axis).
+
+  The same as `x + bias`, with a gradient that sums over the batch by a matrix-vector
+  product instead of a reduction. XLA's CPU backend in jaxlib 0.10 runs a reduction over
+  the leading axis of a wide array about 100 times slower than the equivalent product
+  (17 ms against 0.14 ms for [16, 8, 128, 128]); the attention bias gradient of a t5-small
+  train step paid that in every layer. On other backends the two compile alike.
+  """
+  return x + bias
+
+
+def _add_shared_bias_fwd(x, bias):
+  return x + bias, bias
+
+
+def _add_shared_bias_bwd(bias, grad):
+  batch = grad.shape[0]
+  rows = grad.reshape((batch, -1))  # [batch, rest]
+  summed = jnp.ones((batch,), grad.dtype) @ rows  # [rest]
+  summed = summed.reshape((1,) + grad.shape[1:])
+  other_axes = tuple(i for i in range(1, grad.ndim)
+                     if bias.shape[i] == 1 and grad.shape[i] != 1)
+  if other_axes:
+    summed = jnp.sum(summed, axis=other_axes, keepdims=True)
+  return grad, summed.astype(bias.dtype)
+
+
+add_shared_bias.defvjp(_add_shared_bias_fwd, _add_shared_bias_bwd)
+
+
 def _axes(names: Sequence[Optional[str]]) -> Tuple[Optional[str], ...]:
   return tuple(names)
 
@@ -59,6 +91,40 @@ class RMSNorm(nn.Module):
     scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
                        (features,), self.param_dtype)
     return normed * jnp.asarray(scale, self.dtype)
+
+
+class Dropout(nn.Module):
+  """Inverted dropout whose keep mask costs an eighth of what `flax.linen.Dropout` pays.
+
+  Flax draws a float uniform per element (`jax.random.bernoulli`): one 32-bit threefry
+  output plus a float conversion each, 18 ms for the [16, 8, 128, 128] attention weights
+  of a t5-small batch on XLA's CPU backend. Here one 32-bit draw feeds two elements, each
+  kept when its 16-bit half is below round(keep * 2^16): 2.4 ms for the same mask. Kept
+  values are scaled by 2^16 / threshold, the exact inverse of the keep probability that is
+  used, so the expected output equals the input; that probability differs from 1 - rate
+  by at most 2^-17. Masks differ from Flax's for the same key.
+  """
+  rate: float
+  broadcast_dims: Tuple[int, ...] = ()
+  rng_collection: str = "dropout"
+
+  @nn.compact
+  def __call__(self, x: Array, deterministic: bool) -> Array:
+    if not 0.0 <= self.rate < 1.0:
+      raise ValueError(f"Dropout: rate must be in [0, 1), got {self.rate}")
+    if deterministic or self.rate == 0.0:
+      return x
+    threshold = int(round((1.0 - self.rate) * 65536))
+    if threshold == 0:
+      return jnp.zeros_like(x)
+    mask_shape = [1 if d in [a % x.ndim for a in self.broadcast_dims] else n
+                  for d, n in enumerate(x.shape)]
+    size = math.prod(mask_shape)
+    bits = jax.random.bits(self.make_rng(self.rng_collection), ((size + 1) // 2,), jnp.uint32)
+    halves = lax.bitcast_convert_type(bits, jnp.uint16).reshape(-1)[:size]  # [size] uint16
+    keep = (halves.astype(jnp.int32) < threshold).reshape(mask_shape)
+    scale = jnp.asarray(65536.0 / threshold, x.dtype)
+    return jnp.where(keep, x * scale, jnp.zeros((), x.dtype))
 
 
 class Dense(nn.Module):
@@ -151,7 +217,7 @@ class MlpBlock(nn.Module):
       h = _ACTIVATIONS[name](Dense(self.mlp_dim, ("embed", "mlp"), name=dense_name, **dense)(x))
       hidden = h if hidden is None else hidden * h  # [batch, length, mlp]
     hidden = constrain(hidden, ("batch", "length", "mlp"))
-    hidden = nn.Dropout(self.dropout_rate, broadcast_dims=(-2,))(hidden, deterministic=deterministic)
+    hidden = Dropout(self.dropout_rate, broadcast_dims=(-2,))(hidden, deterministic=deterministic)
     out = Dense(emb_dim, ("mlp", "embed"), name="wo", **dense)(hidden)
     return constrain(out, ("batch", "length", "embed"))
 
@@ -210,10 +276,11 @@ class RelativePositionBias(nn.Module):
     relative = key_positions[None, :] - query_positions[:, None]  # [q, k]
     buckets = relative_position_bucket(relative, self.bidirectional, self.num_buckets,
                                        self.max_distance)
-    # One-hot contraction instead of a gather: cheap for 32 buckets and friendly to
-    # sharding the heads axis.
-    one_hot = jax.nn.one_hot(buckets, self.num_buckets, dtype=jnp.float32)  # [q, k, buckets]
-    bias = jnp.einsum("hb,qkb->hqk", jnp.asarray(table, jnp.float32), one_hot)
+    # A gather along the bucket axis, not a one-hot contraction: the gradient of the
+    # contraction ("hb,qkb->hqk" transposed, K = q * k) took 4% of a t5-small train step
+    # on XLA's CPU backend; the gather's gradient is a scatter-add of q * k values per
+    # head. The heads axis stays whole in every layout, so sharding it is unaffected.
+    bias = jnp.take(jnp.asarray(table, jnp.float32), buckets, axis=1)  # [heads, q, k]
     return bias[None]  # [1, heads, q, k]
 
 
@@ -290,7 +357,7 @@ class MultiHeadAttention(nn.Module):
                              preferred_element_type=jnp.float32)
     logits = logits.reshape((batch_k, self.num_heads, group, q_len, k_len))
     if bias is not None:  # [1, heads, q, k] -> [1, heads, 1, q, k]
-      logits = logits + jnp.asarray(bias, jnp.float32)[:, :, None]
+      logits = add_shared_bias(logits, jnp.asarray(bias, jnp.float32)[:, :, None])
     if mask is not None:
       if mask.shape[0] == batch_q and group > 1:  # per-row mask -> [batch_k, 1, group, q, k]
         mask = mask.reshape((batch_k, group) + mask.shape[1:]).transpose(0, 2, 1, 3, 4)
@@ -387,7 +454,7 @@ class MultiHeadAttention(nn.Module):
                        f"key batch {batch_k}")
     group = batch_q // batch_k
     # Created here, in the compact method, and applied by the helper.
-    dropout = functools.partial(nn.Dropout(self.dropout_rate), deterministic=deterministic)
+    dropout = functools.partial(Dropout(self.dropout_rate), deterministic=deterministic)
     # The heads-major layout pays for the gradient (training); forward-only passes
     # (evaluation, the encoder and decoder of beam search) keep the einsum layout, which
     # XLA's CPU backend runs faster there: with heads-major everywhere the quickstart's

@@ -26,7 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gensar_jax.models.layers import (Dense, Embed, KeyValue, MlpBlock,
+from gensar_jax.models.layers import (Dense, Dropout, Embed, KeyValue, MlpBlock,
                                       MultiHeadAttention, RelativePositionBias, RMSNorm,
                                       causal_mask, constrain, key_padding_mask,
                                       segment_mask)
@@ -59,7 +59,7 @@ def _mlp(config: T5Config) -> MlpBlock:
 
 def _residual_dropout(config: T5Config, x: Array, deterministic: bool) -> Array:
   # Broadcast over the length axis, as T5 does for its residual dropout.
-  return nn.Dropout(config.dropout_rate, broadcast_dims=(-2,))(x, deterministic=deterministic)
+  return Dropout(config.dropout_rate, broadcast_dims=(-2,))(x, deterministic=deterministic)
 
 
 class EncoderLayer(nn.Module):
