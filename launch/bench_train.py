@@ -80,21 +80,24 @@ def random_batch(rng: np.random.Generator, vocab_size: int, batch_size: int,
   }
 
 
-def main(argv) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_shape_flags(parser: argparse.ArgumentParser) -> None:
+  """Flags that fix the benchmarked step (shape, mesh), shared with profile_train_step.py."""
   parser.add_argument("--batch_size", type=int, default=16)
   parser.add_argument("--input_length", type=int, default=128)
   parser.add_argument("--target_length", type=int, default=8)
-  parser.add_argument("--warmup_steps", type=int, default=3)
-  parser.add_argument("--steps", type=int, default=20)
   parser.add_argument("--num_microbatches", type=int, default=1)
   parser.add_argument("--vocab_size", type=int, default=32128)
   parser.add_argument("--sentencepiece_model", default=None)
   parser.add_argument("--data", type=int, default=-1, help="mesh data axis (-1: the rest)")
   parser.add_argument("--model", type=int, default=1, help="mesh model axis")
   parser.add_argument("--fsdp", action="store_true")
-  parser.add_argument("--json_out", default=None, help="also write the figures as JSON here")
-  args, gin_args = parser.parse_known_args(argv)
+
+
+def build_step(args, gin_args):
+  """Parses gin and builds the Trainer, its initial state and 4 sharded random batches.
+
+  Returns (trainer, state, batches, config, partitioner).
+  """
   if not any(a.startswith("--gin_file") for a in gin_args):
     gin_args = ["--gin_file=gin/models/small.gin"] + gin_args
   on_cpu = jax.devices()[0].platform == "cpu"
@@ -124,6 +127,18 @@ def main(argv) -> None:
   rows = partitioner.per_host_batch_slice(batch_size)
   batches = [partitioner.shard_batch({k: v[rows] for k, v in b.items()}, batch_size)
              for b in host_batches]
+  return trainer, state, batches, config, partitioner
+
+
+def main(argv) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  add_shape_flags(parser)
+  parser.add_argument("--warmup_steps", type=int, default=3)
+  parser.add_argument("--steps", type=int, default=20)
+  parser.add_argument("--json_out", default=None, help="also write the figures as JSON here")
+  args, gin_args = parser.parse_known_args(argv)
+  trainer, state, batches, config, partitioner = build_step(args, gin_args)
+  batch_size, li, lt = args.batch_size, args.input_length, args.target_length
 
   start = time.perf_counter()
   for i in range(args.warmup_steps):

@@ -77,7 +77,7 @@ def test_decode_flops_agree_with_xla_cost_analysis():
 @pytest.mark.slow
 def test_bench_all_tiny_writes_one_json_and_one_table(tmp_path):
   out = subprocess.run([sys.executable, os.path.join(LAUNCH, "bench_all.py"), "--tiny",
-                        "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True,
+                        "--train_rounds", "2", "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True,
                        timeout=600)
   assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
   (run,) = list(tmp_path.iterdir())
@@ -96,6 +96,10 @@ def test_bench_all_tiny_writes_one_json_and_one_table(tmp_path):
     assert metrics and all(isinstance(v, (int, float)) for v in metrics.values()
                            if v is not None), metrics
   assert entries["bench_train"]["metrics"]["examples_per_s"] > 0
+  rounds = entries["bench_train"]["rounds_examples_per_s"]
+  assert len(rounds) == 2 and entries["bench_train"]["metrics"]["examples_per_s"] == min(rounds)
+  assert sorted(p.name for p in (run / "raw").glob("bench_train*.json")) == [
+      "bench_train.0.json", "bench_train.1.json"]
   decode = entries["bench_decode"]["metrics"]
   assert decode["ceiling_examples_per_s"] > 0 and decode["flops_per_example"] > 0
   assert 0 < decode["percent_of_ceiling[batch 2]"]
@@ -105,4 +109,58 @@ def test_bench_all_tiny_writes_one_json_and_one_table(tmp_path):
   assert rows[0].startswith("| script |") and set(rows[1]) <= set("|-: ")
   assert len({line.count("|") for line in rows}) == 1       # every row has every column
   assert len(rows) >= 2 + len(BENCHMARKS)
+  assert any("median of 2" in line for line in rows if "bench_train.py" in line)
   assert not list(run.glob("*.tmp"))
+
+
+def test_median_round_picks_the_middle_run_and_keeps_every_figure():
+  bench_all = load("bench_all")
+  runs = [{"name": f"bench_train.{i}", "status": "ok", "result": {"examples_per_s": v}}
+          for i, v in enumerate([5.0, 7.0, 6.0])]
+  runs.append({"name": "bench_train.3", "status": "failed"})
+  chosen = bench_all.median_round("bench_train", runs)
+  assert chosen["name"] == "bench_train" and chosen["result"]["examples_per_s"] == 6.0
+  assert chosen["rounds_examples_per_s"] == [5.0, 7.0, 6.0] and chosen["rounds_failed"] == 1
+  assert "median of 3: 5.00-7.00" in bench_all._rounds_note(chosen)
+  failed = bench_all.median_round("peer_train", runs[3:])
+  assert failed["status"] == "failed" and failed["name"] == "peer_train"
+
+
+def test_profile_parts_follow_the_op_names():
+  profile = load("profile_train_step")
+  hlo = "\n".join([
+      '  %ynn_fusion.4 = f32[8,32]{1,0} fusion(%a), kind=kCustom, metadata={op_name='
+      '"jit(f)/transpose(jvp(Transformer))/encoder/layers_0/attention/_attend_heads_major/'
+      'dot_general"}',
+      '  ROOT %dot.2 = f32[2048,1024]{1,0} dot(%x, %w), metadata={op_name="jit(f)/jvp('
+      'Transformer)/encoder/layers_0/mlp/wi_0/dot_general"}',
+      '  %multiply_add_fusion = f32[512]{0} fusion(%p), kind=kLoop, metadata={op_name='
+      '"jit(f)/add"}',
+      '  %bits = u32[4]{0} fusion(%k), metadata={op_name="jit(f)/jvp(Transformer)/mlp/'
+      'Dropout_0/threefry2x32"}'])
+  table = profile.instruction_metadata(hlo)
+  assert table["dot.2"][0] == "f32[2048,1024]{1,0}"
+  events = [{"ph": "X", "name": "ynn_fusion.4", "dur": 3000},
+            {"ph": "X", "name": "dot.2", "dur": 8000}, {"ph": "X", "name": "dot.2", "dur": 2000},
+            {"ph": "X", "name": "multiply_add_fusion", "dur": 1000},
+            {"ph": "X", "name": "bits", "dur": 500},
+            {"ph": "X", "name": "ThunkExecutor::Execute", "dur": 99000}]  # not an instruction
+  parts, top = profile.summarise(events, table, steps=2)
+  assert parts == {"dense matmuls (q, k, v, out, MLP)": 5.0,
+                   "attention core (QK^T, softmax, AV)": 1.5,
+                   profile.OPTIMIZER_PART: 0.5, "dropout": 0.25}
+  assert top[0][:2] == (5.0, "dot.2")
+
+
+def test_profile_train_step_runs_on_a_tiny_model(tmp_path):
+  out = subprocess.run(
+      [sys.executable, os.path.join(LAUNCH, "profile_train_step.py"),
+       "--gin_file=gin/models/tiny.gin", "--batch_size", "4", "--input_length", "16",
+       "--target_length", "4", "--vocab_size", "256", "--warmup_steps", "1", "--steps", "2",
+       "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+  report = json.loads((tmp_path / "profile.json").read_text())
+  parts = report["parts_ms_per_step"]
+  assert parts["dense matmuls (q, k, v, out, MLP)"] > 0 and report["wall_ms_per_step"] > 0
+  assert (tmp_path / "profile.png").stat().st_size > 0
+  assert "| part | ms per step | share |" in (tmp_path / "profile.md").read_text()
