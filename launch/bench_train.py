@@ -10,10 +10,12 @@ the timed steps end with a device sync.
 
 Model FLOPs per step (the MFU numerator; forward + backward = 3 x forward, each
 multiply-add 2 FLOPs, hence the 6):
-  6 x (P_enc x B x L_in + (P_dec + P_logits) x B x L_tgt)       dense layers
+  6 x (P_enc x B x L_in + P_cross_kv x B x L_in + (P_dec + P_logits) x B x L_tgt)
   + 12 x B x H x D x (n_enc x L_in^2 + n_dec x (L_tgt^2 + L_tgt x L_in))   attention scores
 where P_enc / P_dec are the encoder / decoder parameters without the embedding table (a
-lookup, no FLOPs), P_logits the output projection, H x D the joined head width, and
+lookup, no FLOPs), P_cross_kv the decoder's cross-attention key and value kernels (they
+project the L_in encoder outputs, not the targets; P_dec excludes them), P_logits the
+output projection, H x D the joined head width, and
 attention counts QK^T and AV (2 x 2 x Lq x Lk x H x D forward) in every self- and
 cross-attention block, the causal mask not discounted. MFU = model FLOPs per second /
 (peak dense bf16 FLOP/s per chip x chips); remat or padding work is not credited. XLA's own
@@ -50,13 +52,25 @@ def _count(tree: Any) -> int:
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
 
 
+def _cross_attention_kv(decoder_params: Any) -> int:
+  """Parameters of the decoder's cross-attention key and value kernels."""
+  total = 0
+  for path, leaf in jax.tree_util.tree_flatten_with_path(decoder_params)[0]:
+    names = {getattr(entry, "key", None) for entry in path}
+    if "encoder_decoder_attention" in names and names & {"key", "value"}:
+      total += int(np.prod(leaf.shape))
+  return total
+
+
 def model_flops_per_step(params_shape: Any, config: T5Config, batch_size: int,
                          input_length: int, target_length: int) -> Dict[str, float]:
   """The formula of the module docstring, from the abstract params."""
   embedding = _count(params_shape.get("token_embedder", {}))
   encoder = _count(params_shape.get("encoder", {}))
   decoder_all = _count(params_shape.get("decoder", {}))
-  dense = 6 * batch_size * (encoder * input_length + decoder_all * target_length)
+  cross_kv = _cross_attention_kv(params_shape.get("decoder", {}))
+  dense = 6 * batch_size * ((encoder + cross_kv) * input_length
+                            + (decoder_all - cross_kv) * target_length)
   joined = config.num_heads * config.head_dim
   attention = 12 * batch_size * joined * (
       config.num_encoder_layers * input_length ** 2

@@ -164,3 +164,24 @@ def test_profile_train_step_runs_on_a_tiny_model(tmp_path):
   assert parts["dense matmuls (q, k, v, out, MLP)"] > 0 and report["wall_ms_per_step"] > 0
   assert (tmp_path / "profile.png").stat().st_size > 0
   assert "| part | ms per step | share |" in (tmp_path / "profile.md").read_text()
+
+
+def test_train_flops_count_cross_attention_keys_and_values_per_input_token():
+  import jax
+  import seqio
+  from gensar_jax.models import EncoderDecoderModel, T5Config, Transformer
+  bench_train = load("bench_train")
+  config = T5Config(vocab_size=128, emb_dim=16, num_heads=2, head_dim=8, mlp_dim=32,
+                    num_encoder_layers=2, num_decoder_layers=3, dropout_rate=0.0)
+  model = EncoderDecoderModel(Transformer(config), seqio.PassThroughVocabulary(128, eos_id=1))
+  shapes = {"encoder_input_tokens": (2, 8), "decoder_input_tokens": (2, 4)}
+  params = jax.eval_shape(
+      lambda: model.get_initial_variables(jax.random.PRNGKey(0), shapes)["params"])
+  cross_kv = bench_train._cross_attention_kv(params["decoder"])
+  assert cross_kv == 3 * 2 * 16 * 16   # layers x (key, value) x [embed, heads * head_dim]
+
+  def dense(li, lt):
+    return bench_train.model_flops_per_step(params, config, 2, li, lt)["dense"]
+
+  encoder = bench_train._count(params["encoder"])
+  assert dense(9, 4) - dense(8, 4) == 6 * 2 * (encoder + cross_kv)
