@@ -2,7 +2,8 @@
 
 `add_shared_bias` is `x + bias` with a hand-written gradient (a product instead of a
 reduction over the batch), `Dropout` draws 16-bit keep decisions instead of Flax's float
-uniforms; `RelativePositionBias` gathers instead of contracting a one-hot.
+uniforms; `RelativePositionBias` (a one-hot contraction) puts each bucket's value and
+gradient where a gather would.
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ def test_add_shared_bias_value_and_gradients_match_plain_addition(x_shape, bias_
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
 
 
-def test_relative_position_bias_gathers_the_bucket_of_every_pair():
+def test_relative_position_bias_reads_the_bucket_of_every_pair():
   module = RelativePositionBias(num_heads=3, bidirectional=True, num_buckets=8, max_distance=16)
   q, k = jnp.arange(5), jnp.arange(7)
   params = meta.unbox(module.init(jax.random.PRNGKey(0), q, k))
