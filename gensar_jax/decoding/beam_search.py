@@ -72,11 +72,8 @@ def gather_batch_beams(x: jax.Array, beam_indices: jax.Array) -> jax.Array:
 
 def step_log_probs(tokens_to_logits: TokensToLogits, last_tokens: jax.Array, cache: Any):
   """Runs the decoder one step for [batch, beams] last tokens -> log-probs [batch, beams, V]."""
-  batch, beams = last_tokens.shape
-  logits, cache = tokens_to_logits(last_tokens.reshape(batch * beams, 1), cache)
-  logits = logits.astype(jnp.float32)                       # [batch * beams, vocab]
-  log_probs = jax.nn.log_softmax(logits, axis=-1)
-  return log_probs.reshape(batch, beams, -1), logits.reshape(batch, beams, -1), cache
+  logits, cache = step_logits(tokens_to_logits, last_tokens, cache)   # [batch, beams, vocab]
+  return jax.nn.log_softmax(logits, axis=-1), logits, cache
 
 
 def write_position(sequences: jax.Array, step: jax.Array, tokens: jax.Array) -> jax.Array:
