@@ -34,6 +34,7 @@ import jax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_train  # noqa: E402  (launch/, next to this file)
+from bench_all import write_atomic  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -111,10 +112,7 @@ def write_outputs(out_dir: str, report: dict, top: list, top_n: int) -> None:
   paths = {"profile.json": json.dumps(report, indent=1) + "\n",
            "profile.md": "\n".join(lines) + "\n"}
   for name, text in paths.items():
-    tmp = os.path.join(out_dir, name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-      f.write(text)
-    os.replace(tmp, os.path.join(out_dir, name))
+    write_atomic(os.path.join(out_dir, name), text)
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
