@@ -163,8 +163,8 @@ def test_precomputed_cross_attention_kv_gives_the_same_logits(tiny):
   encoded = jax.jit(model.encode)(params, ENCODER_TOKENS)
   cross_kv = jax.jit(model.cross_attention_kv)(params, encoded)
   assert len(cross_kv) == TINY["num_decoder_layers"]
-  for key, value in cross_kv:  # [batch, input_length, heads, head_dim]
-    assert key.shape == value.shape == (2, 7, 2, 16) and key.dtype == jnp.float32
+  for key, value in cross_kv:  # heads-major: [batch, heads, input_length, head_dim]
+    assert key.shape == value.shape == (2, 2, 7, 16) and key.dtype == jnp.float32
   full = _forward(model, params, ENCODER_TOKENS, DECODER_INPUTS)
   per_step, _ = _incremental_logits(model, params, ENCODER_TOKENS, DECODER_INPUTS)
   precomputed, cache = _incremental_logits(model, params, ENCODER_TOKENS, DECODER_INPUTS,
@@ -310,4 +310,4 @@ def test_sharded_forward_under_logical_rules_matches_unsharded(tiny):
                              _forward(model, params, ENCODER_TOKENS, DECODER_INPUTS), atol=1e-5)
   # Precomputed cross-attention K/V keep the logical constraint: heads on the model axis.
   for leaf in jax.tree.leaves(cross_kv):
-    assert leaf.sharding.spec == PartitionSpec("data", None, "model")  # [batch, k, heads, kv]
+    assert leaf.sharding.spec == PartitionSpec("data", "model")  # [batch, heads, k, kv]

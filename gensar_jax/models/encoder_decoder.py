@@ -77,10 +77,11 @@ def token_cross_entropy(logits: Array, targets: Array, weights: Array, label_smo
 
 
 def _cache_length(cache: Cache) -> int:
-  """Length of the KV cache: axis 1 of any `cached_key` leaf (static)."""
+  """Length of the KV cache: axis 2 of any `cached_key` leaf (static; the cache is
+  heads-major, [batch, heads, max_length, head_dim])."""
   for path, leaf in jax.tree_util.tree_flatten_with_path(cache)[0]:
     if getattr(path[-1], "key", None) == "cached_key":
-      return int(leaf.shape[1])
+      return int(leaf.shape[2])
   raise ValueError("decode_step: the cache has no 'cached_key' leaf; build it with "
                    "init_decoder_cache (a model with 0 decoder layers cannot decode)")
 
@@ -172,7 +173,7 @@ class EncoderDecoderModel:
 
   def cross_attention_kv(self, params: Params, encoded: Array) -> CrossAttentionKV:
     """encoded [batch, input_length, embed] -> one KeyValue per decoder layer, each
-    [batch, input_length, heads, head_dim]; pass it to decode_step in place of `encoded`."""
+    [batch, heads, input_length, head_dim]; pass it to decode_step in place of `encoded`."""
     return self.module.apply({"params": params}, encoded,
                              method=Transformer.cross_attention_kv)
 

@@ -288,11 +288,14 @@ class RelativePositionBias(nn.Module):
 
 
 class KeyValue(NamedTuple):
-  """Projected attention keys and values, each [batch, length, heads, head_dim].
+  """Projected attention keys and values, each heads-major: [batch, heads, length, head_dim].
 
   What `MultiHeadAttention.project_kv` returns and what its `inputs_kv` accepts in place of
   the raw inputs: the decoder's cross-attention attends to the same encoder output at every
-  decoding step, so its projections are computed once and passed in.
+  decoding step, so its projections are computed once and passed in. Heads-major is the
+  layout of the attention products' operands, so a decode step reads them as they are
+  instead of re-laying out every layer's keys and values at every step (that transpose was
+  about 5% of a t5-small constrained decode on CPU).
   """
   key: Array
   value: Array
@@ -301,8 +304,8 @@ class KeyValue(NamedTuple):
 class MultiHeadAttention(nn.Module):
   """Bias-free multi-head dot-product attention with an optional incremental KV cache.
 
-  With `decode=True` the module keeps `cached_key` / `cached_value` ([batch, max_length,
-  heads, head_dim]) and a scalar `cache_index` in the 'cache' collection. The first call
+  With `decode=True` the module keeps `cached_key` / `cached_value` ([batch, heads,
+  max_length, head_dim], heads-major) and a scalar `cache_index` in the 'cache' collection. The first call
   (made with the full-length input, e.g. under `jax.eval_shape`) only creates them; every
   later call takes one new position, writes its key/value at `cache_index`, and attends
   over the positions written so far. Only self-attention uses the cache.
@@ -335,25 +338,30 @@ class MultiHeadAttention(nn.Module):
     x = x.reshape(x.shape[:-1] + (self.num_heads, self.head_dim))
     return constrain(x, ("batch", "length", "heads", "kv"))
 
+  def _heads_major(self, x: Array) -> Array:
+    """[batch, length, heads, kv] -> [batch, heads, length, kv]."""
+    return constrain(x.transpose(0, 2, 1, 3), ("batch", "heads", "length", "kv"))
+
   def project_kv(self, inputs_kv: Array) -> KeyValue:
-    """inputs_kv [batch, k, embed] -> its keys and values, each [batch, k, heads, kv]."""
-    return KeyValue(self._split_heads(self.key(inputs_kv)),
-                    self._split_heads(self.value(inputs_kv)))
+    """inputs_kv [batch, k, embed] -> its keys and values, each [batch, heads, k, kv]."""
+    return KeyValue(self._heads_major(self._split_heads(self.key(inputs_kv))),
+                    self._heads_major(self._split_heads(self.value(inputs_kv))))
 
   def _attend_heads_major(self, query, key, value, mask, bias, group, dropout):
-    """Training attention: [batch_q, q, heads, kv] -> [batch_q, q, heads, kv].
+    """query [batch_q, q, heads, kv], key/value [batch_k, heads, k, kv] -> like the query.
 
     Heads-major layout, the group's queries stacked on the query axis, so both products
-    are plain batched matmuls over (example, head): XLA's CPU backend ran the gradients of
-    the five-axis einsums of `_attend_einsum` markedly slower.
+    are plain batched matmuls over (example, head). Training uses it because XLA's CPU
+    backend ran the gradients of the five-axis einsums of `_attend_einsum` markedly slower;
+    a decode step because its keys and values (cache, cross-attention) are kept
+    heads-major, so only the one-position query and context are transposed.
     """
     batch_q, q_len = query.shape[:2]
-    batch_k, k_len = key.shape[:2]
+    batch_k, k_len = key.shape[0], key.shape[2]
     # [batch_k, heads, group * q, kv]
     query = query.reshape((batch_k, group) + query.shape[1:]).transpose(0, 3, 1, 2, 4)
     query = query.reshape((batch_k, self.num_heads, group * q_len, self.head_dim))
-    key = key.transpose(0, 2, 1, 3)  # [batch_k, heads, k, kv]
-    value = jnp.asarray(value, self.dtype).transpose(0, 2, 1, 3)  # [batch_k, heads, k, kv]
+    value = jnp.asarray(value, self.dtype)
     batched = ((0, 1), (0, 1))
     # [batch_k, heads, group, q, k], float32 for a stable softmax
     logits = lax.dot_general(query, key, (((3,), (3,)), batched),
@@ -408,26 +416,34 @@ class MultiHeadAttention(nn.Module):
     """inputs_q [batch, q, embed], inputs_kv [batch, k, embed] or its `project_kv`;
     mask [batch|1, 1, q, k] (True = may attend), bias [1, heads, q, k] -> [batch, q, embed]."""
     query = self._split_heads(self.query(inputs_q))
-    if isinstance(inputs_kv, KeyValue):
+    heads_major = isinstance(inputs_kv, KeyValue)
+    if heads_major:
       if decode:
         raise ValueError("MultiHeadAttention: precomputed keys/values are for "
                          "cross-attention; the decode cache projects each new position")
-      expected = (self.num_heads, self.head_dim)
-      if inputs_kv.key.shape[2:] != expected or inputs_kv.value.shape != inputs_kv.key.shape:
+      if (inputs_kv.key.ndim != 4 or inputs_kv.key.shape[1] != self.num_heads
+          or inputs_kv.key.shape[3] != self.head_dim
+          or inputs_kv.value.shape != inputs_kv.key.shape):
         raise ValueError(f"MultiHeadAttention: precomputed key {inputs_kv.key.shape} / value "
-                         f"{inputs_kv.value.shape} do not match [batch, k, {expected[0]}, "
-                         f"{expected[1]}]")
+                         f"{inputs_kv.value.shape} do not match [batch, {self.num_heads}, k, "
+                         f"{self.head_dim}] (heads-major, as project_kv returns)")
       key, value = inputs_kv
+    elif decode:
+      key, value = self.project_kv(inputs_kv)  # [batch, heads, length, kv]
+      heads_major = True
     else:
-      key, value = self.project_kv(inputs_kv)
+      key = self._split_heads(self.key(inputs_kv))  # [batch, k, heads, kv]
+      value = self._split_heads(self.value(inputs_kv))
 
     if decode:
+      # The cache is heads-major, [batch, heads, max_length, kv]: the layout the one-query
+      # attention products read, so a step never re-lays out the whole cache.
       is_initialized = self.has_variable("cache", "cached_key")
       cached_key = self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)
       cached_value = self.variable("cache", "cached_value", jnp.zeros, value.shape, value.dtype)
       cache_index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
       if is_initialized:
-        batch, max_length, heads, head_dim = cached_key.value.shape
+        batch, heads, max_length, head_dim = cached_key.value.shape
         if query.shape[1] != 1:
           raise ValueError(f"MultiHeadAttention: incremental decoding takes one position per "
                            f"step, got query length {query.shape[1]}")
@@ -436,12 +452,12 @@ class MultiHeadAttention(nn.Module):
                            f"the cache batch {batch}; build the cache for the same batch "
                            "(beams included)")
         index = cache_index.value
-        # [batch, max_length, heads, kv] with this step's key/value at `index`
+        # [batch, heads, max_length, kv] with this step's key/value at `index`
         key = lax.dynamic_update_slice(cached_key.value, key.astype(cached_key.value.dtype),
-                                       (0, index, 0, 0))
+                                       (0, 0, index, 0))
         value = lax.dynamic_update_slice(cached_value.value,
                                          value.astype(cached_value.value.dtype),
-                                         (0, index, 0, 0))
+                                         (0, 0, index, 0))
         cached_key.value, cached_value.value = key, value
         cache_index.value = index + 1
         # Positions not yet written (> index) are hidden. [1, 1, 1, max_length]
@@ -458,12 +474,16 @@ class MultiHeadAttention(nn.Module):
     group = batch_q // batch_k
     # Created here, in the compact method, and applied by the helper.
     dropout = functools.partial(Dropout(self.dropout_rate), deterministic=deterministic)
-    # The heads-major layout pays for the gradient (training); forward-only passes
-    # (evaluation, the encoder and decoder of beam search) keep the einsum layout, which
-    # XLA's CPU backend runs faster there: with heads-major everywhere the quickstart's
-    # test evaluation took 89 s instead of 32 s for 320 examples per task.
-    if query.shape[1] > 1 and not deterministic:
+    # The heads-major layout pays for the gradient (training) and suits keys that are
+    # already heads-major (decode cache, precomputed cross-attention); other forward-only
+    # passes (evaluation, the encoder) keep the einsum layout, which XLA's CPU backend runs
+    # faster there: with heads-major everywhere the quickstart's test evaluation took 89 s
+    # instead of 32 s for 320 examples per task.
+    if heads_major:
       context = self._attend_heads_major(query, key, value, mask, bias, group, dropout)
+    elif query.shape[1] > 1 and not deterministic:
+      context = self._attend_heads_major(query, self._heads_major(key),
+                                         self._heads_major(value), mask, bias, group, dropout)
     else:
       context = self._attend_einsum(query, key, value, mask, bias, group, dropout)
     context = constrain(context, ("batch", "length", "heads", "kv"))

@@ -90,7 +90,7 @@ class DecoderLayer(nn.Module):
     self.encoder_decoder_attention = _attention(self.config, None)
 
   def cross_attention_kv(self, encoded: Array) -> KeyValue:
-    """encoded [batch, input_length, embed] -> keys/values [batch, input_length, heads, kv]."""
+    """encoded [batch, input_length, embed] -> keys/values [batch, heads, input_length, kv]."""
     return self.encoder_decoder_attention.project_kv(encoded)
 
   @nn.compact
@@ -151,7 +151,7 @@ class Decoder(nn.Module):
 
   def cross_attention_kv(self, encoded: Array) -> CrossAttentionKV:
     """encoded [batch, input_length, embed] -> one KeyValue per layer, each
-    [batch, input_length, heads, kv] in the compute dtype."""
+    [batch, heads, input_length, kv] in the compute dtype."""
     encoded = jnp.asarray(encoded, self.config.compute_dtype)
     return tuple(layer.cross_attention_kv(encoded) for layer in self.layers)
 
