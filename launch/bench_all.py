@@ -4,6 +4,7 @@
   .venv/bin/python launch/bench_all.py                         # --quick sizes (default)
   .venv/bin/python launch/bench_all.py --full                  # each script's own defaults
   .venv/bin/python launch/bench_all.py --torch_python /tmp/hfvenv/bin/python   # + PyTorch peer
+  .venv/bin/python launch/bench_all.py --static_path /tmp/static   # + the STATIC peer
   .venv/bin/python launch/bench_all.py --tiny --out /tmp/b     # seconds-sized smoke run
   .venv/bin/python launch/bench_all.py --only bench_train --torch_python /tmp/hfvenv/bin/python \
       --train_rounds 5                                         # train vs PyTorch, 5 alternating rounds
@@ -22,7 +23,9 @@ runs/ml100k_quickstart), launch/bench_decode.py (constrained beam decode with it
 ceiling, catalogue tries), launch/bench_identifiers.py (RQ-VAE epoch, ID assignment), and
 with --torch_python the PyTorch peer launch/peers/bench_torch_t5.py at the same shapes, its
 train step right after bench_train and its constrained `generate` (unless
---no_peer_decode) right after bench_decode. launch/load_test.py is
+--no_peer_decode) right after bench_decode; with --static_path the STATIC peer
+launch/peers/bench_static.py (run with this Python: its JAX code needs nothing else) on
+bench_decode's catalogues, right after bench_decode. launch/load_test.py is
 not run: it needs an exported model artifact and a server, not a fixed synthetic shape.
 
 Sizes: --quick (default) times each shape briefly (10 train steps, one decode batch of 8,
@@ -232,6 +235,13 @@ def summarise(entry: Dict, machine: Dict) -> None:
     for row in r:
       for key in ("epoch_s", "train_items_per_s", "assign_s", "assign_items_per_s"):
         entry["metrics"][f"{key}[{row['items']} items]"] = row[key]
+  elif name == "peer_static":
+    entry["metrics"] = {}
+    for row in r["catalogue"]:
+      n = row["sequences"]
+      for key in ("build_s", "bytes_per_identifier", "decode_ms", "native_build_s",
+                  "native_bytes_per_identifier"):
+        entry["metrics"][f"{key}[{n} sequences]"] = row[key]
   elif name.startswith("peer_"):
     entry["metrics"] = {"examples_per_s": r["examples_per_s"]}
 
@@ -248,6 +258,44 @@ def _ratio(ours: Optional[float], peer: Optional[Dict]) -> List[str]:
     return ["-", "-"]
   theirs = peer["result"]["examples_per_s"]
   return [f"{theirs:.2f} ex/s", f"**{ours / theirs:.2f}x**" if ours else "n/a"]
+
+
+def static_rows_against(ours: Dict, theirs: Dict, args: Dict) -> List[List[str]]:
+  """Two table rows setting a bench_decode catalogue row beside STATIC's on the same
+  sequences (launch/peers/bench_static.py): our catalogue at vocab 2,048, and STATIC's own
+  4-level setting. Ratios are how many times faster / smaller ours is."""
+  def times(peer: float, own: float) -> str:
+    return f"**{peer / own:.1f}x**" if own else "n/a"
+
+  same = (f"STATIC on the same {theirs['sequences']:,} sequences: build "
+          f"{theirs['build_s']:.2f} s (sort included), {theirs['bytes_per_identifier']:.1f} "
+          f"B/id, decode {theirs['decode_ms']:.2f} ms at vocab 2,048")
+  native = (f"STATIC: build {theirs['native_build_s']:.2f} s, "
+            f"{theirs['native_bytes_per_identifier']:.1f} B/id")
+  return [
+      ["`bench_decode.py` vs `peers/bench_static.py`",
+       f"the catalogue above, batch {args['mask_batch']} x {args['mask_beams']} beams, vocab "
+       "2,048", f"build {ours['build_s']:.2f} s, {ours['bytes_per_identifier']:.1f} B/id, "
+       f"decode {ours['decode_ms_static_vocab']:.2f} ms", "-", "-", same,
+       f"build {times(theirs['build_s'], ours['build_s'])}, bytes "
+       f"{times(theirs['bytes_per_identifier'], ours['bytes_per_identifier'])}, decode "
+       f"{times(theirs['decode_ms'], ours['decode_ms_static_vocab'])}"],
+      ["`bench_decode.py` vs `peers/bench_static.py`",
+       f"STATIC's setting: {ours['native_identifiers']:,} IDs of 4 codes in [0, 256)",
+       f"build {ours['native_build_s']:.2f} s, {ours['native_bytes_per_identifier']:.1f} B/id",
+       "-", "-", native,
+       f"build {times(theirs['native_build_s'], ours['native_build_s'])}, bytes "
+       f"{times(theirs['native_bytes_per_identifier'], ours['native_bytes_per_identifier'])}"],
+  ]
+
+
+def catalogue_sizes(script_args: List[str]) -> List[str]:
+  """bench_decode's --catalogue_sizes values in `script_args` (its default when absent)."""
+  if "--catalogue_sizes" not in script_args:
+    return ["100000", "1000000"]
+  values = script_args[script_args.index("--catalogue_sizes") + 1:]
+  return [v for v in values[:next((i for i, v in enumerate(values) if v.startswith("--")),
+                                   len(values))]]
 
 
 def table_rows(entries: Dict[str, Dict], machine: Dict) -> List[List[str]]:
@@ -292,12 +340,20 @@ def table_rows(entries: Dict[str, Dict], machine: Dict) -> List[List[str]]:
         rows.append(["`bench_decode.py`", shape, f"{row['examples_per_s']:.2f} ex/s",
                      f"{row['flops_per_s'] / 1e9:.1f} GFLOP/s", peak,
                      *_ratio(row["examples_per_s"], entries.get("peer_decode"))])
+      static = entries.get("peer_static")
+      static_rows = ({p["sequences"]: p for p in static["result"]["catalogue"]}
+                     if static and static["status"] == "ok" else {})
       for row in r["catalogue"]:
         rows.append(["`bench_decode.py`", f"catalogue trie, {row['sequences']:,} SIDs + CIDs",
                      f"build {row['build_s']:.2f} s, {row['bytes_per_identifier']:.1f} B/id, "
                      f"mask {row['mask_us_dense']:.0f} / {row['mask_us_csr']:.0f} us, decode "
                      f"{row['decode_ms']:.2f} ms (batch {args['mask_batch']} x "
                      f"{args['mask_beams']} beams)", "-", "-", "-", "-"])
+        if row["sequences"] in static_rows:
+          rows += static_rows_against(row, static_rows[row["sequences"]], args)
+      if static and static["status"] != "ok":
+        rows.append(["`peers/bench_static.py`", "STATIC", static["status"],
+                     "-", "-", "-", "-"])
     elif name == "bench_identifiers":
       for row in r:
         rows.append(["`bench_identifiers.py`", f"RQ-VAE + assignment, {row['items']:,} items",
@@ -383,6 +439,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                       help="run only these benchmarks (the peers follow their shapes)")
   parser.add_argument("--torch_python", default=None,
                       help="a Python with torch + transformers: also run the PyTorch peer")
+  parser.add_argument("--static_path", default=None,
+                      help="a checkout of youtube/static-constraint-decoding: also run the "
+                           "STATIC peer on bench_decode's catalogues")
   parser.add_argument("--no_peer_decode", action="store_true",
                       help="with --torch_python, skip the (slow on CPU) generate() peer")
   parser.add_argument("--train_rounds", type=int, default=1,
@@ -435,6 +494,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         # Right after ours, so that both sides meet about the same load on a shared machine.
         entries[f"peer_{mode}"] = run_script(f"peer_{mode}", peer_command, out_dir,
                                              args.timeout_s)
+      if name == "bench_decode" and args.static_path:
+        static_command = [python, os.path.join(LAUNCH, "peers", "bench_static.py"),
+                          "--static_path", os.path.abspath(args.static_path),
+                          "--catalogue_sizes", *catalogue_sizes(script_args)]
+        entries["peer_static"] = run_script("peer_static", static_command, out_dir,
+                                            args.timeout_s)
       continue
     ours, theirs = [], []
     for i in range(rounds):  # alternating, so a burst of other work hits both sides alike

@@ -59,6 +59,23 @@ def random_identifiers(rng, n: int, codebook: int, behaviour: int) -> np.ndarray
   return np.unique(rows.astype(np.int32), axis=0)
 
 
+def catalogue_sequences(n: int) -> np.ndarray:
+  """The catalogue of an n-item benchmark: n random SIDs under <src_item> and n CIDs under
+  <rec_item> (4 levels x 256 codes each), the same for every run and for the STATIC peer
+  (launch/peers/bench_static.py), which builds its index from exactly these sequences."""
+  rng = np.random.default_rng((1, n))
+  return np.concatenate([random_identifiers(rng, n, 256, SRC_ITEM),
+                         random_identifiers(rng, n, 256, REC_ITEM)])  # [~2n, 6]
+
+
+def native_identifiers(n: int) -> np.ndarray:
+  """[~n, 4] distinct identifiers of 4 codes in [0, 256), no behaviour token, no EOS, codes
+  shared across levels: STATIC's own benchmark setting, where its build and bytes were
+  first measured; the STATIC peer builds from exactly these too."""
+  rng = np.random.default_rng((2, n))
+  return np.unique(rng.integers(0, 256, size=(n, 4)).astype(np.int32), axis=0)
+
+
 def peak_rss_gib() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
@@ -111,7 +128,8 @@ MODEL_COLUMNS = ("batch", "examples_per_s", "seconds_per_batch", "compile_s", "t
 CATALOGUE_COLUMNS = ("sequences", "build_s", "edges", "mib", "bytes_per_edge",
                      "bytes_per_identifier", "mask_us_dense", "mask_us_csr",
                      "candidates_us_dense", "candidates_us_csr", "decode_ms",
-                     "decode_ms_static_vocab")
+                     "decode_ms_static_vocab", "native_identifiers", "native_build_s",
+                     "native_bytes_per_identifier")
 
 
 def model_flops(args) -> dict:
@@ -139,8 +157,7 @@ def bench_catalogue(args) -> list:
   rng = np.random.default_rng(1)
   rows = []
   for n in args.catalogue_sizes:
-    sequences = np.concatenate([random_identifiers(rng, n, 256, SRC_ITEM),
-                                random_identifiers(rng, n, 256, REC_ITEM)])  # SIDs + CIDs
+    sequences = catalogue_sequences(n)  # SIDs + CIDs
     start = time.perf_counter()
     host_trie = trie_lib.build_trie(sequences)
     build_s = time.perf_counter() - start
@@ -158,9 +175,14 @@ def bench_catalogue(args) -> list:
       candidates_us.append(best_us(lookup_fn, trie, state, repeats=args.mask_repeats))
     decode_ms = [full_decode_ms(args, trie, rng, vocab)
                  for vocab in (args.vocab_size, args.static_vocab_size)]
+    native = native_identifiers(n)
+    start = time.perf_counter()
+    native_trie = trie_lib.build_trie(native)
+    native_build_s = time.perf_counter() - start
     rows.append((len(sequences), build_s, edges, host_trie.nbytes() / 2**20,
                  host_trie.bytes_per_edge(), host_trie.nbytes() / len(sequences),
-                 *mask_us, *candidates_us, *decode_ms))
+                 *mask_us, *candidates_us, *decode_ms, len(native), native_build_s,
+                 native_trie.nbytes() / len(native)))
   return rows
 
 
@@ -234,11 +256,12 @@ def main():
         f"{args.mask_batch} x beams {args.mask_beams}, vocab {args.vocab_size}")
   print(f"{'sequences':>10} {'build s':>8} {'edges':>10} {'MiB':>8} {'B/edge':>7} {'B/id':>6} "
         f"{'mask us (dense)':>15} {'mask us (CSR)':>13} {'lookup us (dense)':>17} "
-        f"{'lookup us (CSR)':>15} {'decode ms':>9} {f'at vocab {args.static_vocab_size}':>14}")
+        f"{'lookup us (CSR)':>15} {'decode ms':>9} {f'at vocab {args.static_vocab_size}':>14} "
+        f"{'native ids':>10} {'build s':>8} {'B/id':>6}")
   for row in bench_catalogue(args):
     result["catalogue"].append(dict(zip(CATALOGUE_COLUMNS, row)))
     print("{:>10} {:>8.2f} {:>10} {:>8.1f} {:>7.2f} {:>6.2f} {:>15.1f} {:>13.1f} {:>17.1f} "
-          "{:>15.1f} {:>9.2f} {:>14.2f}".format(*row))
+          "{:>15.1f} {:>9.2f} {:>14.2f} {:>10} {:>8.2f} {:>6.2f}".format(*row))
   if args.json_out:
     with open(args.json_out, "w", encoding="utf-8") as f:
       json.dump(result, f, indent=1, default=float)

@@ -185,3 +185,48 @@ def test_train_flops_count_cross_attention_keys_and_values_per_input_token():
 
   encoder = bench_train._count(params["encoder"])
   assert dense(9, 4) - dense(8, 4) == 6 * 2 * (encoder + cross_kv)
+
+
+def test_static_peer_reads_bench_decodes_catalogues_and_sets_ratios_beside_ours():
+  """The STATIC peer builds from exactly bench_decode's sequences (same every run), takes
+  bench_decode's --catalogue_sizes, and its table rows say how many times faster / smaller
+  ours is."""
+  import numpy as np
+  bench_decode, bench_all = load("bench_decode"), load("bench_all")
+  a, b = bench_decode.catalogue_sequences(500), bench_decode.catalogue_sequences(500)
+  np.testing.assert_array_equal(a, b)
+  assert a.shape[1] == 6 and set(a[:, 0]) == {bench_decode.SRC_ITEM, bench_decode.REC_ITEM}
+  assert len(np.unique(a, axis=0)) == len(a) and a.max() < 2048  # fits STATIC's vocab
+  native = bench_decode.native_identifiers(500)
+  assert native.shape[1] == 4 and native.min() >= 0 and native.max() < 256
+  assert len(np.unique(native, axis=0)) == len(native)
+  assert bench_all.catalogue_sizes(["--batches", "8", "--catalogue_sizes", "100", "2000",
+                                    "--mask_repeats", "5"]) == ["100", "2000"]
+  assert bench_all.catalogue_sizes(["--batches", "8"]) == ["100000", "1000000"]
+  ours = {"sequences": 2000, "build_s": 0.5, "bytes_per_identifier": 10.0,
+          "decode_ms_static_vocab": 1.0, "native_identifiers": 1000, "native_build_s": 0.1,
+          "native_bytes_per_identifier": 12.0}
+  theirs = {"sequences": 2000, "build_s": 1.0, "bytes_per_identifier": 40.0, "decode_ms": 2.5,
+            "native_build_s": 0.3, "native_bytes_per_identifier": 24.0}
+  same, own = bench_all.static_rows_against(ours, theirs, {"mask_batch": 2, "mask_beams": 70})
+  assert same[-1] == "build **2.0x**, bytes **4.0x**, decode **2.5x**"
+  assert own[-1] == "build **3.0x**, bytes **2.0x**"
+
+
+def test_static_peer_model_feeds_each_step_its_own_logits():
+  import jax.numpy as jnp
+  import numpy as np
+  spec = importlib.util.spec_from_file_location(
+      "bench_static", os.path.join(LAUNCH, "peers", "bench_static.py"))
+  bench_static = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench_static)
+  logits = jnp.arange(3 * 4 * 5, dtype=jnp.float32).reshape(3, 4, 5)  # [steps, rows, vocab]
+  model = bench_static.precomputed_logits_model(logits)
+  first, key = model(jnp.zeros((2, 1), jnp.int32), jnp.int32(0))  # step 0: batch rows only
+  assert first.shape == (2, 1, 5) and int(key) == 1
+  np.testing.assert_array_equal(first[:, 0], logits[0, :2])
+  second, key = model(jnp.zeros((4, 1), jnp.int32), key)
+  np.testing.assert_array_equal(second[:, 0], logits[1])
+  assert int(key) == 2
+  with pytest.raises(SystemExit, match="no static_decoding"):
+    bench_static.main(["--static_path", "/nonexistent", "--catalogue_sizes", "10"])
