@@ -12,7 +12,11 @@ Prints two tables:
    of a decode is the log-softmax normaliser over the vocabulary).
 The model table also states the decode ceiling: FLOPs per example (launch/decode_flops.py
 derives them), the device's measured fp32 matmul peak (launch/bench_machine.py), ceiling
-examples/s = peak / FLOPs per example, and each batch's examples/s as a share of it.
+examples/s = peak / FLOPs per example, and each batch's examples/s as a share of it; and a
+second, shape-aware limit: the same decode's dense matmuls timed alone at their own shapes
+(`matmuls_alone_seconds`; a decoder step's 240-row products read ~120 MB of weights that
+no cache holds, so they run well below the square-matmul peak), with each batch's
+examples/s as a share of that.
 `--json_out PATH` also writes both tables and the ceiling as JSON (launch/bench_all.py).
 
   .venv/bin/python launch/bench_decode.py                       # full run (minutes on CPU)
@@ -140,6 +144,78 @@ def model_flops(args) -> dict:
       decode_steps=6)
 
 
+def matmuls_alone_seconds(args, batch: int, repeats: int = 5) -> dict:
+  """Best seconds per batch of the decode's dense matmuls alone, at the decode's own shapes.
+
+  The ceiling above divides by a large square matmul's rate with its operands in cache. A
+  decode's matmuls are smaller ([batch x input_length] rows in the encoder, [batch x beams]
+  in each decoder step) and read every layer's own weights (about 120 MB per decoder step
+  for t5-small, more than the caches hold). This chains exactly those products, one
+  distinct weight matrix per layer and projection as in the model, plus only the
+  elementwise work that links them: the encoder once (with the cross-attention K/V
+  projections), one decoder step over beam 0 of each example (step 0) and one over every
+  beam (with the output logits), the latter times the 5 later steps. Its
+  examples/s is what this device allows for these shapes, the machine's limit for this
+  decode.
+  """
+  size = MODEL_SIZES[args.model]
+  emb, mlp = size["emb_dim"], size["mlp_dim"]
+  joined = size["num_heads"] * size["head_dim"]
+  key = iter(jax.random.split(jax.random.PRNGKey(3), 1000))
+
+  def weights(*shape):
+    return jax.random.normal(next(key), shape, jnp.float32) / shape[0] ** 0.5
+
+  def layer_weights(cross: bool):
+    names = {"q": (emb, joined), "k": (emb, joined), "v": (emb, joined), "o": (joined, emb),
+             "wi_0": (emb, mlp), "wi_1": (emb, mlp), "wo": (mlp, emb)}
+    if cross:
+      names.update(cq=(emb, joined), co=(joined, emb))
+    return {name: weights(*shape) for name, shape in names.items()}
+
+  def layer(w, x):  # [rows, emb] -> [rows, emb]
+    x = x + (x @ w["q"] + x @ w["k"] + x @ w["v"]) @ w["o"]
+    if "cq" in w:
+      x = x + (x @ w["cq"]) @ w["co"]
+    return x + (jax.nn.gelu(x @ w["wi_0"]) * (x @ w["wi_1"])) @ w["wo"]
+
+  encoder = [layer_weights(False) for _ in range(size["num_encoder_layers"])]
+  cross_kv = [(weights(emb, joined), weights(emb, joined))
+              for _ in range(size["num_decoder_layers"])]
+  decoder = [layer_weights(True) for _ in range(size["num_decoder_layers"])]
+  logits_kernel = weights(emb, args.vocab_size)
+
+  @jax.jit
+  def encode(encoder, cross_kv, x):
+    for w in encoder:
+      x = layer(w, x)
+    return x, [(x @ k, x @ v) for k, v in cross_kv]
+
+  @jax.jit
+  def decoder_step(decoder, logits_kernel, x):
+    for w in decoder:
+      x = layer(w, x)
+    return x @ logits_kernel
+
+  def best(fn, *operands) -> float:
+    jax.block_until_ready(fn(*operands))
+    times = []
+    for _ in range(repeats):
+      start = time.perf_counter()
+      jax.block_until_ready(fn(*operands))
+      times.append(time.perf_counter() - start)
+    return min(times)
+
+  rng = np.random.default_rng(4)
+  encoder_s = best(encode, encoder, cross_kv, jnp.asarray(
+      rng.normal(size=(batch * args.input_length, emb)), jnp.float32))
+  first_s, step_s = (best(decoder_step, decoder, logits_kernel, jnp.asarray(
+      rng.normal(size=(rows, emb)), jnp.float32)) for rows in (batch, batch * args.beams))
+  seconds = encoder_s + first_s + 5 * step_s  # step 0 runs beam 0 alone, as the search does
+  return {"encoder_s": encoder_s, "first_step_s": first_s, "decoder_step_s": step_s,
+          "seconds_per_batch": seconds, "examples_per_s": batch / seconds}
+
+
 def best_us(fn, *args, repeats: int, trials: int = 3) -> float:
   """Best of `trials` mean times of `repeats` calls, in microseconds (after one warm-up)."""
   jax.block_until_ready(fn(*args))
@@ -243,14 +319,18 @@ def main():
           f"{peak / 1e9:.1f} GFLOP/s -> ceiling {ceiling:.2f} examples/s")
     print(f"{'batch':>6} {'ex/s':>8} {'s/batch':>8} {'compile s':>9} {'trie ms':>8} "
           f"{'XLA GiB':>8} {'peak RSS GiB':>12} {'valid beams':>11} {'GFLOP/s':>8} "
-          f"{'% ceiling':>9}")
+          f"{'% ceiling':>9} {'matmuls ex/s':>13} {'% them':>8}")
     for row in bench_model(args):
       record = dict(zip(MODEL_COLUMNS, row))
       record["flops_per_s"] = row[1] * flops["total"]
       record["percent_of_ceiling"] = 100 * row[1] / ceiling
+      alone = matmuls_alone_seconds(args, row[0])
+      record["matmuls_alone"] = alone
+      record["percent_of_matmuls_alone"] = 100 * row[1] / alone["examples_per_s"]
       result["model"].append(record)
       print("{:>6} {:>8.2f} {:>8.2f} {:>9.1f} {:>8.1f} {:>8.2f} {:>12.2f} {:>11.2f}".format(*row)
-            + f" {record['flops_per_s'] / 1e9:>8.1f} {record['percent_of_ceiling']:>8.1f}%")
+            + f" {record['flops_per_s'] / 1e9:>8.1f} {record['percent_of_ceiling']:>8.1f}%"
+            + f" {alone['examples_per_s']:>13.2f} {record['percent_of_matmuls_alone']:>7.1f}%")
 
   print(f"\n2. Catalogue tries (SIDs + CIDs, 4 levels x 256 codes); masking at batch "
         f"{args.mask_batch} x beams {args.mask_beams}, vocab {args.vocab_size}")

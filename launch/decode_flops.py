@@ -18,7 +18,9 @@ Counting (a multiply-add is 2 FLOPs; d = emb_dim, a = num_heads x head_dim, f = 
   cross-attention keys/values, once per example (identifier_search precomputes them and the
   decoder's cross-attention groups an example's beams against its one copy):
     n_d x L x 2 x (2 d a)
-  decoder, per beam per step (k x T of them), with a key/value cache of T positions:
+  decoder, per beam per step, with a key/value cache of T positions: 1 + k x (T - 1) of
+  them, since step 0 runs beam 0 alone (every beam starts from the same PAD token and only
+  beam 0 is alive; the search copies its cache to the others):
     n_d x [ 2 x (4 d a) + 2 x 2 x T x a  self-attention: projections, scores over the cache
           + 2 x (2 d a) + 2 x 2 x L x a  cross-attention: Q and O, scores over the input
           + 2 x (g + 1) d f ]            MLP
@@ -28,8 +30,8 @@ Left out as negligible (well under 1%): norms, softmax, relative position biases
 embedding lookups (gathers), the trie's masking and the top-k. The cache is counted at its
 full length T, as the decode step computes it (positions not yet written are masked, not
 skipped). For t5-small (d = a = 512, f = 1024, 8 + 8 layers), L = 128, k = 30, T = 6,
-V = 8320 this is 5.64 + 1.07 + 10.99 = 17.70 GFLOP per example; the decoder term is 62%,
-so beams, not the encoder, set the cost. XLA's cost analysis of the compiled encoder,
+V = 8320 this is 5.64 + 1.07 + 9.22 = 15.93 GFLOP per example (17.70 when step 0 ran all
+30 beams); the decoder term is 58%, so beams, not the encoder, set the cost. XLA's cost analysis of the compiled encoder,
 cross-attention K/V projection and one decode step over 30 beams counts 5.67, 1.07 and 1.837
 GFLOP against this count's 5.64, 1.07 and 1.831 (tests/test_bench_all.py checks a smaller
 shape).
@@ -52,7 +54,7 @@ def constrained_decode_flops(*, emb_dim: int, num_heads: int, head_dim: int, mlp
   per_beam_step = (num_decoder_layers * (2 * 4 * d * a + 4 * T * a + 2 * 2 * d * a
                                          + 4 * L * a + mlp)
                    + 2 * d * vocab_size)
-  decoder = beams * T * per_beam_step
+  decoder = (1 + beams * (T - 1)) * per_beam_step
   return {"encoder": float(encoder), "cross_kv": float(cross_kv), "decoder": float(decoder),
           "per_beam_step": float(per_beam_step),
           "total": float(encoder + cross_kv + decoder)}
@@ -61,4 +63,5 @@ def constrained_decode_flops(*, emb_dim: int, num_heads: int, head_dim: int, mlp
 def describe(flops: Dict[str, float], beams: int, steps: int) -> str:
   return (f"{flops['total'] / 1e9:.2f} GFLOP per example (encoder "
           f"{flops['encoder'] / 1e9:.2f}, cross-attention K/V {flops['cross_kv'] / 1e9:.2f}, "
-          f"decoder {flops['decoder'] / 1e9:.2f} over {beams} beams x {steps} steps)")
+          f"decoder {flops['decoder'] / 1e9:.2f}: 1 beam at step 0, {beams} beams at each of "
+          f"the other {steps - 1} steps)")

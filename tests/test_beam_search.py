@@ -337,3 +337,28 @@ def test_real_tiny_t5_ranking_equals_score_batch():
     np.testing.assert_array_equal(items[valid], np.argsort(-scored[b], kind="stable"))
     np.testing.assert_allclose(np.asarray(out.scores)[b][valid], np.sort(scored[b])[::-1],
                                atol=1e-5)
+
+
+def test_constrained_step_zero_runs_the_decoder_on_beam_zero_only():
+  """Step 0 feeds the decoder one row per example (every beam would see the same PAD token
+  and empty cache); the later steps every beam, with beam 0's cache copied to all of them,
+  so the ranking still matches the exhaustive one."""
+  rng = np.random.default_rng(3)
+  ids = random_ids(rng, 40)
+  trie = trie_lib.build_trie(ids)
+  decoder = ToyDecoder(5)
+  rows_seen = []
+
+  def recording(tokens, cache):
+    rows_seen.append(tokens.shape[0])  # at trace time: one entry per traced decoder call
+    return decoder.tokens_to_logits(tokens, cache)
+
+  batch, beams = 2, 48
+  out = jax.jit(lambda t: bs.beam_search(recording, decoder.init_cache(batch * beams), batch,
+                                         beams, LENGTH, t))(trie)
+  assert sorted(set(rows_seen)) == [batch, batch * beams]
+  scores = decoder.score(ids)
+  best = np.argsort(-scores)[:beams]
+  for b in range(batch):
+    np.testing.assert_array_equal(np.asarray(out.items)[b][:len(ids)], best[:len(ids)])
+    np.testing.assert_allclose(np.asarray(out.scores)[b][:len(ids)], scores[best], rtol=1e-5)
