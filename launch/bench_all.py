@@ -23,7 +23,9 @@ runs/ml100k_quickstart), launch/bench_decode.py (constrained beam decode with it
 ceiling, catalogue tries), launch/bench_identifiers.py (RQ-VAE epoch, ID assignment), and
 with --torch_python the PyTorch peer launch/peers/bench_torch_t5.py at the same shapes, its
 train step right after bench_train and its constrained `generate` (unless
---no_peer_decode) right after bench_decode; with --static_path the STATIC peer
+--no_peer_decode) right after bench_decode, and the PyTorch RQ-VAE of the same architecture
+launch/peers/bench_torch_rqvae.py right after bench_identifiers, with its flags; with
+--static_path the STATIC peer
 launch/peers/bench_static.py (run with this Python: its JAX code needs nothing else) on
 bench_decode's catalogues, right after bench_decode. launch/load_test.py is
 not run: it needs an exported model artifact and a server, not a fixed synthetic shape.
@@ -235,6 +237,8 @@ def summarise(entry: Dict, machine: Dict) -> None:
     for row in r:
       for key in ("epoch_s", "train_items_per_s", "assign_s", "assign_items_per_s"):
         entry["metrics"][f"{key}[{row['items']} items]"] = row[key]
+  elif name == "peer_identifiers":
+    entry["metrics"] = {f"epoch_s[{row['items']} items]": row["epoch_s"] for row in r["rows"]}
   elif name == "peer_static":
     entry["metrics"] = {}
     for row in r["catalogue"]:
@@ -355,10 +359,19 @@ def table_rows(entries: Dict[str, Dict], machine: Dict) -> List[List[str]]:
         rows.append(["`peers/bench_static.py`", "STATIC", static["status"],
                      "-", "-", "-", "-"])
     elif name == "bench_identifiers":
+      peer = entries.get("peer_identifiers")
+      peer_rows = ({p["items"]: p for p in peer["result"]["rows"]}
+                   if peer and peer["status"] == "ok" else {})
       for row in r:
+        theirs = peer_rows.get(row["items"])
         rows.append(["`bench_identifiers.py`", f"RQ-VAE + assignment, {row['items']:,} items",
-                     f"epoch {row['epoch_s']:.1f} s ({row['train_items_per_s']:.0f} items/s), "
-                     f"assign {row['assign_s']:.1f} s", "-", "-", "-", "-"])
+                     f"epoch {row['epoch_s']:.2f} s ({row['train_items_per_s']:.0f} items/s), "
+                     f"assign {row['assign_s']:.1f} s", "-", "-",
+                     f"PyTorch RQ-VAE epoch {theirs['epoch_s']:.2f} s" if theirs else "-",
+                     f"**{theirs['epoch_s'] / row['epoch_s']:.2f}x**" if theirs else "-"])
+      if peer and peer["status"] != "ok":
+        rows.append(["`peers/bench_torch_rqvae.py`", "PyTorch RQ-VAE", peer["status"],
+                     "-", "-", "-", "-"])
   return rows
 
 
@@ -438,7 +451,8 @@ def main(argv: Optional[List[str]] = None) -> int:
   parser.add_argument("--only", nargs="+", choices=list(SIZES["full"]), default=None,
                       help="run only these benchmarks (the peers follow their shapes)")
   parser.add_argument("--torch_python", default=None,
-                      help="a Python with torch + transformers: also run the PyTorch peer")
+                      help="a Python with torch + transformers: also run the PyTorch peers "
+                           "(T5 train step and generate, RQ-VAE)")
   parser.add_argument("--static_path", default=None,
                       help="a checkout of youtube/static-constraint-decoding: also run the "
                            "STATIC peer on bench_decode's catalogues")
@@ -494,6 +508,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         # Right after ours, so that both sides meet about the same load on a shared machine.
         entries[f"peer_{mode}"] = run_script(f"peer_{mode}", peer_command, out_dir,
                                              args.timeout_s)
+      if name == "bench_identifiers" and args.torch_python:
+        # The PyTorch RQ-VAE of the same architecture takes bench_identifiers' own flags.
+        entries["peer_identifiers"] = run_script(
+            "peer_identifiers", [args.torch_python, os.path.join(LAUNCH, "peers",
+                                                                 "bench_torch_rqvae.py")]
+            + script_args, out_dir, args.timeout_s)
       if name == "bench_decode" and args.static_path:
         static_command = [python, os.path.join(LAUNCH, "peers", "bench_static.py"),
                           "--static_path", os.path.abspath(args.static_path),

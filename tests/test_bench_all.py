@@ -231,3 +231,19 @@ def test_static_peer_model_feeds_each_step_its_own_logits():
   assert int(key) == 2
   with pytest.raises(SystemExit, match="no static_decoding"):
     bench_static.main(["--static_path", "/nonexistent", "--catalogue_sizes", "10"])
+
+
+def test_identifier_rows_set_the_pytorch_rqvae_epoch_beside_ours():
+  bench_all = load("bench_all")
+  ours = {"name": "bench_identifiers", "status": "ok",
+          "result": [{"items": 10000, "epoch_s": 0.5, "train_items_per_s": 20000.0,
+                      "assign_s": 1.0}]}
+  peer = {"name": "peer_identifiers", "status": "ok",
+          "result": {"rows": [{"items": 10000, "epoch_s": 1.25}]}}
+  machine = {"platform": "cpu"}
+  (row,) = bench_all.table_rows({"bench_identifiers": ours, "peer_identifiers": peer}, machine)
+  assert row[-2:] == ["PyTorch RQ-VAE epoch 1.25 s", "**2.50x**"]
+  failed = dict(peer, status="failed")
+  rows = bench_all.table_rows({"bench_identifiers": ours, "peer_identifiers": failed}, machine)
+  assert rows[0][-1] == "-" and rows[1][:3] == ["`peers/bench_torch_rqvae.py`",
+                                                 "PyTorch RQ-VAE", "failed"]
