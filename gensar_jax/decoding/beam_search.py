@@ -6,6 +6,7 @@ is gathered with it (like the decoder cache), allowed tokens come from table loo
 (trie.level_candidates), and top-k runs over the allowed candidates only
 ([batch, beams * max_branch[level]] rather than [batch, beams * vocab]); log-probs are
 normalised per beam but only read at those candidates, never written for the whole vocab.
+Step 0 runs the decoder on beam 0 of each example alone, since every beam starts alike.
 Call it inside jax.jit; num_beams and decode_length are static.
 """
 from __future__ import annotations
