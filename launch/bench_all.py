@@ -224,6 +224,7 @@ def summarise(entry: Dict, machine: Dict) -> None:
         metrics[f"examples_per_s[batch {b}]"] = row["examples_per_s"]
         metrics[f"flops_per_s[batch {b}]"] = row["flops_per_s"]
         metrics[f"percent_of_ceiling[batch {b}]"] = row["percent_of_ceiling"]
+        metrics[f"percent_of_matmuls_alone[batch {b}]"] = row.get("percent_of_matmuls_alone")
         if peak:
           metrics[f"mfu_percent[batch {b}]"] = _percent(row["flops_per_s"], peak)
     for row in r["catalogue"]:
@@ -341,6 +342,9 @@ def table_rows(entries: Dict[str, Dict], machine: Dict) -> List[List[str]]:
         peak = (f"{row['percent_of_ceiling']:.0f}% of ceiling "
                 f"{c['ceiling_examples_per_s']:.2f} ex/s "
                 f"({c['flops_per_example']['total'] / 1e9:.2f} GFLOP/ex)")
+        if row.get("matmuls_alone"):
+          peak += (f"; {row['percent_of_matmuls_alone']:.0f}% of its matmuls alone "
+                   f"({row['matmuls_alone']['examples_per_s']:.2f} ex/s)")
         rows.append(["`bench_decode.py`", shape, f"{row['examples_per_s']:.2f} ex/s",
                      f"{row['flops_per_s'] / 1e9:.1f} GFLOP/s", peak,
                      *_ratio(row["examples_per_s"], entries.get("peer_decode"))])

@@ -104,6 +104,7 @@ def test_bench_all_tiny_writes_one_json_and_one_table(tmp_path):
   decode = entries["bench_decode"]["metrics"]
   assert decode["ceiling_examples_per_s"] > 0 and decode["flops_per_example"] > 0
   assert 0 < decode["percent_of_ceiling[batch 2]"]
+  assert 0 < decode["percent_of_matmuls_alone[batch 2]"]
 
   table = (run / "bench.md").read_text().splitlines()
   rows = [line for line in table if line.startswith("|")]
@@ -111,6 +112,7 @@ def test_bench_all_tiny_writes_one_json_and_one_table(tmp_path):
   assert len({line.count("|") for line in rows}) == 1       # every row has every column
   assert len(rows) >= 2 + len(BENCHMARKS)
   assert any("median of 2" in line for line in rows if "bench_train.py" in line)
+  assert any("of its matmuls alone" in line for line in rows if "bench_decode.py" in line)
   assert not list(run.glob("*.tmp"))
 
 
