@@ -305,8 +305,9 @@ class MultiHeadAttention(nn.Module):
   """Bias-free multi-head dot-product attention with an optional incremental KV cache.
 
   With `decode=True` the module keeps `cached_key` / `cached_value` ([batch, heads,
-  max_length, head_dim], heads-major) and a scalar `cache_index` in the 'cache' collection. The first call
-  (made with the full-length input, e.g. under `jax.eval_shape`) only creates them; every
+  max_length, head_dim], heads-major) and a scalar `cache_index` in the 'cache'
+  collection. The first call (made with the full-length input, e.g. under
+  `jax.eval_shape`) only creates them; every
   later call takes one new position, writes its key/value at `cache_index`, and attends
   over the positions written so far. Only self-attention uses the cache.
 
