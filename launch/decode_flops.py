@@ -31,9 +31,10 @@ embedding lookups (gathers), the trie's masking and the top-k. The cache is coun
 full length T, as the decode step computes it (positions not yet written are masked, not
 skipped). For t5-small (d = a = 512, f = 1024, 8 + 8 layers), L = 128, k = 30, T = 6,
 V = 8320 this is 5.64 + 1.07 + 9.22 = 15.93 GFLOP per example (17.70 when step 0 ran all
-30 beams); the decoder term is 58%, so beams, not the encoder, set the cost. XLA's cost analysis of the compiled encoder,
-cross-attention K/V projection and one decode step over 30 beams counts 5.67, 1.07 and 1.837
-GFLOP against this count's 5.64, 1.07 and 1.831 (tests/test_bench_all.py checks a smaller
+30 beams); the decoder term is 58%, so beams, not the encoder, set the cost. XLA's cost
+analysis of the compiled encoder, cross-attention K/V projection and one decode step over 30
+beams counts 5.67, 1.07 and 1.837 GFLOP against this count's 5.64, 1.07 and 1.831
+(tests/test_bench_all.py checks a smaller
 shape).
 """
 from __future__ import annotations
