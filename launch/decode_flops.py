@@ -34,8 +34,7 @@ V = 8320 this is 5.64 + 1.07 + 9.22 = 15.93 GFLOP per example (17.70 when step 0
 30 beams); the decoder term is 58%, so beams, not the encoder, set the cost. XLA's cost
 analysis of the compiled encoder, cross-attention K/V projection and one decode step over 30
 beams counts 5.67, 1.07 and 1.837 GFLOP against this count's 5.64, 1.07 and 1.831
-(tests/test_bench_all.py checks a smaller
-shape).
+(tests/test_bench_all.py checks a smaller shape).
 """
 from __future__ import annotations
 
