@@ -47,6 +47,7 @@ import decode_flops  # noqa: E402
 
 EOS, SRC_ITEM, REC_ITEM = 1, 3, 4
 CODE_BASE = 10  # level l's codes are CODE_BASE + l * codebook + code
+ID_LENGTH = 6  # behaviour token, 4 codes, EOS: the decode's steps
 # Sizes of gin/models/small.gin and tiny.gin, by hand so the bench needs no gin parsing.
 MODEL_SIZES = {
     "small": dict(emb_dim=512, num_heads=8, head_dim=64, mlp_dim=1024, num_encoder_layers=8,
@@ -88,7 +89,7 @@ def bench_model(args) -> list:
   config = t5_config.T5Config(vocab_size=args.vocab_size, **MODEL_SIZES[args.model])
   model = encoder_decoder.EncoderDecoderModel(
       t5.Transformer(config), seqio.PassThroughVocabulary(args.vocab_size, eos_id=EOS))
-  shapes = {"encoder_input_tokens": (1, args.input_length), "decoder_input_tokens": (1, 6)}
+  shapes = {"encoder_input_tokens": (1, args.input_length), "decoder_input_tokens": (1, ID_LENGTH)}
   params = jax.jit(lambda key: meta.unbox(model.get_initial_variables(key, shapes)["params"]))(
       jax.random.PRNGKey(0))
   codebook = min(256, (args.vocab_size - CODE_BASE) // 4)
@@ -141,7 +142,7 @@ def model_flops(args) -> dict:
   size = MODEL_SIZES[args.model]
   return decode_flops.constrained_decode_flops(
       **size, vocab_size=args.vocab_size, input_length=args.input_length, beams=args.beams,
-      decode_steps=6)
+      decode_steps=ID_LENGTH)
 
 
 def matmuls_alone_seconds(args, batch: int, repeats: int = 5) -> dict:
@@ -154,7 +155,7 @@ def matmuls_alone_seconds(args, batch: int, repeats: int = 5) -> dict:
   distinct weight matrix per layer and projection as in the model, plus only the
   elementwise work that links them: the encoder once (with the cross-attention K/V
   projections), one decoder step over beam 0 of each example (step 0) and one over every
-  beam (with the output logits), the latter times the 5 later steps. Its
+  beam (with the output logits), the latter times the later steps. Its
   examples/s is what this device allows for these shapes, the machine's limit for this
   decode.
   """
@@ -198,20 +199,15 @@ def matmuls_alone_seconds(args, batch: int, repeats: int = 5) -> dict:
     return x @ logits_kernel
 
   def best(fn, *operands) -> float:
-    jax.block_until_ready(fn(*operands))
-    times = []
-    for _ in range(repeats):
-      start = time.perf_counter()
-      jax.block_until_ready(fn(*operands))
-      times.append(time.perf_counter() - start)
-    return min(times)
+    return best_us(fn, *operands, repeats=1, trials=repeats) / 1e6
 
   rng = np.random.default_rng(4)
   encoder_s = best(encode, encoder, cross_kv, jnp.asarray(
       rng.normal(size=(batch * args.input_length, emb)), jnp.float32))
   first_s, step_s = (best(decoder_step, decoder, logits_kernel, jnp.asarray(
       rng.normal(size=(rows, emb)), jnp.float32)) for rows in (batch, batch * args.beams))
-  seconds = encoder_s + first_s + 5 * step_s  # step 0 runs beam 0 alone, as the search does
+  # Step 0 runs beam 0 alone, as the search does; every later step every beam.
+  seconds = encoder_s + first_s + (ID_LENGTH - 1) * step_s
   return {"encoder_s": encoder_s, "first_step_s": first_s, "decoder_step_s": step_s,
           "seconds_per_batch": seconds, "examples_per_s": batch / seconds}
 
@@ -315,7 +311,7 @@ def main():
                          "ceiling_examples_per_s": ceiling}
     print(f"\n1. Candidate tries, model={args.model}, input {args.input_length}, beams "
           f"{args.beams}, {args.candidates} candidates/example, vocab {args.vocab_size}")
-    print(f"   decode: {decode_flops.describe(flops, args.beams, 6)}; fp32 matmul peak "
+    print(f"   decode: {decode_flops.describe(flops, args.beams, ID_LENGTH)}; fp32 matmul peak "
           f"{peak / 1e9:.1f} GFLOP/s -> ceiling {ceiling:.2f} examples/s")
     print(f"{'batch':>6} {'ex/s':>8} {'s/batch':>8} {'compile s':>9} {'trie ms':>8} "
           f"{'XLA GiB':>8} {'peak RSS GiB':>12} {'valid beams':>11} {'GFLOP/s':>8} "

@@ -60,16 +60,6 @@ def precomputed_logits_model(logits: jax.Array):
   return model
 
 
-def best_ms(fn, trials: int) -> float:
-  jax.block_until_ready(fn())
-  times = []
-  for _ in range(trials):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return 1e3 * min(times)
-
-
 def static_commit(path: str) -> str:
   try:
     return subprocess.run(["git", "-C", path, "rev-parse", "--short", "HEAD"],
@@ -107,7 +97,7 @@ def bench_size(args, n: int, csr_utils, decoding_jax) -> dict:
         args.vocab_size, tuple(int(b) for b in branches), packed_csr, indptr, start_mask,
         dense_mask, dense_states, d_dense=2)
 
-  decode_ms = best_ms(decode, args.trials)
+  decode_ms = bench_decode.best_us(decode, repeats=1, trials=args.trials) / 1e3
   native = bench_decode.native_identifiers(n)  # [ids, 4] codes in [0, 256)
   start = time.perf_counter()
   native_index = csr_utils.build_static_index(native[np.lexsort(native.T[::-1])], 256,
