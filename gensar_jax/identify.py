@@ -10,6 +10,9 @@
 
 Output directory (renamed into place only when complete):
   identifiers.jsonl, identifier_stats.json, code_usage.png   the identifier table
+  identifier_structure.png                                     what items sharing a prefix
+                                                               have in common (also under
+                                                               "structure" in the stats)
   semantic_embeddings.npy, collaborative_embeddings.npy      [items, d] float32 inputs
   sasrec_metrics.json                                          SASRec on validation/test
   rqvae_params.msgpack, rqvae.json                             the trained RQ-VAE and the
@@ -35,6 +38,7 @@ from gensar_jax.identifiers import assignment as assignment_lib
 from gensar_jax.identifiers import rqvae as rqvae_lib
 from gensar_jax.identifiers import rqvae_store
 from gensar_jax.identifiers import sasrec as sasrec_lib
+from gensar_jax.identifiers import structure as structure_lib
 from gensar_jax.identifiers import table as table_lib
 from gensar_jax.identifiers.text_encoder import SentenceEncoder
 from gensar_jax.io_utils import atomic_output_dir, write_json
@@ -76,6 +80,22 @@ def rec_sequences(prepared_dir: str) -> Tuple[List[np.ndarray], Dict[str, Tuple]
   return sequences, heldout
 
 
+def _identifier_structure(prepared, trained: rqvae_lib.TrainedRQVAE,
+                          tables: Tuple[np.ndarray, ...],
+                          assignment: assignment_lib.IdentifierAssignment,
+                          semantic: Optional[np.ndarray],
+                          collaborative: Optional[np.ndarray]) -> Dict:
+  """What the final identifiers mean (gensar_jax/identifiers/structure.py), measured with
+  the items' categories and queries; a column the prepared items lack is skipped."""
+  items = prepared.items
+  latents = rqvae_lib.encode_and_quantize(trained, tables)[0]  # [items, spaces * latent]
+  return structure_lib.structure_of_assignment(
+      assignment, semantic, collaborative,
+      categories=(structure_lib.category_labels(items["categories"])
+                  if "categories" in items else None),
+      queries=list(items["queries"]) if "queries" in items else None, latents=latents)
+
+
 @gin.configurable
 def identify(prepared_dir: str = gin.REQUIRED, output_dir: str = gin.REQUIRED,
              rqvae_config: Optional[rqvae_lib.RQVAEConfig] = None,
@@ -101,20 +121,23 @@ def identify(prepared_dir: str = gin.REQUIRED, output_dir: str = gin.REQUIRED,
     collaborative = result.item_embeddings  # [items, d_c]
     sasrec_metrics = {split: sasrec_lib.evaluate_sasrec(result, *heldout[split])
                       for split in heldout}
-  rqvae_lib.validate_embeddings(semantic, collaborative, rqvae_config)
+  tables = rqvae_lib.validate_embeddings(semantic, collaborative, rqvae_config)
 
   trained = rqvae_lib.train_rqvae(semantic, collaborative, rqvae_config)
   assignment = assignment_lib.assign_identifiers(trained, semantic, collaborative,
                                                  rqvae_config)
+  structure = _identifier_structure(prepared, trained, tables, assignment, semantic,
+                                   collaborative)
   with atomic_output_dir(output_dir, overwrite=overwrite) as tmp:
     staged = os.path.join(tmp, "table")
     table_lib.write_identifier_table(
         staged, item_ids, assignment,
         {"rqvae_history": trained.history, "sasrec": sasrec_metrics,
-         "prepared_dir": os.path.abspath(prepared_dir)})
+         "prepared_dir": os.path.abspath(prepared_dir), "structure": structure})
     for name in os.listdir(staged):
       os.replace(os.path.join(staged, name), os.path.join(tmp, name))
     os.rmdir(staged)
+    structure_lib.plot_structure(os.path.join(tmp, structure_lib.PLOT_FILE), structure)
     if semantic is not None:
       np.save(os.path.join(tmp, "semantic_embeddings.npy"), semantic.astype(np.float32))
     if collaborative is not None:
@@ -126,7 +149,7 @@ def identify(prepared_dir: str = gin.REQUIRED, output_dir: str = gin.REQUIRED,
                            else rqvae_store.encoder_settings(encoder))
     with open(os.path.join(tmp, "config.gin"), "w", encoding="utf-8") as f:
       f.write(gin.operative_config_str())
-  return {**assignment.stats, "sasrec": sasrec_metrics}
+  return {**assignment.stats, "sasrec": sasrec_metrics, "structure": structure}
 
 
 def format_identifier_stats(stats: Dict) -> str:
@@ -148,6 +171,8 @@ def format_identifier_stats(stats: Dict) -> str:
     lines.append(f"  {level:<4} {usage['codes_used']:>4} / {usage['perplexity']:7.1f}")
   for split, metrics in stats.get("sasrec", {}).items():
     lines.append(f"SASRec {split}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+  if stats.get("structure"):
+    lines.append(structure_lib.format_structure(stats["structure"]))
   return "\n".join(lines)
 
 

@@ -2,7 +2,10 @@
 
 Training follows the published recipe: k-means initialised codebooks (first batch),
 Sinkhorn-balanced codes on the last specific level, straight-through gradients,
-AdamW + clipping, and the parameters with the lowest collision rate are kept.
+AdamW + clipping, and the parameters with the lowest collision rate are kept. Unlike the
+published code, each embedding table is first standardised per dimension
+(`RQVAEConfig.balance`); the statistics travel with the trained model, so items
+added later are scaled exactly as the catalogue was.
 
 The network is in `rqvae_model.py` and the configuration in `rqvae_config.py`; the config
 names are re-exported here because callers (gin setups, ablations, tests) import them from
@@ -23,10 +26,40 @@ import optax
 from jax.flatten_util import ravel_pytree
 import tqdm
 
+from gensar_jax.identifiers import codebook_reset
 from gensar_jax.identifiers import kmeans as kmeans_lib
 from gensar_jax.identifiers.rqvae_config import (  # re-exported: see the module docstring
     COLLABORATIVE, MODES, SEMANTIC, QuantizerLayout, RQVAEConfig, validate_embeddings)
 from gensar_jax.identifiers.rqvae_model import RQVAE, build_model
+
+# Per space, in layout order: (mean [d], standard deviation [d]) of its embedding table.
+InputStats = Tuple[Tuple[np.ndarray, np.ndarray], ...]
+
+
+def input_statistics(tables: Sequence[np.ndarray], standardize: bool) -> Optional[InputStats]:
+  """What `scale_inputs` needs to standardise every table, or None when it should not.
+
+  A dimension that is constant over the catalogue carries nothing; it is divided by 1
+  rather than by ~0, so it stays ~0 instead of turning rounding noise into signal.
+  """
+  if not standardize:
+    return None
+  stats = []
+  for table in tables:
+    mean = table.mean(axis=0, dtype=np.float64)  # [d]
+    std = table.std(axis=0, dtype=np.float64)  # [d]
+    floor = 1e-6 * max(float(std.max(initial=0.0)), np.finfo(np.float32).tiny)
+    std = np.where(std > floor, std, 1.0)
+    stats.append((mean.astype(np.float32), std.astype(np.float32)))
+  return tuple(stats)
+
+
+def scale_inputs(tables: Sequence[np.ndarray], stats: Optional[InputStats]
+                 ) -> Tuple[np.ndarray, ...]:
+  """The tables as the encoders see them: [items, d] each, standardised with `stats`."""
+  if stats is None:
+    return tuple(tables)
+  return tuple(((t - mean) / std).astype(np.float32) for t, (mean, std) in zip(tables, stats))
 
 
 @dataclasses.dataclass
@@ -39,6 +72,9 @@ class TrainedRQVAE:
   best_epoch: int
   best_collision_rate: float
   final_params: Any = None
+  # Statistics every input table is standardised with before the encoders (None: the
+  # tables enter as they are, RQVAEConfig.balance = "none").
+  input_stats: Optional[InputStats] = None
 
   @property
   def model(self) -> RQVAE:
@@ -130,7 +166,8 @@ def init_rqvae(semantic: Optional[np.ndarray], collaborative: Optional[np.ndarra
     batch = np.random.default_rng(config.seed).permutation(n)[:min(config.batch_size, n)]
   first = tuple(t[batch] for t in tables)
   params = _init_params(model, first, config.seed)
-  trained = TrainedRQVAE(params, config, input_dims, [], -1, float("inf"), params)
+  trained = TrainedRQVAE(params, config, input_dims, [], -1, float("inf"), params,
+                         input_statistics(tables, config.standardizes_inputs))
   # Same chunk shape as whole-catalogue evaluation, so the encoder compiles once.
   r = encode_and_quantize(trained, first, chunk=min(config.eval_chunk, n))[0]
   trained.params = trained.final_params = _kmeans_init(
@@ -157,7 +194,10 @@ def _program_key(config: RQVAEConfig) -> RQVAEConfig:
   changes epochs or the seed reuses them instead of compiling again.
   """
   return dataclasses.replace(config, epochs=1, eval_every=1, seed=0, progress=False,
-                             collision_rounds=0, kmeans_iters=1)
+                             collision_rounds=0, kmeans_iters=1, reset_every=0,
+                             reset_until=0.0,
+                             balance="inputs_and_latents" if config.normalizes_latents
+                             else "none")
 
 
 def _optimizer(config: RQVAEConfig) -> optax.GradientTransformation:
@@ -216,6 +256,8 @@ def encode_and_quantize(trained: TrainedRQVAE, tables: Sequence[np.ndarray],
   """Latents and argmin codes for a whole catalogue, in fixed-size jitted chunks.
 
   Args:
+    tables: the embedding tables as given to `train_rqvae` (unscaled: the model's
+      `input_stats` are applied here).
     chunk: rows per call (default min(eval_chunk, n)); the last chunk is zero-padded.
 
   Returns:
@@ -225,6 +267,7 @@ def encode_and_quantize(trained: TrainedRQVAE, tables: Sequence[np.ndarray],
   params = trained.params if params is None else params
   model = trained.model
   fn = _encode_codes_fn(_program_key(trained.config), tuple(trained.input_dims))
+  tables = scale_inputs(tables, trained.input_stats)
   n = tables[0].shape[0]
   chunk = min(trained.config.eval_chunk, n) if chunk is None else chunk
   r0s, shared, specific = [], [], {s: [] for s in model.spaces}
@@ -261,6 +304,22 @@ def _collision_rates(trained: TrainedRQVAE, tables, params) -> Dict[str, float]:
   return rates
 
 
+def _reset_due(config: RQVAEConfig, epoch: int) -> bool:
+  """Whether dead codes are restarted after `epoch` (0-based)."""
+  return bool(config.reset_every) and (epoch + 1) % config.reset_every == 0 and (
+      epoch + 1 < config.reset_until * config.epochs)
+
+
+def _reset_dead_codes(trained: TrainedRQVAE, tables, params, rng: np.random.Generator
+                      ) -> Tuple[jax.Array, int]:
+  """The flat parameters after moving every level's unused codes (codebook_reset.py)."""
+  r0, shared, specific = encode_and_quantize(trained, tables, params)
+  spaces = trained.model.spaces
+  params, moved = codebook_reset.reseed_dead_codes(
+      params, r0, shared, [specific[s] for s in spaces], rng)
+  return jnp.asarray(ravel_pytree(params)[0]), int(sum(moved.values()))
+
+
 def train_rqvae(semantic: Optional[np.ndarray], collaborative: Optional[np.ndarray],
                 config: RQVAEConfig = RQVAEConfig()) -> TrainedRQVAE:
   """Trains the joint RQ-VAE and keeps the parameters with the lowest collision rate.
@@ -288,6 +347,7 @@ def train_rqvae(semantic: Optional[np.ndarray], collaborative: Optional[np.ndarr
 
   batches = epoch_batches()
   trained = init_rqvae(semantic, collaborative, config, batch=batches[0])
+  scaled = scale_inputs(tables, trained.input_stats)  # what the encoders read
   train_step, unravel = _train_step_fn(_program_key(config), trained.input_dims)
   flat = ravel_pytree(trained.params)[0]  # [num_params]
   opt_state = jax.jit(_optimizer(config).init)(flat)
@@ -298,7 +358,7 @@ def train_rqvae(semantic: Optional[np.ndarray], collaborative: Optional[np.ndarr
       batches = epoch_batches()
     sums = np.zeros((3,), np.float32)
     for idx in batches:  # dispatch is asynchronous: the next gather overlaps this step
-      flat, opt_state, sums = train_step(flat, opt_state, sums, tuple(t[idx] for t in tables))
+      flat, opt_state, sums = train_step(flat, opt_state, sums, tuple(t[idx] for t in scaled))
     loss, recon, quant = (float(x) / steps for x in jax.device_get(sums))
     record = {"epoch": epoch, "loss": loss, "recon_loss": recon, "quant_loss": quant,
               "seconds": time.perf_counter() - t0}
@@ -313,6 +373,8 @@ def train_rqvae(semantic: Optional[np.ndarray], collaborative: Optional[np.ndarr
       bar.set_postfix(loss=f"{loss:.4f}", collisions=f"{rate:.4f}")
     else:
       bar.set_postfix(loss=f"{loss:.4f}")
+    if _reset_due(config, epoch):
+      flat, record["codes_reset"] = _reset_dead_codes(trained, tables, unravel(flat), rng)
     trained.history.append(record)
   trained.final_params = unravel(flat)
   return trained

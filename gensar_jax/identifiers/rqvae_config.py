@@ -17,6 +17,8 @@ import numpy as np
 SEMANTIC = "semantic"
 COLLABORATIVE = "collaborative"
 MODES = ("dual", "dual_no_shared", "sid_only", "cid_only")
+# How the two spaces are put on an equal footing (see RQVAEConfig.balance).
+BALANCES = ("inputs_and_latents", "inputs", "none")
 # Token prefix letter of each quantiser: shared levels, then one per space.
 TOKEN_LETTERS = {"shared": "m", SEMANTIC: "s", COLLABORATIVE: "c"}
 
@@ -30,8 +32,23 @@ class RQVAEConfig:
   = both spaces quantised separately, all levels specific; "sid_only" / "cid_only" = one
   embedding table, one identifier space. In the last three the shared levels become
   extra specific levels, so every ID keeps shared_levels + specific_levels tokens.
+
+  Two defaults depart from the published setup (docs/method.md, "Balanced identifiers"):
+  - `balance`. The published model feeds both tables as they come; a sentence encoder's
+    unit vectors have a per-dimension variance ~20x below a SASRec table's, so the
+    semantic reconstruction error is tiny, the semantic encoder gets almost no gradient,
+    and the shared levels quantise behaviour alone (the "semantic" ID becomes a second
+    collaborative ID). "inputs" z-scores every dimension of each table over the
+    catalogue, so both reconstruction losses start at ~1; "inputs_and_latents" also
+    scales each space's latent to unit length, so both halves of the shared residual
+    weigh the same in every distance; "none" is the published behaviour.
+  - `reset_every`: dead codes restarted (codebook_reset.py); 0 is the published
+    behaviour, under which most codes of the first shared level end unused.
   """
   mode: str = "dual"
+  balance: str = "inputs_and_latents"
+  reset_every: int = 5  # epochs between dead-code restarts; 0 = never
+  reset_until: float = 0.8  # restarts only in this first share of the epochs
   hidden_dims: Tuple[int, ...] = (512, 256, 128, 64)  # encoder widths; decoders mirror
   latent_dim: int = 32  # per-space encoder output (z_s, z_c)
   shared_levels: int = 2  # L_m
@@ -61,10 +78,15 @@ class RQVAEConfig:
     object.__setattr__(self, "hidden_dims", tuple(int(d) for d in self.hidden_dims))
     if self.mode not in MODES:
       raise ValueError(f"RQVAEConfig.mode must be one of {MODES}, got {self.mode!r}")
+    if self.balance not in BALANCES:
+      raise ValueError(f"RQVAEConfig.balance must be one of {BALANCES}, got {self.balance!r}")
     for name in ("latent_dim", "codebook_size", "epochs", "batch_size", "sinkhorn_iters",
                  "eval_every"):
       if getattr(self, name) < 1:
         raise ValueError(f"RQVAEConfig.{name} must be >= 1, got {getattr(self, name)}")
+    if self.reset_every < 0 or not 0.0 <= self.reset_until <= 1.0:
+      raise ValueError(f"RQVAEConfig.reset_every must be >= 0 (got {self.reset_every}) and "
+                       f"reset_until in [0, 1] (got {self.reset_until})")
     if self.shared_levels < 0 or self.specific_levels < 0:
       raise ValueError("RQVAEConfig level counts must be >= 0")
     if self.mode == "dual" and self.specific_levels < 1:
@@ -79,6 +101,14 @@ class RQVAEConfig:
     if self.specific_dim is not None and self.specific_dim != self.latent_dim:
       raise ValueError(f"specific_dim={self.specific_dim} must equal latent_dim="
                        f"{self.latent_dim} (each space's half of the residual)")
+
+  @property
+  def standardizes_inputs(self) -> bool:
+    return self.balance in ("inputs", "inputs_and_latents")
+
+  @property
+  def normalizes_latents(self) -> bool:
+    return self.balance == "inputs_and_latents"
 
   def layout(self) -> "QuantizerLayout":
     total = self.shared_levels + self.specific_levels

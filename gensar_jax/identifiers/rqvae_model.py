@@ -5,7 +5,8 @@ One model quantises what an item's text (semantic embedding) and its behaviour
 into *specific* codes. The semantic ID is shared + semantic codes, the collaborative ID
 shared + collaborative codes, so the two IDs of an item start with the same tokens.
 
-  z_s = MLP_s(v_s), z_c = MLP_c(v_c)               # [batch, 32] each
+  z_s = MLP_s(v_s), z_c = MLP_c(v_c)               # [batch, 32] each (unit length when
+                                                   # RQVAEConfig.balance scales latents)
   r0 = concat(z_s, z_c)                            # [batch, 64]
   shared RQ: L_m levels of K codes, 64-d           # r0 -> r_{L_m}
   split r_{L_m} -> (semantic half, collab half)    # [batch, 32] each
@@ -114,6 +115,7 @@ class RQVAE(nn.Module):
   commitment: float = 0.25
   sinkhorn_epsilon: float = 0.003
   sinkhorn_iters: int = 50
+  normalize_latents: bool = False
 
   def setup(self):
     init = nn.initializers.uniform(1.0 / self.codebook_size)
@@ -128,7 +130,11 @@ class RQVAE(nn.Module):
 
   def encode(self, inputs: Sequence[jax.Array]) -> jax.Array:
     """[batch, d_in] per space -> r0 [batch, spaces * latent]."""
-    return jnp.concatenate([enc(x) for enc, x in zip(self.encoders, inputs)], -1)
+    latents = [enc(x) for enc, x in zip(self.encoders, inputs)]  # [batch, latent] each
+    if self.normalize_latents:
+      latents = [z * jax.lax.rsqrt(jnp.sum(jnp.square(z), -1, keepdims=True) + 1e-12)
+                 for z in latents]
+    return jnp.concatenate(latents, -1)
 
   def quantize(self, r0: jax.Array, use_sinkhorn: bool) -> Dict[str, Any]:
     """Shared levels on r0, then every space's levels on its part of the residual."""
@@ -161,4 +167,5 @@ def build_model(config: RQVAEConfig, input_dims: Sequence[int]) -> RQVAE:
                hidden_dims=tuple(config.hidden_dims), latent_dim=config.latent_dim,
                shared_levels=layout.shared_levels, specific_levels=layout.specific_levels,
                codebook_size=config.codebook_size, commitment=config.commitment,
-               sinkhorn_epsilon=config.sinkhorn_epsilon, sinkhorn_iters=config.sinkhorn_iters)
+               sinkhorn_epsilon=config.sinkhorn_epsilon, sinkhorn_iters=config.sinkhorn_iters,
+               normalize_latents=config.normalizes_latents)

@@ -6,7 +6,8 @@ reassigns every item's codes, and so invalidates the T5 trained on them. The ide
 stage therefore keeps, next to its table:
 
   rqvae_params.msgpack   the kept (lowest-collision) parameters, codebooks included
-  rqvae.json             the RQVAEConfig, the embedding widths it was trained on, and the
+  rqvae.json             the RQVAEConfig, the embedding widths it was trained on, the
+                         statistics each input table was standardised with, and the
                          settings of the sentence encoder that made the semantic table
 
 Parameters are flax msgpack (no pickle); the config is plain JSON, so a reader needs
@@ -30,7 +31,9 @@ from gensar_jax.identifiers.rqvae_config import RQVAEConfig
 
 PARAMS_FILE = "rqvae_params.msgpack"
 META_FILE = "rqvae.json"
-FORMAT_VERSION = 1
+# 2 added the input statistics; a version-1 model read its tables unscaled.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 
 def encoder_settings(encoder) -> Dict[str, Any]:
@@ -54,6 +57,8 @@ def save_rqvae(directory: str, trained: rqvae_lib.TrainedRQVAE,
           "config": dataclasses.asdict(trained.config),
           "input_dims": [int(d) for d in trained.input_dims],
           "best_epoch": trained.best_epoch,
+          "input_stats": None if trained.input_stats is None else [
+              {"mean": mean.tolist(), "std": std.tolist()} for mean, std in trained.input_stats],
           "semantic_encoder": semantic_encoder}
   with open(os.path.join(directory, META_FILE), "w", encoding="utf-8") as f:
     json.dump(meta, f, indent=2)
@@ -74,13 +79,21 @@ def load_rqvae(directory: str):
   try:
     with open(meta_path, encoding="utf-8") as f:
       meta = json.load(f)
-    config = RQVAEConfig(**{**meta["config"], "progress": False})
+    if meta.get("format_version") not in READABLE_VERSIONS:
+      raise DataError(f"{meta_path}: format_version {meta.get('format_version')!r}, this "
+                      f"version reads {list(READABLE_VERSIONS)}")
+    stats = meta.get("input_stats")
+    # A model saved before input scaling existed fed its tables as they were.
+    config = RQVAEConfig(**{"balance": "none", "reset_every": 0, **meta["config"],
+                            "progress": False})
     input_dims = tuple(int(d) for d in meta["input_dims"])
+    input_stats = None if stats is None else tuple(
+        (np.asarray(s["mean"], np.float32), np.asarray(s["std"], np.float32)) for s in stats)
+    if input_stats is not None and [m.shape[0] for m, _ in input_stats] != list(input_dims):
+      raise ValueError(f"input_stats widths {[m.shape[0] for m, _ in input_stats]} differ "
+                       f"from input_dims {list(input_dims)}")
   except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
     raise DataError(f"{meta_path}: not a saved RQ-VAE description ({e})") from e
-  if meta.get("format_version") != FORMAT_VERSION:
-    raise DataError(f"{meta_path}: format_version {meta.get('format_version')!r}, this "
-                    f"version reads {FORMAT_VERSION}")
   try:
     with open(params_path, "rb") as f:
       params = flax.serialization.msgpack_restore(f.read())
@@ -88,5 +101,5 @@ def load_rqvae(directory: str):
     raise DataError(f"{params_path}: cannot read the RQ-VAE parameters ({e})") from e
   trained = rqvae_lib.TrainedRQVAE(params=params, config=config, input_dims=input_dims,
                                    history=[], best_epoch=int(meta.get("best_epoch", -1)),
-                                   best_collision_rate=float("nan"))
+                                   best_collision_rate=float("nan"), input_stats=input_stats)
   return trained, meta.get("semantic_encoder")
