@@ -13,6 +13,7 @@ MODEL_DIR afterwards:
                            TrainCheckpoints.best_metric); checkpoints.corrupt/ if any broke
   train/, eval/            TensorBoard event files
   metrics.jsonl            one line per logged step and per evaluation
+  param_movement.json      how far each parameter group moved (gensar_jax/param_movement.py)
   config.gin               the operative gin config
   trainer.lock             while a trainer runs: who it is (gensar_jax/run_lock.py); a
                            second trainer on the directory stops with exit code 2
@@ -22,7 +23,10 @@ and the trainer; restore or initialise the sharded state; then per step: one hos
 `Trainer.train_step`; every LOG_PERIOD steps write token-weighted averages of the steps
 since the last log; every EVAL_PERIOD steps (and at the end) score fixed validation batches
 of each task plus the optional `eval_hook`; every CHECKPOINT_PERIOD steps, after every
-evaluation when a best metric is tracked, and at the end, save.
+evaluation when a best metric is tracked, and at the end, save. With
+`report_param_movement`, every log also carries movement/* metrics (how far each parameter
+group moved from the start, or from the restored step of a resumed run), and the end of
+training prints them as a table and writes them to param_movement.json.
 """
 from __future__ import annotations
 
@@ -45,6 +49,7 @@ from gensar_jax import checkpoints as checkpoints_lib
 from gensar_jax import gin_utils
 from gensar_jax import io_utils
 from gensar_jax import optimizers as optimizers_lib
+from gensar_jax import param_movement
 from gensar_jax import partitioning as partitioning_lib
 from gensar_jax import run_lock
 from gensar_jax import train_inputs
@@ -80,6 +85,8 @@ class TrainSummary:
   train_metrics: Dict[str, float]   # the last logged training metrics
   eval_metrics: Dict[str, float]    # the last evaluation ({} if none ran)
   checkpoint_steps: List[int]       # kept after the run
+  # param_movement.json's record (MovementTracker.report); {} when not reported.
+  param_movement: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def _required(value: Any, macro: str, kind: type) -> Any:
@@ -191,6 +198,27 @@ def _restore_or_init(trainer: trainer_lib.Trainer, checkpoints: checkpoints_lib.
   return restored.state, int(position["examples_consumed"]), restored.step, position
 
 
+def _movement_tracker(params: Any, restored_step: Optional[int], vocabulary: Any,
+                      partitioner: partitioning_lib.Partitioner
+                      ) -> param_movement.MovementTracker:
+  """The reference for movement metrics: these params, of step 0 or of the restored step."""
+  if restored_step:
+    logger.info("parameter movement is relative to the restored step %d: a resumed run "
+                "has no step-0 parameters", restored_step)
+  return param_movement.MovementTracker(params, param_movement.token_groups(vocabulary),
+                                        restored_step or 0, partitioner.replicated)
+
+
+def _final_movement(tracker: param_movement.MovementTracker, params: Any, step: int,
+                    model_dir: str) -> Dict[str, Any]:
+  """Measures once more at the last step, writes param_movement.json, prints the table."""
+  report = tracker.report(step, tracker.measure(params))
+  param_movement.write_report(model_dir, report)
+  if jax.process_index() == 0:
+    print(param_movement.format_table(report), flush=True)
+  return report
+
+
 class EarlyStopping:
   """Counts evaluations without improvement of the keep-best metric; restart-safe (its state
   rides in the checkpoint's data position)."""
@@ -250,7 +278,8 @@ def train(model_dir: str = gin.REQUIRED,
           optimizer: Optional[optimizers_lib.Optimizer] = None,
           partitioner: Optional[partitioning_lib.Partitioner] = None,
           eval_hook: Optional[EvalHook] = None,
-          initialise_params: Optional[Callable[[Any, Any], Any]] = None) -> TrainSummary:
+          initialise_params: Optional[Callable[[Any, Any], Any]] = None,
+          report_param_movement: bool = True) -> TrainSummary:
   """Trains (or resumes) a run in `model_dir` up to `train_steps`.
 
   Args:
@@ -286,6 +315,11 @@ def train(model_dir: str = gin.REQUIRED,
     initialise_params: (params, vocabulary) -> params, applied once to a fresh
       initialisation (never to a restored checkpoint), e.g.
       `@IdentifierEmbeddingInit()` (gensar_jax/identifier_init.py).
+    report_param_movement: log movement/* metrics (||theta - theta_0|| / ||theta_0|| per
+      parameter group, gensar_jax/param_movement.py) at every log, and print and write
+      them to MODEL_DIR/param_movement.json at the end. theta_0 is the state training
+      starts from: the (initialised) step 0, or the restored step of a resumed run. Costs
+      one more copy of the parameters on the devices.
   """
   model_dir = _required(model_dir, "MODEL_DIR", str)
   mixture_or_task_name = _required(mixture_or_task_name, "MIXTURE_OR_TASK_NAME", str)
@@ -365,11 +399,16 @@ def train(model_dir: str = gin.REQUIRED,
     if stopper.stopped:
       logger.info("early stopping already reached at step %d: nothing to train", start_step)
       final_step = start_step
+    tracker = None
+    if report_param_movement and final_step > start_step:
+      tracker = _movement_tracker(state.params, restored_step, model.vocabulary, partitioner)
+    trained_step = start_step
     for step in range(start_step + 1, train_steps + 1):
       if stopper.stopped:
         break
       batch = next(batches)
       state, metrics = trainer.train_step(state, batch)
+      trained_step = step
       examples_consumed += batch_size  # rows of the global stream: the resume position
       pending_examples += train_inputs.examples_in(batch) * jax.process_count()
       pending.append(metrics)
@@ -393,6 +432,8 @@ def train(model_dir: str = gin.REQUIRED,
             "steps_per_sec": len(fetched) / elapsed,
             "examples_seen": float(examples_seen),
         })
+        if tracker is not None:
+          train_metrics.update(tracker.measure(state.params))
         pending_examples = 0
         writer.write("train", step, train_metrics)
         progress.set_postfix(loss=f"{train_metrics['loss']:.4f}",
@@ -427,11 +468,14 @@ def train(model_dir: str = gin.REQUIRED,
                                        **stopper.state()},
                          metrics=evaluated)
     progress.close()
+    movement = {}
+    if tracker is not None and trained_step > start_step:
+      movement = _final_movement(tracker, state.params, trained_step, model_dir)
     checkpoints.wait_until_finished()
     _write_config(model_dir)
     return TrainSummary(start_step=start_step, final_step=final_step,
                         train_metrics=train_metrics, eval_metrics=eval_metrics,
-                        checkpoint_steps=checkpoints.all_steps())
+                        checkpoint_steps=checkpoints.all_steps(), param_movement=movement)
   finally:
     checkpoints.close()
     if writer is not None:

@@ -32,7 +32,7 @@ JSONL_NAME = "metrics.jsonl"
 SPLITS = ("train", "eval")
 
 
-def _json_number(value: float) -> Optional[float]:
+def json_number(value: float) -> Optional[float]:
   """NaN and infinities are not JSON; write them as null rather than break the line."""
   value = float(value)
   return value if math.isfinite(value) else None
@@ -97,7 +97,7 @@ class MetricWriter:
     self._tf_writers[split].flush()
     self._upload_events(split)
     record = {"step": int(step), "split": split}
-    record.update({name: _json_number(v) for name, v in values.items()})
+    record.update({name: json_number(v) for name, v in values.items()})
     io_utils.append_text(self.jsonl_path, json.dumps(record) + "\n")
 
   def _upload_events(self, split: str) -> None:

@@ -198,3 +198,14 @@ def test_two_hosts_train_one_model_like_one_host_and_resume(world, reference, tm
   np.testing.assert_allclose(losses(model_dir), losses(reference), rtol=2e-5)
   assert checkpoint_steps(model_dir) == checkpoint_steps(reference) == [6, 12]
   assert sorted(os.listdir(model_dir)) == sorted(os.listdir(reference))
+  # Parameter movement, measured on arrays spread over both processes, agrees with the
+  # 1-process run while both count from step 0, then counts from the restored step 6.
+  def movement(run):
+    return {r["step"]: {k: v for k, v in r.items() if k.startswith("movement/")}
+            for r in train_logging.read_jsonl_metrics(run, "train")}
+  pod, single = movement(model_dir), movement(reference)
+  for step in range(1, 7):
+    assert pod[step].keys() == single[step].keys() and "movement/encoder/mlp" in pod[step]
+    for name, value in single[step].items():
+      np.testing.assert_allclose(pod[step][name], value, rtol=1e-3, err_msg=f"{step} {name}")
+  assert {pod[step]["movement/reference_step"] for step in range(7, STEPS + 1)} == {6}

@@ -10,6 +10,7 @@ mixture must stop with exit code 2 and a message naming the problem.
 """
 import collections
 import glob
+import json
 import logging
 import os
 import shutil
@@ -142,6 +143,30 @@ def test_cli_writes_checkpoints_events_metrics_and_config(reference, world, caps
   np.testing.assert_array_equal(train_losses(reference), losses)
 
 
+def read_movement(model_dir):
+  with open(os.path.join(model_dir, "param_movement.json")) as f:
+    return json.load(f)
+
+
+def test_param_movement_is_logged_and_written_at_the_end(reference):
+  report = read_movement(reference)
+  assert report["step"] == STEPS and report["reference_step"] == 0
+  assert report["relative_to"] == "initialisation"
+  movement = report["movement"]
+  # The world's vocabulary has identifier, behaviour and word-piece tokens.
+  assert {"embedding/identifier", "embedding/identifier_row_median", "embedding/behaviour",
+          "embedding/word_piece", "output/identifier", "output/identifier_row_median",
+          "output/word_piece", "encoder/attention", "encoder/mlp", "decoder/self_attention",
+          "decoder/encoder_decoder_attention", "decoder/mlp"} <= set(movement)
+  assert all(0 < value < 10 for value in movement.values()), movement
+  # The last log line (step 20) carries the same figures, as TensorBoard scalars too.
+  last = train_logging.read_jsonl_metrics(reference, "train")[-1]
+  assert last["step"] == STEPS and last["movement/reference_step"] == 0
+  for name, value in movement.items():
+    assert last[f"movement/{name}"] == pytest.approx(value, rel=1e-6), name
+  assert "movement/embedding/identifier" in scalar_tags(os.path.join(reference, "train"))
+
+
 class SimulatedKill(Exception):
   pass
 
@@ -174,6 +199,14 @@ def test_resume_after_kill_reproduces_every_loss(reference, world, tmp_path, mon
   assert [r["step"] for r in eval_after] == [10, 20]
   np.testing.assert_allclose([r["loss"] for r in eval_after], [r["loss"] for r in eval_ref],
                              rtol=1e-6)
+  # No step-0 parameters after a restart: movement is relative to the restored step 10.
+  report = read_movement(model_dir)
+  assert (report["step"], report["reference_step"]) == (20, 10)
+  assert report["relative_to"] == "the restored step 10"
+  assert report["movement"]["encoder/mlp"] < read_movement(reference)["movement"]["encoder/mlp"]
+  references = {r["step"]: r["movement/reference_step"]
+                for r in train_logging.read_jsonl_metrics(model_dir, "train")}
+  assert references == {step: 0 if step <= 10 else 10 for step in range(1, STEPS + 1)}
 
 
 def test_truncated_latest_checkpoint_falls_back_to_previous(reference, world, tmp_path,
@@ -181,8 +214,13 @@ def test_truncated_latest_checkpoint_falls_back_to_previous(reference, world, tm
   model_dir = str(tmp_path / "broken")
   shutil.copytree(reference, model_dir)
   truncate_step(model_dir, 20)
+  os.remove(os.path.join(model_dir, "param_movement.json"))
   with caplog.at_level(logging.WARNING):
-    run_cli(cli_args(world, model_dir))
+    run_cli(cli_args(world, model_dir, "--gin.train.report_param_movement=False"))
+  # Switched off: no movement metrics and no file.
+  assert not os.path.exists(os.path.join(model_dir, "param_movement.json"))
+  assert not any(k.startswith("movement/")
+                 for k in train_logging.read_jsonl_metrics(model_dir, "train")[-1])
   path = os.path.join(model_dir, "checkpoints", "20")
   warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
   assert any("step 20" in w and path in w for w in warnings), warnings

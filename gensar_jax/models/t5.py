@@ -252,8 +252,11 @@ class Transformer(nn.Module):
 
   def setup(self):
     cfg = self.config
+    # N(0, stddev^2) rows; T5Config.embedding_init_stddev says why it is configurable.
+    init = nn.initializers.normal(stddev=cfg.embedding_init_stddev)
     self.token_embedder = Embed(num_embeddings=cfg.require_vocab_size(), features=cfg.emb_dim,
-                                dtype=cfg.compute_dtype, param_dtype=cfg.parameter_dtype)
+                                dtype=cfg.compute_dtype, param_dtype=cfg.parameter_dtype,
+                                embedding_init=init)
     self.encoder = Encoder(cfg, token_embedder=self.token_embedder)
     self.decoder = Decoder(cfg, token_embedder=self.token_embedder)
 
