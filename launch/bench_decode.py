@@ -48,11 +48,13 @@ import decode_flops  # noqa: E402
 EOS, SRC_ITEM, REC_ITEM = 1, 3, 4
 CODE_BASE = 10  # level l's codes are CODE_BASE + l * codebook + code
 ID_LENGTH = 6  # behaviour token, 4 codes, EOS: the decode's steps
-# Sizes of gin/models/small.gin and tiny.gin, by hand so the bench needs no gin parsing.
+# Sizes of gin/models/small.gin, mini.gin and tiny.gin, by hand so the bench needs no gin parsing.
 MODEL_SIZES = {
     "small": dict(emb_dim=512, num_heads=8, head_dim=64, mlp_dim=1024, num_encoder_layers=8,
                   num_decoder_layers=8),
     "tiny": dict(emb_dim=32, num_heads=2, head_dim=16, mlp_dim=64, num_encoder_layers=2,
+                 num_decoder_layers=2),
+    "mini": dict(emb_dim=128, num_heads=4, head_dim=32, mlp_dim=512, num_encoder_layers=2,
                  num_decoder_layers=2),
 }
 
@@ -86,7 +88,8 @@ def peak_rss_gib() -> float:
 
 
 def bench_model(args) -> list:
-  config = t5_config.T5Config(vocab_size=args.vocab_size, **MODEL_SIZES[args.model])
+  config = t5_config.T5Config(vocab_size=args.vocab_size, dtype=args.dtype,
+                              **MODEL_SIZES[args.model])
   model = encoder_decoder.EncoderDecoderModel(
       t5.Transformer(config), seqio.PassThroughVocabulary(args.vocab_size, eos_id=EOS))
   shapes = {"encoder_input_tokens": (1, args.input_length), "decoder_input_tokens": (1, ID_LENGTH)}
@@ -279,6 +282,8 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--model", default="small", choices=sorted(MODEL_SIZES))
+  parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                      help="activation dtype (bfloat16 pays on CPUs with AVX-512 BF16)")
   parser.add_argument("--vocab_size", type=int, default=8320, help="~8.2k, padded to 128")
   parser.add_argument("--input_length", type=int, default=128)
   parser.add_argument("--beams", type=int, default=30)
