@@ -111,7 +111,7 @@ def test_catalogue_trie_size_per_edge():
   kinds = [trie_lib.level_kind(level) for level in trie.levels]
   assert kinds == ["dense", "dense", "csr", "csr", "csr", "unary"]  # EOS: one child each
   assert all(level.local.dtype == np.uint8 for level in trie.levels[2:])
-  # Below STATIC's 20.8 bytes per identifier (README, Benchmarks): one byte per edge, row
+  # Below STATIC's 20.8 bytes per identifier (docs/benchmarks.md): one byte per edge, row
   # pointers of the branching levels and the leaf -> item table.
   bytes_per_id = trie.nbytes() / len(seqs)
   print(f"bytes per identifier: {bytes_per_id:.2f}, per edge {trie.bytes_per_edge():.2f}")
