@@ -80,20 +80,18 @@ def rec_sequences(prepared_dir: str) -> Tuple[List[np.ndarray], Dict[str, Tuple]
   return sequences, heldout
 
 
-def _identifier_structure(prepared, trained: rqvae_lib.TrainedRQVAE,
-                          tables: Tuple[np.ndarray, ...],
-                          assignment: assignment_lib.IdentifierAssignment,
+def _identifier_structure(prepared, assignment: assignment_lib.IdentifierAssignment,
                           semantic: Optional[np.ndarray],
                           collaborative: Optional[np.ndarray]) -> Dict:
   """What the final identifiers mean (gensar_jax/identifiers/structure.py), measured with
   the items' categories and queries; a column the prepared items lack is skipped."""
   items = prepared.items
-  latents = rqvae_lib.encode_and_quantize(trained, tables)[0]  # [items, spaces * latent]
   return structure_lib.structure_of_assignment(
       assignment, semantic, collaborative,
       categories=(structure_lib.category_labels(items["categories"])
                   if "categories" in items else None),
-      queries=list(items["queries"]) if "queries" in items else None, latents=latents)
+      queries=list(items["queries"]) if "queries" in items else None,
+      latents=assignment.latents)
 
 
 @gin.configurable
@@ -121,13 +119,12 @@ def identify(prepared_dir: str = gin.REQUIRED, output_dir: str = gin.REQUIRED,
     collaborative = result.item_embeddings  # [items, d_c]
     sasrec_metrics = {split: sasrec_lib.evaluate_sasrec(result, *heldout[split])
                       for split in heldout}
-  tables = rqvae_lib.validate_embeddings(semantic, collaborative, rqvae_config)
+  rqvae_lib.validate_embeddings(semantic, collaborative, rqvae_config)
 
   trained = rqvae_lib.train_rqvae(semantic, collaborative, rqvae_config)
   assignment = assignment_lib.assign_identifiers(trained, semantic, collaborative,
                                                  rqvae_config)
-  structure = _identifier_structure(prepared, trained, tables, assignment, semantic,
-                                   collaborative)
+  structure = _identifier_structure(prepared, assignment, semantic, collaborative)
   with atomic_output_dir(output_dir, overwrite=overwrite) as tmp:
     staged = os.path.join(tmp, "table")
     table_lib.write_identifier_table(

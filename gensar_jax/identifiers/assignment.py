@@ -51,6 +51,9 @@ class IdentifierAssignment:
   cid_levels: Tuple[str, ...]
   codebook_size: int
   stats: Dict[str, Any]
+  # [n, spaces * latent] the RQ-VAE encoder's outputs the codes were assigned from (None
+  # when the assignment was not made from an encoding, e.g. a table read back from disk).
+  latents: Optional[np.ndarray] = None
 
   @property
   def num_items(self) -> int:
@@ -374,4 +377,4 @@ def assign_identifiers(state: rqvae_lib.TrainedRQVAE, semantic: Optional[np.ndar
   return IdentifierAssignment(
       mode=config.mode, sid_codes=full.get("sid"), cid_codes=full.get("cid"),
       sid_levels=tuple(levels.get("sid", ())), cid_levels=tuple(levels.get("cid", ())),
-      codebook_size=lay.codebook_size, stats=stats)
+      codebook_size=lay.codebook_size, stats=stats, latents=tree.r0)
