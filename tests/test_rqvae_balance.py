@@ -60,7 +60,7 @@ def test_reseed_moves_only_unused_codes_onto_residuals():
   assert len({tuple(row) for row in new[3:]}) == 5
 
 
-def test_dead_code_restarts_raise_code_usage():
+def test_dead_code_restarts_raisecode_usage():
   tables = clustered_tables(n=512, clusters=4)  # few clusters: argmin leaves codes dead
   config = dataclasses.replace(SMALL, epochs=20, eval_every=20)
   without = rqvae.train_rqvae(*tables, dataclasses.replace(config, reset_every=0))

@@ -74,7 +74,7 @@ class IdentifierAssignment:
     return [f"<{name}_{c}>" for name in names for c in range(self.codebook_size)]
 
 
-def _row_ids(codes: np.ndarray, base: int) -> np.ndarray:
+def row_ids(codes: np.ndarray, base: int) -> np.ndarray:
   """Dense group id per row of [n, p] codes (equal rows <-> equal ids); p may be 0."""
   n, p = codes.shape
   if p == 0:
@@ -159,7 +159,7 @@ class _CodeTree:
 
 
 def _collision_stats(codes: np.ndarray) -> Dict[str, float]:
-  ids = _row_ids(codes, int(codes.max()) + 1 if codes.size else 1)
+  ids = row_ids(codes, int(codes.max()) + 1 if codes.size else 1)
   counts = np.bincount(ids)
   return {"collision_rate": 1.0 - counts.size / codes.shape[0],
           "colliding_items": int(counts[counts > 1].sum())}
@@ -189,7 +189,7 @@ def _sinkhorn_rounds(tree: _CodeTree, space: str, config) -> List[int]:
   k = tree.layout.codebook_size
   history = []
   for _ in range(config.collision_rounds):
-    ids = _row_ids(tree.full(space), k)  # [n]
+    ids = row_ids(tree.full(space), k)  # [n]
     counts = np.bincount(ids)
     items = np.flatnonzero(counts[ids] > 1)
     residual = tree.residual(items, space, last)  # [m, latent]
@@ -218,7 +218,7 @@ def _rebalance_level(tree: _CodeTree, space: str, level: int, capacity: int) -> 
   """
   k = tree.layout.codebook_size
   codes = tree.full(space)  # [n, L]
-  prefix = _row_ids(codes[:, :level], k)  # [n]
+  prefix = row_ids(codes[:, :level], k)  # [n]
   cell = prefix * k + codes[:, level]  # [n]
   _, cell_inv, cell_counts = np.unique(cell, return_inverse=True, return_counts=True)
   cand = np.flatnonzero(cell_counts[cell_inv.reshape(-1)] > capacity)
@@ -276,7 +276,7 @@ def _deduplicate(tree: _CodeTree) -> None:
       _rebalance_level(tree, space, level, cap(length - 1 - level))
 
 
-def _code_usage(codes: np.ndarray, k: int) -> Dict[str, Any]:
+def code_usage(codes: np.ndarray, k: int) -> Dict[str, Any]:
   """Codes used, perplexity exp(entropy) of the code distribution (k = perfectly even), counts."""
   counts = np.bincount(codes, minlength=k)
   p = counts[counts > 0] / codes.size
@@ -343,7 +343,7 @@ def assign_identifiers(state: rqvae_lib.TrainedRQVAE, semantic: Optional[np.ndar
   usage = {}
   for s in lay.spaces:
     for j, level_name in enumerate(lay.level_names(s)):
-      usage.setdefault(level_name, _code_usage(full[name[s]][:, j], lay.codebook_size))
+      usage.setdefault(level_name, code_usage(full[name[s]][:, j], lay.codebook_size))
   # Share of items whose SID and CID start with the same tokens (the first L_m, or the first
   # one without shared levels): 1.0 in dual mode by construction, 0.0 in dual_no_shared
   # (different token spaces), None when the mode has only one space.

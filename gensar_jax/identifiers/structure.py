@@ -34,7 +34,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from gensar_jax.identifiers.assignment import _code_usage, _row_ids
+from gensar_jax.identifiers.assignment import code_usage, row_ids
 
 PLOT_FILE = "identifier_structure.png"
 # Measure key -> (table column, plot title).
@@ -282,7 +282,7 @@ def identifier_structure(sid_codes: Optional[np.ndarray], cid_codes: Optional[np
   for codes, names in spaces.values():
     for j, name in enumerate(names):
       if name not in levels:
-        usage = _code_usage(codes[:, j], k)
+        usage = code_usage(codes[:, j], k)
         levels[name] = {"codes_used": usage["codes_used"], "perplexity": usage["perplexity"]}
 
   def measured(groups: np.ndarray, index: int) -> Dict[str, Any]:
@@ -291,7 +291,7 @@ def identifier_structure(sid_codes: Optional[np.ndarray], cid_codes: Optional[np
 
   prefixes = {}
   for index, (name, (names, codes)) in enumerate(_prefix_codes(spaces).items(), start=1):
-    groups = _row_ids(codes, k)  # [items]
+    groups = row_ids(codes, k)  # [items]
     count = int(groups.max()) + 1 if n else 0
     prefixes[name] = {"levels": list(names), "groups": count,
                       "items_per_group": n / count if count else 0.0,
