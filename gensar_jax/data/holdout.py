@@ -1,6 +1,6 @@
 """Items held out of a dataset to measure how items added after training are served.
 
-The protocol of the new-items experiment (README, "Items added after training"): the
+The protocol of the new-items experiment (docs/results.md#items-added-after-training): the
 newest items of the catalogue, by their first interaction, are removed with all their
 events before anything is trained; they come back through `gensar_jax.add_items` once the
 model exists, and are then ranked against the same items in a run that had them from the
