@@ -50,12 +50,15 @@ def create_mesh(data: int = -1,
                 devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
   """A ('data', 'model') mesh over all devices of all processes; -1 takes what is left.
 
-  Devices keep the order of `jax.devices()` (process by process) off TPU, so each process
-  owns a contiguous block of the data axis and can feed a contiguous slice of the global
-  batch. On TPU `mesh_utils.create_device_mesh` picks an order that follows the physical
-  interconnect.
+  The device order is `device_grid`'s: each process owns a contiguous block of the data
+  axis, so it feeds a contiguous slice of the global batch (`per_host_batch_slice`).
   """
   devices = list(jax.devices() if devices is None else devices)
+  return Mesh(device_grid(data, model, devices), MESH_AXES)
+
+
+def _mesh_shape(data: int, model: int, num_devices: int) -> Tuple[int, int]:
+  """(data, model) with a -1 filled in; a clear error for sizes that do not fit."""
   sizes = {DATA_AXIS: data, MODEL_AXIS: model}
   for name, size in sizes.items():
     if not isinstance(size, int) or (size < 1 and size != -1):
@@ -64,22 +67,79 @@ def create_mesh(data: int = -1,
   if data == -1 and model == -1:
     raise ValueError("create_mesh: at most one of data, model may be -1")
   known = math.prod(s for s in sizes.values() if s != -1)
-  if len(devices) % known:
-    raise ValueError(f"create_mesh: {len(devices)} devices cannot be split into "
+  if num_devices % known:
+    raise ValueError(f"create_mesh: {num_devices} devices cannot be split into "
                      f"data={data} x model={model}")
   if data == -1:
-    data = len(devices) // known
+    data = num_devices // known
   if model == -1:
-    model = len(devices) // known
-  if data * model != len(devices):
+    model = num_devices // known
+  if data * model != num_devices:
     raise ValueError(f"create_mesh: data={data} x model={model} = {data * model} does not "
-                     f"match the {len(devices)} available devices")
-  shape = (data, model)
-  if devices[0].platform == "tpu":
-    device_grid = mesh_utils.create_device_mesh(shape, devices=devices)
+                     f"match the {num_devices} available devices")
+  return data, model
+
+
+def device_grid(data: int, model: int, devices: Sequence[Any]) -> np.ndarray:
+  """The [data, model] array of devices behind `create_mesh`, host-major along `data`.
+
+  Every process must own one contiguous block of the data axis, or no process can load
+  "its" rows as one slice of the global batch. Off TPU, devices are grouped by process
+  (stable, so `jax.devices()` order within a process). On a single-host TPU the order is
+  `mesh_utils.create_device_mesh`'s, which follows the torus. On a multi-host TPU that
+  order interleaves hosts along `data` (v5e-16: process 0 at data indices 0, 1, 6, 15), so
+  hosts are tiled instead, as T5X does: `create_hybrid_device_mesh` with the process as
+  the granule keeps the torus order inside each host and stacks the hosts along `data`.
+  Only plain attributes of the devices are read (platform, process_index, and for
+  mesh_utils coords, core_on_chip, device_kind), so a layout can be checked without a pod.
+  """
+  devices = list(devices)
+  data, model = _mesh_shape(data, model, len(devices))
+  processes = sorted({d.process_index for d in devices})
+  if devices[0].platform != "tpu":
+    grouped = sorted(devices, key=lambda d: d.process_index)  # stable: keeps local order
+    return np.asarray(grouped, dtype=object).reshape(data, model)
+  if len(processes) == 1:
+    return mesh_utils.create_device_mesh((data, model), devices=devices)
+  per_host = len(devices) // len(processes)
+  counts = {p: sum(d.process_index == p for d in devices) for p in processes}
+  if set(counts.values()) != {per_host}:
+    raise ValueError(f"create_mesh: processes hold different numbers of devices {counts}; "
+                     "a TPU mesh needs the same number on every host")
+  if per_host % model == 0:      # each host holds whole model groups: [per_host/model, model]
+    host_shape, hosts_shape = (per_host // model, model), (len(processes), 1)
+  elif model % per_host == 0:    # a model group spans model/per_host hosts: [1, per_host]
+    host_shape = (1, per_host)
+    hosts_shape = (len(devices) // model, model // per_host)
   else:
-    device_grid = np.asarray(devices, dtype=object).reshape(shape)
-  return Mesh(device_grid, MESH_AXES)
+    raise ValueError(f"create_mesh: model={model} neither divides nor is a multiple of the "
+                     f"{per_host} devices of each host, so hosts cannot tile the mesh")
+  return mesh_utils.create_hybrid_device_mesh(host_shape, hosts_shape, devices=devices,
+                                              process_is_granule=True)
+
+
+def process_batch_rows(grid: np.ndarray, process_index: int,
+                       global_batch_size: int) -> slice:
+  """The rows of a global batch sharded P('data') over `grid` that `process_index` holds.
+
+  Data index i of D holds rows [i * B / D, (i + 1) * B / D); a batch that D does not
+  divide is replicated (see `fit_spec_to_shape`), so every process holds all of it. A
+  process whose data indices are not one contiguous run cannot be fed a slice: that is
+  an error naming them, never a silent wrong batch.
+  """
+  grid = np.asarray(grid, dtype=object)                             # [data, model]
+  data_size = grid.shape[0]
+  if global_batch_size % data_size:
+    return slice(0, global_batch_size)
+  mine = sorted({i for (i, _), d in np.ndenumerate(grid) if d.process_index == process_index})
+  if not mine:
+    raise ValueError(f"process {process_index} holds no device of the mesh")
+  if mine != list(range(mine[0], mine[-1] + 1)):
+    raise ValueError(f"per_host_batch_slice: the devices of process {process_index} sit at "
+                     f"data indices {mine}, a non-contiguous part of the batch; build the "
+                     "mesh with create_mesh so each process owns a contiguous block of 'data'")
+  rows = global_batch_size // data_size
+  return slice(mine[0] * rows, (mine[-1] + 1) * rows)
 
 
 @gin.configurable
@@ -210,28 +270,10 @@ class Partitioner:
     return NamedSharding(self.mesh, spec)
 
   def per_host_batch_slice(self, global_batch_size: int) -> slice:
-    """The rows of the global batch this process must load.
-
-    Read off the data sharding itself (not assumed from process_index), so any device
-    order is honoured. With the mesh of `create_mesh` off TPU it is block `process_index`
-    of `process_count` equal blocks. If the batch cannot be split over `data`, every
-    process loads all rows.
-    """
-    sharding = self.batch_sharding((global_batch_size,))
-    starts, stops = [], []
-    for index in sharding.addressable_devices_indices_map((global_batch_size,)).values():
-      row = index[0]
-      starts.append(row.start or 0)
-      stops.append(global_batch_size if row.stop is None else row.stop)
-    start, stop = min(starts), max(stops)
-    covered = set()
-    for a, b in zip(starts, stops):
-      covered.update(range(a, b))
-    if covered != set(range(start, stop)):
-      raise ValueError(f"per_host_batch_slice: the devices of process {jax.process_index()} "
-                       "hold a non-contiguous part of the batch; build the mesh with "
-                       "create_mesh so each process owns a contiguous block of 'data'")
-    return slice(start, stop)
+    """The rows of the global batch this process must load (`process_batch_rows` on this
+    mesh): block `process_index` of `process_count` equal blocks with `create_mesh`'s
+    host-major mesh; every row when the batch cannot be split over `data`."""
+    return process_batch_rows(self.mesh.devices, jax.process_index(), global_batch_size)
 
   def shard_batch(self, host_local_batch: Mapping[str, np.ndarray],
                   global_batch_size: Optional[int] = None) -> Dict[str, jax.Array]:
