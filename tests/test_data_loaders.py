@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from gensar_jax import gin_utils
 from gensar_jax.data.loaders import amazon, generic, movielens
 from gensar_jax.data.schema import REC, SEARCH, DataError
 
@@ -475,3 +476,83 @@ def test_schema_rejects_empty_user_id():
   with pytest.raises(DataError) as err:
     SearchRecLog(items=items, events=events, items_path="i.tsv", events_path="e.tsv")
   assert_names(err, "e.tsv:3", "'user_id'", "empty user id")
+
+
+# ------------------------------------------------- timestamps and encodings (issue 30, rows 1-4)
+
+# Values that are not an event's time: each used to wrap silently to -2**63 or -1 (moving
+# the event to the start of its user's history), crash with a traceback, or pass as
+# negative; each is now a DataError naming the file, row and field.
+BAD_TIMESTAMPS = [
+    ("99999999999999999999", "out of range"),
+    ("9223372036854775808", "out of range"),       # int64 max + 1
+    ("18446744073709551615", "out of range"),      # uint64 max: wrapped to -1
+    ("1600000000000", "out of range"),             # milliseconds
+    ("1e19", "neither seconds since the epoch nor an ISO-8601 date"),
+    ("inf", "neither seconds since the epoch nor an ISO-8601 date"),
+    ("nan", "neither seconds since the epoch nor an ISO-8601 date"),
+    ("-5", "is negative"),
+    ("1969-12-31T23:59:59Z", "before 1970-01-01"),
+]
+
+
+@pytest.mark.parametrize("value,why", BAD_TIMESTAMPS, ids=[v for v, _ in BAD_TIMESTAMPS])
+def test_generic_timestamp_outside_the_rule_names_file_row_and_field(tmp_path, value, why):
+  items = write_csv(tmp_path / "items.csv", ["item_id", "title"], [["a", "A"]])
+  events = write_csv(tmp_path / "events.csv", ["user_id", "timestamp", "item_id"],
+                     [["u", "100", "a"], ["u", value, "a"]])
+  with pytest.raises(DataError) as err:
+    generic.load_generic(items_path=items, events_path=events)
+  assert_names(err, f"{events}:2: field 'timestamp'", repr(value), why)
+  assert "\n" not in gin_utils.user_message(err.value)
+
+
+def test_generic_timestamp_rule_fractional_floored_bounds_accepted(tmp_path):
+  """The documented rule: fractional seconds floor to the second (ties keep file order);
+  0 and 9999-12-31T23:59:59Z are the bounds."""
+  items = write_csv(tmp_path / "items.csv", ["item_id", "title"], [["a", "A"]])
+  events = write_csv(tmp_path / "events.csv", ["user_id", "timestamp", "item_id"], [
+      ["u", "1600000123.75", "a"], ["u", "1600000123.2", "a"], ["u", "0", "a"],
+      ["u", "253402300799", "a"], ["u", "9999-12-31T23:59:59Z", "a"], ["u", "+7", "a"]])
+  log = generic.load_generic(items_path=items, events_path=events)
+  assert list(log.events["timestamp"]) == [1600000123, 1600000123, 0, 253402300799,
+                                           253402300799, 7]
+  assert "fractional seconds" in generic.__doc__ and "negative seconds" in generic.__doc__
+
+
+def test_generic_parquet_timestamps_follow_the_same_rule(tmp_path):
+  items = write_csv(tmp_path / "items.csv", ["item_id", "title"], [["a", "A"]])
+  events = tmp_path / "events.parquet"
+  pd.DataFrame({"user_id": ["u", "u"], "item_id": ["a", "a"],
+                "timestamp": np.array([5, 2 ** 64 - 1], dtype=np.uint64)}).to_parquet(events)
+  with pytest.raises(DataError) as err:
+    generic.load_generic(items_path=items, events_path=str(events))
+  assert_names(err, f"{events}:2: field 'timestamp'", "18446744073709551615", "out of range")
+  pd.DataFrame({"user_id": ["u", "u"], "item_id": ["a", "a"],
+                "timestamp": [5.5, float("inf")]}).to_parquet(events)
+  with pytest.raises(DataError) as err:
+    generic.load_generic(items_path=items, events_path=str(events))
+  assert_names(err, f"{events}:2: field 'timestamp'", "'inf'")
+
+
+@pytest.mark.parametrize("gz", [False, True], ids=["csv", "csv.gz"])
+def test_generic_invalid_utf8_names_the_row_and_field(tmp_path, gz):
+  """A quoted cell with a line break before the bad byte: the row is the data row pandas
+  counts, not the physical line."""
+  items = write_csv(tmp_path / "items.csv", ["item_id", "title"], [["a", "A"], ["b", "B"]])
+  text = (b'user_id,timestamp,item_id,kind,query\nu,1,a,search,"two\nlines"\n'
+          b'u,2,b,search,caf\xe9 au lait\n')
+  events = tmp_path / ("events.csv.gz" if gz else "events.csv")
+  events.write_bytes(gzip.compress(text) if gz else text)
+  with pytest.raises(DataError) as err:
+    generic.load_generic(items_path=items, events_path=str(events))
+  assert_names(err, f"{events}:2: field 'query'", "not UTF-8", "0xe9")
+  assert "position" not in str(err.value)
+
+
+def test_generic_csv_with_a_byte_order_mark_loads(tmp_path):
+  items = write_csv(tmp_path / "items.csv", ["item_id", "title"], [["a", "A"]])
+  events = tmp_path / "events.csv"
+  events.write_bytes(b"\xef\xbb\xbfuser_id,timestamp,item_id\nu,1,a\n")
+  log = generic.load_generic(items_path=items, events_path=str(events))
+  assert list(log.events["user_id"]) == ["u"]

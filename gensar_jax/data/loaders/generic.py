@@ -7,9 +7,20 @@ items (`.csv` / `.parquet`):
   ("Electronics > Audio > Headphones | Gifts > For Him"); in parquet the same string or a
   list of lists of strings.
 events (`.csv` / `.parquet`):
-  user_id, timestamp, item_id (required); timestamp is integer seconds or an ISO-8601 date
-  (naive dates are UTC), or a parquet timestamp column; kind (optional, "rec" or "search",
-  default "rec", also for empty cells); query (required when kind is "search").
+  user_id, timestamp, item_id (required); timestamp is seconds since the epoch or an
+  ISO-8601 date (naive dates are UTC), or a parquet timestamp column; kind (optional, "rec"
+  or "search", default "rec", also for empty cells); query (required when kind is
+  "search").
+Timestamps, the rule (a timestamp orders a user's history, so a value that cannot be an
+event's time is refused, never wrapped or clamped into one):
+  * seconds are plain decimal digits, 0 to 253402300799 (1970-01-01 to 9999-12-31 UTC);
+    a larger number is refused (milliseconds, or an overflowing export), as are exponents
+    ("1e9"), "inf" and "nan";
+  * fractional seconds ("1600000123.75") are accepted and floored to the second; events of
+    the same second keep their file order;
+  * negative seconds and dates before 1970 are refused.
+CSV files are UTF-8 (a leading byte-order mark is allowed); a byte that is not UTF-8 is an
+error naming the row and field.
 Row numbers in error messages are 1-based data rows (CSV line = row + 1 for the header).
 """
 from __future__ import annotations
@@ -35,6 +46,8 @@ def _read_table(path: str, required: List[str]) -> pd.DataFrame:
       frame = pd.read_csv(path, dtype=str, keep_default_na=False)
     else:
       raise DataError(f"{path}: unsupported extension (use .csv, .csv.gz or .parquet)")
+  except UnicodeDecodeError as e:
+    raise _not_utf8(path, e) from None
   except (ValueError, OSError, pd.errors.ParserError) as e:
     if isinstance(e, DataError):
       raise
@@ -43,6 +56,40 @@ def _read_table(path: str, required: List[str]) -> pd.DataFrame:
   if missing:
     raise DataError(f"{path}: missing column(s) {missing}; found {list(frame.columns)}")
   return frame.reset_index(drop=True)
+
+
+def _not_utf8(path: str, error: UnicodeDecodeError) -> DataError:
+  """The row and field of the first byte of a CSV that is not UTF-8.
+
+  pandas reports a byte offset into its own read buffer, which no user can act on. The file
+  is read again as CSV with undecodable bytes kept as surrogate escapes (so a quoted field
+  with line breaks is one row, as pandas counts it), and the first record holding one is
+  named like every other data error: path:row: field 'name'.
+  """
+  import csv
+  import gzip
+  opener = gzip.open if path.endswith(".gz") else open
+  try:
+    with opener(path, "rt", encoding="utf-8", errors="surrogateescape", newline="") as f:
+      header: List[str] = []
+      for row, record in enumerate(csv.reader(f)):   # row 0 is the header
+        for column, cell in enumerate(record):
+          bad = next((c for c in cell if "\udc80" <= c <= "\udcff"), None)
+          if bad is None:
+            continue
+          byte = f"byte 0x{ord(bad) - 0xDC00:02x}"
+          if row == 0:
+            return DataError(f"{path}: the header is not UTF-8 text ({byte} in column "
+                             f"{column + 1}); save the file as UTF-8")
+          field = header[column] if column < len(header) else f"column {column + 1}"
+          return DataError(f"{where(path, row, field)}: not UTF-8 text ({byte}); save the "
+                           "file as UTF-8")
+        if row == 0:
+          header = record
+  except (OSError, csv.Error, EOFError):
+    pass
+  return DataError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start}); save the "
+                   "file as UTF-8")
 
 
 def _check_filled(frame: pd.DataFrame, columns: List[str], path: str) -> None:
@@ -70,13 +117,27 @@ def parse_categories(value, path: str, row: int) -> List[List[str]]:
                     f"lists, got {type(value).__name__}") from None
 
 
-def _timestamps(values: pd.Series, path: str) -> np.ndarray:
-  """Epoch seconds from integer seconds or ISO-8601 dates, mixed freely in one column.
+# The largest timestamp in seconds: 9999-12-31T23:59:59Z, the last second an ISO-8601 date
+# can write. Anything larger is not a time (often milliseconds, or an overflowed export).
+MAX_SECONDS = 253402300799
+_SECONDS = r"\+?(\d+)(?:\.\d*)?"     # plain decimal seconds, optionally fractional
+_NEGATIVE = r"-\d+(?:\.\d*)?"
 
-  Dates are parsed as "ISO8601", not by pandas' format inference: inference fixes the format
-  of the first value and turns every differently written date ("2020-01-01" then
-  "2020-01-01T10:00") into a spurious error. Only the non-numeric values are parsed as
-  dates, so integer seconds never reach the date parser.
+
+def _timestamp_error(path: str, row: int, value, why: str) -> DataError:
+  return DataError(f"{where(path, row + 1, 'timestamp')}: {value!r} {why}")
+
+
+def _timestamps(values: pd.Series, path: str) -> np.ndarray:
+  """Epoch seconds from seconds or ISO-8601 dates, mixed freely in one column, by the rule
+  of the module docstring.
+
+  Seconds are matched as text, not through pd.to_numeric: a float64 detour silently wraps
+  an overflowing integer to -2**63 (moving the event to the start of its user's history)
+  and crashes on "inf". Dates are parsed as "ISO8601", not by pandas' format inference:
+  inference fixes the format of the first value and turns every differently written date
+  ("2020-01-01" then "2020-01-01T10:00") into a spurious error. Only the values that are
+  not seconds reach the date parser.
   """
   if pd.api.types.is_datetime64_any_dtype(values):
     # A parquet timestamp column: to_numeric would silently give nanoseconds.
@@ -84,23 +145,68 @@ def _timestamps(values: pd.Series, path: str) -> np.ndarray:
       row = int(np.argmax(values.isna().to_numpy()))
       raise DataError(f"{where(path, row + 1, 'timestamp')}: missing date")
     utc = values.dt.tz_localize("UTC") if values.dt.tz is None else values
-    return ((utc - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1)).to_numpy(np.int64)
-  as_int = pd.to_numeric(values, errors="coerce")
-  is_date = as_int.isna().to_numpy()
-  if not is_date.any():
-    return as_int.astype(np.int64).to_numpy()
-  seconds = as_int.fillna(0).astype(np.int64).to_numpy()
-  dates = pd.to_datetime(values[is_date].astype(str), errors="coerce", utc=True,
-                         format="ISO8601")
-  bad = dates.isna().to_numpy()
-  if bad.any():
-    row = int(np.flatnonzero(is_date)[np.argmax(bad)])
-    raise DataError(f"{where(path, row + 1, 'timestamp')}: neither integer seconds nor an "
-                    f"ISO-8601 date: {values.iloc[row]!r}")
-  # Through a Timedelta, so the result does not depend on the datetime resolution.
-  seconds[is_date] = ((dates - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1)
-                      ).to_numpy(dtype=np.int64)
+    seconds = ((utc - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1)
+               ).to_numpy(np.int64)
+    _check_range(seconds, values, path)
+    return seconds
+  text = values.astype(str).str.strip().reset_index(drop=True)
+  whole = text.str.extract(f"^{_SECONDS}$", expand=False)   # NaN where not seconds
+  is_seconds = whole.notna().to_numpy()
+  negative = text.str.fullmatch(_NEGATIVE).to_numpy()
+  if negative.any():
+    row = int(np.argmax(negative))
+    raise _timestamp_error(path, row, text.iloc[row], "is negative: timestamps are seconds "
+                           "since 1970-01-01 UTC")
+  seconds = np.zeros(len(text), np.int64)
+  digits = whole[is_seconds].str.lstrip("0")
+  # More digits than MAX_SECONDS has cannot be in range, and would not fit an int64.
+  too_long = (digits.str.len() > len(str(MAX_SECONDS))).to_numpy()
+  if too_long.any():
+    row = int(np.flatnonzero(is_seconds)[np.argmax(too_long)])
+    raise _range_error(path, row, text.iloc[row])
+  seconds[is_seconds] = digits.replace("", "0").astype(np.int64).to_numpy()
+  is_date = ~is_seconds
+  if is_date.any():
+    dates = pd.to_datetime(text[is_date], errors="coerce", utc=True, format="ISO8601")
+    # Through a Timedelta, so the result does not depend on the datetime resolution.
+    date_seconds = ((dates - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1))
+    for row in np.flatnonzero(is_date)[dates.isna().to_numpy()]:
+      # pandas' nanosecond dates end in 2262; the rule's range runs to 9999.
+      date_seconds.loc[row] = _late_date_seconds(path, int(row), text.iloc[row])
+    seconds[is_date] = date_seconds.to_numpy(dtype=np.int64)
+  _check_range(seconds, text, path)
   return seconds
+
+
+def _late_date_seconds(path: str, row: int, value: str) -> int:
+  """Seconds of an ISO-8601 date pandas cannot hold (after 2262), or the row's error."""
+  import datetime
+  try:
+    date = datetime.datetime.fromisoformat(value)
+  except ValueError:
+    raise _timestamp_error(path, row, value, "is neither seconds since the epoch nor an "
+                           "ISO-8601 date") from None
+  if date.tzinfo is None:
+    date = date.replace(tzinfo=datetime.timezone.utc)
+  epoch = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
+  return (date - epoch) // datetime.timedelta(seconds=1)
+
+
+def _range_error(path: str, row: int, value) -> DataError:
+  return _timestamp_error(path, row, value, f"is out of range: seconds since the epoch run "
+                          f"from 0 to {MAX_SECONDS} (1970 to 9999; milliseconds?)")
+
+
+def _check_range(seconds: np.ndarray, values: pd.Series, path: str) -> None:
+  """Seconds in [0, MAX_SECONDS]; a date before 1970 is as refused as negative seconds."""
+  bad = (seconds < 0) | (seconds > MAX_SECONDS)
+  if bad.any():
+    row = int(np.argmax(bad))
+    value = values.iloc[row]
+    if seconds[row] < 0:
+      raise _timestamp_error(path, row, str(value), "is before 1970-01-01 UTC, the "
+                             "earliest timestamp")
+    raise _range_error(path, row, str(value))
 
 
 @gin.configurable
