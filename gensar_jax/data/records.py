@@ -30,9 +30,10 @@ written beside them (`tfds.folder_dataset.write_metadata`), so any of these read
 """
 from __future__ import annotations
 
+import itertools
 import math
 import os
-from typing import Dict, Iterable, List
+from typing import Dict, Iterable, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -81,47 +82,54 @@ def split_to_filepattern(prepared_dir: str, splits: Iterable[str] = ("train", "v
           for s in splits}
 
 
-def _bytes(values) -> tf.train.Feature:
-  return tf.train.Feature(bytes_list=tf.train.BytesList(
-      value=[v.encode("utf-8") if isinstance(v, str) else v for v in values]))
-
-
-def _ints(values) -> tf.train.Feature:
-  return tf.train.Feature(int64_list=tf.train.Int64List(value=values))
-
-
 def serialize(example: Dict) -> bytes:
   """One `tf.train.Example`, serialised deterministically (map entries sorted by key).
 
   Without `deterministic=True` the feature map's order follows a per-process hash seed, so
-  two runs with the same seed would write different shard bytes.
+  two runs with the same seed would write different shard bytes. The message is filled in
+  place (`feature[k].bytes_list.value.extend`) rather than built from nested
+  `tf.train.Feature(...)` objects: the same bytes at less than half the time, which is most
+  of prepare's time at Amazon-Electronics size (2.9M examples).
   """
-  feature = {}
+  message = tf.train.Example()
+  feature = message.features.feature
   for k in SCALAR_STRINGS:
-    feature[k] = _bytes([example[k]])
+    value = example[k]
+    feature[k].bytes_list.value.append(value.encode("utf-8") if isinstance(value, str)
+                                       else value)
   for k in SCALAR_INTS:
-    feature[k] = _ints([int(example[k])])
+    feature[k].int64_list.value.append(int(example[k]))
   for k in LIST_STRINGS:
-    feature[k] = _bytes(list(example[k]))
+    values = example[k]
+    try:  # already bytes (prepare encodes each distinct string once): no per-value work
+      feature[k].bytes_list.value.extend(values)
+    except TypeError:
+      feature[k].bytes_list.value.extend(
+          [v.encode("utf-8") if isinstance(v, str) else v for v in values])
   for k in LIST_INTS:
-    feature[k] = _ints(np.asarray(example[k], dtype=np.int64).tolist())
-  return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString(
-      deterministic=True)
+    feature[k].int64_list.value.extend(np.asarray(example[k], dtype=np.int64).tolist())
+  return message.SerializeToString(deterministic=True)
 
 
-def write_split_shards(prepared_dir: str, split_examples: Dict[str, List[Dict]]) -> None:
-  """Writes every split as TFRecord shards plus the TFDS metadata that describes them."""
+def write_split_shards(prepared_dir: str, split_examples: Dict[str, Sequence[Dict]]) -> None:
+  """Writes every split as TFRecord shards plus the TFDS metadata that describes them.
+
+  Each split is anything with `len()` that iterates its examples in order: a list, or a
+  lazy sequence that builds each example when it is reached (prepare's), so only one
+  example at a time is held, not the whole split (2.9M examples at Electronics size).
+  """
   out = dataset_dir(prepared_dir)
   os.makedirs(out, exist_ok=True)
   split_infos = []
   for split, examples in split_examples.items():
     num_shards = max(1, math.ceil(len(examples) / EXAMPLES_PER_SHARD))
-    lengths, num_bytes = [], 0
+    lengths, num_bytes, count = [], 0, 0
     bar = tqdm(total=len(examples), desc=f"writing {split}", unit=" examples",
                mininterval=2.0, leave=False)
+    stream = iter(examples)
     for shard in range(num_shards):
-      chunk = examples[shard * len(examples) // num_shards:
-                       (shard + 1) * len(examples) // num_shards]
+      chunk = itertools.islice(stream, (shard + 1) * len(examples) // num_shards
+                               - shard * len(examples) // num_shards)
       path = os.path.join(
           out, f"{TFDS_NAME}-{split}.tfrecord-{shard:05d}-of-{num_shards:05d}")
       with tf.io.TFRecordWriter(path) as writer:
@@ -130,7 +138,8 @@ def write_split_shards(prepared_dir: str, split_examples: Dict[str, List[Dict]])
           num_bytes += len(record)
           writer.write(record)
           bar.update()
-      lengths.append(len(chunk))
+          count += 1
+      lengths.append(count - sum(lengths))
     bar.close()
     split_infos.append(tfds.core.SplitInfo(name=split, shard_lengths=lengths,
                                            num_bytes=num_bytes))
