@@ -38,11 +38,14 @@ from gensar_jax.baselines import popularity as popularity_lib
 from gensar_jax.data.columns import read_columns
 from gensar_jax.data.prepared import load_prepared
 from gensar_jax.data.schema import KINDS, REC, SEARCH, DataError
+from gensar_jax.identifiers import rqvae_store
+from gensar_jax.identifiers.text_encoder import SentenceEncoder
 
 SYSTEMS = ("popularity", "sasrec", "bm25", "dense", "dense_history")
 SYSTEM_NAMES = {"popularity": "Popularity", "sasrec": "SASRec", "bm25": "BM25",
                 "dense": "Dense (MiniLM)", "dense_history": "Dense (MiniLM) + history"}
 SASREC_METRICS_FILE = "sasrec_metrics.json"
+SEMANTIC_FILE = "semantic_embeddings.npy"  # written by gensar_jax/identify.py
 
 
 @dataclasses.dataclass
@@ -150,6 +153,27 @@ def read_sasrec_result(identifiers_dir: Optional[str], prepared_dir: str, split:
   return block, notes
 
 
+def stored_item_embeddings(identifiers_dir: Optional[str], encoder, num_items: int
+                           ) -> Optional[np.ndarray]:
+  """The identifiers stage's semantic table ([items, d]) when the same encoder made it.
+
+  Only when rqvae.json names the same checkpoint, length and pooling as `encoder` and the
+  table has one row per item; otherwise None (the catalogue is encoded here).
+  """
+  if not identifiers_dir:
+    return None
+  path = os.path.join(identifiers_dir, SEMANTIC_FILE)
+  meta_path = os.path.join(identifiers_dir, rqvae_store.META_FILE)
+  if not (os.path.exists(path) and os.path.exists(meta_path)):
+    return None
+  with open(meta_path, encoding="utf-8") as f:
+    made_by = json.load(f).get("semantic_encoder")
+  if made_by != rqvae_store.encoder_settings(encoder):
+    return None
+  table = np.load(path)
+  return table if table.shape == (num_items, encoder.dim) else None
+
+
 @gin.configurable
 def run_baselines(prepared_dir: str = gin.REQUIRED, identifiers_dir: Optional[str] = None,
                   output_dir: str = gin.REQUIRED, split: str = "test",
@@ -218,7 +242,10 @@ def run_baselines(prepared_dir: str = gin.REQUIRED, identifiers_dir: Optional[st
       continue
     start = time.perf_counter()
     if dense_scorer is None:
-      dense_scorer = dense_lib.DenseScorer(texts, show_progress=show_progress)
+      encoder = SentenceEncoder()
+      dense_scorer = dense_lib.DenseScorer(
+          texts, encoder, show_progress=show_progress,
+          item_embeddings=stored_item_embeddings(identifiers_dir, encoder, len(texts)))
       embed_seconds = time.perf_counter() - start
     else:
       start -= embed_seconds  # both variants pay for the catalogue embedding once

@@ -25,6 +25,7 @@ Everything is drawn from one numpy generator seeded by `seed`, in whole-array op
 from __future__ import annotations
 
 import argparse
+import json
 import dataclasses
 import os
 from typing import Dict
@@ -207,7 +208,7 @@ def main(argv=None) -> None:
   args = parser.parse_args(argv)
   info = generate(args.out, SyntheticSize.electronics(args.scale), seed=args.seed,
                   search_fraction=args.search_fraction)
-  print(info)
+  print(json.dumps(info))
 
 
 if __name__ == "__main__":

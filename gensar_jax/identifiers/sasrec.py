@@ -34,7 +34,11 @@ from tqdm.auto import tqdm
 from gensar_jax import metrics as metrics_lib
 
 PAD = 0  # Internal padding token; real items are shifted to 1 .. num_items.
-LOSSES = ("full_softmax", "sampled_softmax")
+LOSSES = ("auto", "full_softmax", "sampled_softmax")
+# "auto" uses the full softmax up to this many items, the sampled one above: the full
+# softmax costs batch * max_len * items per step, so over a whole epoch it grows as
+# users x items -- about 38 hours for 30 epochs at Amazon-Electronics size on 2 cores.
+FULL_SOFTMAX_MAX_ITEMS = 20_000
 
 Params = Any
 Validation = Tuple[Sequence[Sequence[int]], np.ndarray]
@@ -56,10 +60,11 @@ class SASRecConfig:
     weight_decay: AdamW decoupled weight decay.
     batch_size: training windows per step.
     epochs: maximum number of passes over the training windows.
-    loss: "full_softmax" (cross-entropy over the whole catalogue; best quality, memory
-      grows as batch_size * max_len * num_items, fine up to ~100k items) or
-      "sampled_softmax" (target against `num_negatives` uniformly sampled items shared by
-      the batch; for catalogues where the full logits do not fit).
+    loss: "full_softmax" (cross-entropy over the whole catalogue; best quality, time and
+      memory grow as batch_size * max_len * num_items per step), "sampled_softmax" (target
+      against `num_negatives` uniformly sampled items shared by the batch; per-step cost
+      independent of the catalogue) or "auto" (full up to FULL_SOFTMAX_MAX_ITEMS items,
+      sampled above: an epoch's cost then grows linearly with the log).
     num_negatives: negatives per step for "sampled_softmax".
     all_windows: if True, a history longer than max_len + 1 is cut into several
       right-aligned windows so every interaction is a training target; if False, only the
@@ -79,7 +84,7 @@ class SASRecConfig:
   weight_decay: float = 0.0
   batch_size: int = 128
   epochs: int = 200
-  loss: str = "full_softmax"
+  loss: str = "auto"
   num_negatives: int = 256
   all_windows: bool = True
   seed: int = 0
@@ -266,6 +271,32 @@ def _training_windows(sequences: Sequence[np.ndarray], max_len: int,
   return np.stack(inputs), np.stack(targets)
 
 
+def resolved_loss(config: SASRecConfig, num_items: int) -> str:
+  """The loss `config.loss` means for a catalogue of `num_items` ("auto" resolved)."""
+  if config.loss != "auto":
+    return config.loss
+  return "full_softmax" if num_items <= FULL_SOFTMAX_MAX_ITEMS else "sampled_softmax"
+
+
+def length_widths(max_len: int) -> np.ndarray:
+  """The few input widths batches are cut to: powers of two from 8, and max_len."""
+  widths = [w for w in (8, 16, 32, 64, 128, 256, 512) if w < max_len]
+  return np.array(widths + [max_len], np.int64)
+
+
+def width_of(lengths: np.ndarray, max_len: int) -> np.ndarray:
+  """[n] the narrowest width of `length_widths` that holds each length.
+
+  Why: windows and histories are right-aligned and left-padded to max_len (50), but a
+  5-core log's users have ~8 interactions, so ~85% of a full-width batch is padding. The
+  model counts positions from the right and masks padding, so cutting a batch's leading
+  padding columns gives the same outputs at a fraction of the cost.
+  """
+  widths = length_widths(max_len)
+  return widths[np.searchsorted(widths, np.asarray(lengths), side="left").clip(
+      0, len(widths) - 1)]
+
+
 def _pad_histories(histories: Sequence[np.ndarray], max_len: int) -> np.ndarray:
   """[n, max_len] int32: the last max_len items of each history, shifted, left-padded."""
   out = np.zeros((len(histories), max_len), np.int32)
@@ -284,7 +315,7 @@ def _loss_fn(params, model: SASRec, config: SASRecConfig, inputs, targets, rng):
   valid = (targets != PAD).astype(jnp.float32)  # [batch, length]
   labels = jnp.maximum(targets - 1, 0)  # [batch, length] 0-based items
   table = model.apply({"params": params}, method=SASRec.item_table)  # [items, embed]
-  if config.loss == "full_softmax":
+  if resolved_loss(config, model.num_items) == "full_softmax":
     logits = jnp.einsum("ble,ne->bln", hidden, table)  # [batch, length, items]
     token_loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
   else:
@@ -316,7 +347,7 @@ def _score_fn(model: SASRec):
 
   @jax.jit
   def score(params, seqs, candidates):
-    # seqs: [batch, max_len] shifted; candidates: [batch, c] shifted.
+    # seqs: [batch, width <= max_len] shifted; candidates: [batch, c] shifted.
     hidden = model.apply({"params": params}, seqs, deterministic=True)[:, -1]  # [b, e]
     cand = model.apply({"params": params}, candidates,
                        method=SASRec.embed_items)  # [batch, c, embed]
@@ -332,13 +363,17 @@ def _score(params, model: SASRec, config: SASRecConfig, histories, candidates) -
   cands = (candidates + 1).astype(np.int32)  # [n, c]
   n, bs = len(seqs), config.eval_batch_size
   out = np.zeros(cands.shape, np.float32)
-  for start in range(0, n, bs):
-    stop = min(start + bs, n)
-    seq_b = np.zeros((bs, config.max_len), np.int32)
-    cand_b = np.ones((bs, cands.shape[1]), np.int32)
-    seq_b[:stop - start] = seqs[start:stop]
-    cand_b[:stop - start] = cands[start:stop]
-    out[start:stop] = np.asarray(score(params, seq_b, cand_b))[:stop - start]
+  # Rows grouped by the width their history needs (at least 1 column: empty histories).
+  widths = width_of(np.maximum((seqs != PAD).sum(axis=1), 1), config.max_len)  # [n]
+  for width in np.unique(widths):
+    rows = np.flatnonzero(widths == width)
+    for start in range(0, len(rows), bs):
+      chosen = rows[start:start + bs]
+      seq_b = np.zeros((bs, width), np.int32)
+      cand_b = np.ones((bs, cands.shape[1]), np.int32)
+      seq_b[:len(chosen)] = seqs[chosen, config.max_len - width:]
+      cand_b[:len(chosen)] = cands[chosen]
+      out[chosen] = np.asarray(score(params, seq_b, cand_b))[:len(chosen)]
   return out
 
 
@@ -398,7 +433,7 @@ def _train_step_fn(model: SASRec, config: SASRecConfig):
 
   @jax.jit
   def train_step(params, opt_state, inputs, targets, step_key, step):
-    # inputs, targets: [batch, max_len] shifted ids; targets 0 = no loss there.
+    # inputs, targets: [batch, width <= max_len] shifted ids; targets 0 = no loss there.
     rng = jax.random.fold_in(step_key, step)
     loss, grads = jax.value_and_grad(_loss_fn)(params, model, config, inputs, targets, rng)
     updates, opt_state = optimizer.update(grads, opt_state, params)
@@ -455,7 +490,9 @@ def train_sasrec(train_sequences: Sequence[Sequence[int]], num_items: int,
 
   shuffle_rng = np.random.default_rng(config.seed)
   num_windows, bs = len(inputs), config.batch_size
-  steps_per_epoch = -(-num_windows // bs)
+  # Each window is trained at the narrowest width that holds it (see `width_of`).
+  widths = width_of((inputs != PAD).sum(axis=1), config.max_len)  # [windows]
+  steps_per_epoch = sum(-(-int((widths == w).sum()) // bs) for w in np.unique(widths))
   history: List[Dict[str, float]] = []
   best_params, best_ndcg, best_epoch, stale = params, -1.0, config.epochs, 0
   step = 0
@@ -464,14 +501,20 @@ def train_sasrec(train_sequences: Sequence[Sequence[int]], num_items: int,
   for epoch in range(1, config.epochs + 1):
     start_time = time.time()
     order = shuffle_rng.permutation(num_windows)
+    # Batches of one width each, from the shuffled order; then the batches shuffled.
+    batches = []
+    for w in np.unique(widths):
+      same = order[widths[order] == w]
+      batches += [(int(w), same[b:b + bs]) for b in range(0, len(same), bs)]
     losses = []
-    for b in range(steps_per_epoch):
-      idx = order[b * bs:(b + 1) * bs]
-      # The last batch is padded with all-padding rows (no loss) to keep shapes static.
-      batch_in = np.zeros((bs, config.max_len), np.int32)
-      batch_tgt = np.zeros((bs, config.max_len), np.int32)
-      batch_in[:len(idx)] = inputs[idx]
-      batch_tgt[:len(idx)] = targets[idx]
+    for b in shuffle_rng.permutation(len(batches)):
+      width, idx = batches[b]
+      # The last batch of a width is padded with all-padding rows (no loss), so each
+      # width compiles once.
+      batch_in = np.zeros((bs, width), np.int32)
+      batch_tgt = np.zeros((bs, width), np.int32)
+      batch_in[:len(idx)] = inputs[idx, config.max_len - width:]
+      batch_tgt[:len(idx)] = targets[idx, config.max_len - width:]
       params, opt_state, loss = train_step(params, opt_state, batch_in, batch_tgt, step_key,
                                            step)
       losses.append(loss)
