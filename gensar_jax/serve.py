@@ -13,19 +13,32 @@ One process owns the accelerator, so there is one uvicorn worker; concurrency co
 request batching, not from more processes.
 
 The port is checked before the model loads (a port in use is an error at once, not after
-minutes of loading); a corrupt artifact is a one-line error. Both exit with code 2. On
-SIGTERM the server stops accepting connections, answers the requests it has (up to
---drain_s), then exits. With --api_key_file (or GENSAR_API_KEY in the environment) every
-route but /healthz and /readyz needs `Authorization: Bearer <key>`.
+minutes of loading); a corrupt artifact, or one whose metadata disagrees with its compiled
+functions, is a one-line error. Both exit with code 2. On SIGTERM the server stops
+accepting connections, answers the requests it has (up to --drain_s), answers a request
+that arrives meanwhile on an open keep-alive connection with 503 and `Connection: close`,
+then exits with code 0. With --api_key_file (or GENSAR_API_KEY in the environment) every
+route but /healthz and /readyz needs `Authorization: Bearer <key>`; an empty key is an
+error (exit 2), never auth silently off.
+
+Connections (gensar_jax/serving/protocol.py): a request must arrive whole within
+--read_timeout_s of its first byte, or it gets 408 and the connection is closed (a client
+dribbling its body cannot hold a connection for good); beyond --max_connections open
+connections a new one gets 503 with Retry-After and is closed; an idle keep-alive
+connection is closed after --keep_alive_s.
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+import signal
 import socket
 import sys
 from typing import Optional, Sequence
+
+from gensar_jax.serving.protocol import (DEFAULT_KEEP_ALIVE_S, DEFAULT_MAX_CONNECTIONS,
+                                         DEFAULT_READ_TIMEOUT_S)
 
 API_KEY_ENV = "GENSAR_API_KEY"
 
@@ -47,6 +60,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                       help="a request not answered within this gets 504")
   parser.add_argument("--drain_s", type=float, default=30.0,
                       help="on SIGTERM, how long in-flight requests may take to finish")
+  parser.add_argument("--read_timeout_s", type=float, default=DEFAULT_READ_TIMEOUT_S,
+                      help="a request (headers and body) not received whole within this "
+                           "of its first byte gets 408 and its connection is closed")
+  parser.add_argument("--max_connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
+                      help="most open connections; a new one beyond gets 503 and is closed")
+  parser.add_argument("--keep_alive_s", type=int, default=DEFAULT_KEEP_ALIVE_S,
+                      help="an idle keep-alive connection is closed after this")
   parser.add_argument("--api_key_file", default=None,
                       help=f"require this bearer key (first line of the file; or set "
                            f"{API_KEY_ENV})")
@@ -60,6 +80,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.error(f"--max_batch must be >= 1, got {args.max_batch}")
   if args.max_wait_ms < 0:
     parser.error(f"--max_wait_ms must be >= 0, got {args.max_wait_ms}")
+  if args.read_timeout_s <= 0:
+    parser.error(f"--read_timeout_s must be > 0, got {args.read_timeout_s}")
+  if args.max_connections < 1:
+    parser.error(f"--max_connections must be >= 1, got {args.max_connections}")
+  if args.keep_alive_s < 1:
+    parser.error(f"--keep_alive_s must be >= 1, got {args.keep_alive_s}")
   return args
 
 
@@ -69,7 +95,12 @@ def _fail(message: str) -> None:
 
 
 def read_api_key(path: Optional[str]) -> Optional[str]:
-  """The bearer key: the first line of `path`, else $GENSAR_API_KEY, else None (no auth)."""
+  """The bearer key: the first line of `path`, else $GENSAR_API_KEY, else None (no auth).
+
+  A key that is given but blank (an empty file, `GENSAR_API_KEY=` from a template or a
+  secret that did not mount) is refused: treating it as "no key" would serve every route
+  without auth while the operator believes it is protected.
+  """
   if path:
     try:
       with open(path, encoding="utf-8") as f:
@@ -79,7 +110,12 @@ def read_api_key(path: Optional[str]) -> Optional[str]:
     if not key:
       _fail(f"--api_key_file={path}: the first line is empty")
     return key
-  return os.environ.get(API_KEY_ENV, "").strip() or None
+  if API_KEY_ENV not in os.environ:
+    return None
+  key = os.environ[API_KEY_ENV].strip()
+  if not key:
+    _fail(f"{API_KEY_ENV} is set but empty; set a key, or unset it to serve without auth")
+  return key
 
 
 def check_port(host: str, port: int) -> None:
@@ -99,8 +135,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                       format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   api_key = read_api_key(args.api_key_file)
   check_port(args.host, args.port)
-  import uvicorn
-
+  from gensar_jax.serving import protocol
   from gensar_jax.serving.app import create_app
   from gensar_jax.serving.artifact import ArtifactError
   from gensar_jax.serving.engine import ServingEngine
@@ -110,8 +145,18 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     _fail(str(e))
   app = create_app(engine, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
                    request_timeout_s=args.request_timeout_s, api_key=api_key)
-  uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, workers=1,
-              timeout_graceful_shutdown=args.drain_s)
+  server = protocol.server(app, args.host, args.port, read_timeout_s=args.read_timeout_s,
+                           max_connections=args.max_connections, drain_s=args.drain_s,
+                           keep_alive_s=args.keep_alive_s, log_level=args.log_level)
+
+  def stop(signum, frame):  # pylint: disable=unused-argument
+    server.should_exit = True
+
+  # uvicorn handles SIGTERM while it serves (the drain), then restores the handler it found
+  # and raises the signal again; the default handler would end a cleanly drained server
+  # with status 143. This one makes that exit 0, and stops a server still starting up.
+  signal.signal(signal.SIGTERM, stop)
+  server.run()
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 answers, batching, every kind of bad request answered 4xx while the server keeps serving,
 through FastAPI's TestClient and a real uvicorn server on a loopback port; and a smoke run
 of launch/load_test.py."""
+import contextlib
 import json
 import os
 import shutil
@@ -269,7 +270,7 @@ def test_load_test_smoke(live_server, engine):
   env = dict(os.environ)
   env["PYTHONPATH"] = os.pathsep.join([gin_utils.REPO_ROOT, env.get("PYTHONPATH", "")])
   proc = subprocess.run(
-      [sys.executable, os.path.join(gin_utils.REPO_ROOT, "launch", "load_test.py"),
+      [sys.executable, "-m", "launch.bench.bench_serving",
        f"--artifact={engine.directory}", f"--url={live_server}", "--requests=16",
        "--concurrency=4", "--duration_s=120", "--k=3", "--json", "--raw", "--raw_seconds=0.5"],
       capture_output=True, text=True, timeout=180, env=env)
@@ -381,7 +382,10 @@ def test_bearer_auth_metrics_and_one_error_shape(engine):
     text = client.get("/metrics", headers=key).text
   assert 'gensar_requests_total{endpoint="search",status="200"} 1' in text
   assert 'gensar_requests_total{endpoint="search",status="422"} 1' in text
-  assert 'gensar_request_seconds_count{endpoint="search"} 2' in text
+  assert 'gensar_requests_total{endpoint="search",status="401"} 2' in text
+  assert 'gensar_requests_total{endpoint="search",status="405"} 1' in text
+  assert 'gensar_requests_total{endpoint="other",status="404"} 1' in text
+  assert 'gensar_request_seconds_count{endpoint="search"} 5' in text
   assert 'gensar_queue_depth{endpoint="recommend"} 0' in text
   assert 'gensar_batch_size_bucket{endpoint="search",le="+Inf"} 1' in text
 
@@ -421,7 +425,9 @@ def test_serve_refuses_a_port_in_use_before_loading(tmp_path):
   assert "Traceback" not in result.stderr and "does-not-matter" not in result.stderr
 
 
-def test_sigterm_drains_queued_requests_then_exits(engine, tmp_path):
+def test_sigterm_drains_queued_requests_then_exits_0(engine, tmp_path):
+  """In-flight requests are answered; a request sent during the drain on a kept-alive
+  connection gets 503 with `Connection: close` (not a read error); the exit status is 0."""
   port = free_port()
   server = subprocess.Popen([sys.executable, "-m", "gensar_jax.serve",
                              f"--artifact={engine.directory}", f"--port={port}",
@@ -431,15 +437,175 @@ def test_sigterm_drains_queued_requests_then_exits(engine, tmp_path):
   try:
     wait_until_ready(url, 180, server)
     with httpx.Client(base_url=url, timeout=60) as http, \
-        futures.ThreadPoolExecutor(max_workers=3) as pool:
+        futures.ThreadPoolExecutor(max_workers=3) as pool, \
+        socket.create_connection(("127.0.0.1", port), timeout=30) as kept_alive:
+      kept_alive.sendall(request_bytes("GET", "/healthz"))
+      assert read_response(kept_alive, check_closed=False)[0] == 200
       pending = [pool.submit(http.post, GOOD[0], json=GOOD[1]) for _ in range(3)]
       time.sleep(0.3)  # queued in the batcher, which waits 800 ms for a fuller batch
       server.send_signal(signal.SIGTERM)
+      time.sleep(0.3)
+      kept_alive.sendall(request_bytes("POST", GOOD[0], json.dumps(GOOD[1]).encode()))
+      status, headers, body, closed = read_response(kept_alive)
+      assert status == 503 and headers["connection"] == "close" and closed, body
+      assert "shutting down" in json.loads(body)["error"]
       for f in pending:
         check_good(f.result(), engine)
-    # uvicorn re-raises the signal once it has drained, so the exit says "terminated".
-    assert server.wait(timeout=60) in (0, -signal.SIGTERM)
+    assert server.wait(timeout=60) == 0
     assert "Traceback" not in server.stdout.read()
   finally:
     if server.poll() is None:
       server.kill()
+
+
+# ------------------------------------------- the connection layer (issue 30, rows 10-15)
+
+
+def read_response(sock, check_closed=True):
+  """(status, headers, body, closed) of one HTTP/1.1 response read off a raw socket;
+  `closed` (None unless check_closed): the server closed the connection after it."""
+  data = b""
+  while b"\r\n\r\n" not in data:
+    chunk = sock.recv(65536)
+    if not chunk:
+      raise ConnectionError(f"closed before a response: {data!r}")
+    data += chunk
+  head, _, body = data.partition(b"\r\n\r\n")
+  lines = head.decode("latin-1").split("\r\n")
+  status = int(lines[0].split()[1])
+  headers = {k.strip().lower(): v.strip() for k, v in (l.split(":", 1) for l in lines[1:])}
+  while len(body) < int(headers.get("content-length", 0)):
+    chunk = sock.recv(65536)
+    if not chunk:
+      break
+    body += chunk
+  if not check_closed:
+    return status, headers, body, None
+  sock.settimeout(2)
+  try:
+    closed = sock.recv(1) == b""
+  except socket.timeout:
+    closed = False
+  except ConnectionResetError:  # closed with our unread request still in its buffer
+    closed = True
+  return status, headers, body, closed
+
+
+def request_bytes(method, path, body=b"", headers=()):
+  lines = [f"{method} {path} HTTP/1.1", "Host: test", *headers]
+  if body and not any(h.lower().startswith("content-length") for h in headers):
+    lines.append(f"Content-Length: {len(body)}")
+  return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+@contextlib.contextmanager
+def stub_server(api_key=None, **limits):
+  """A real uvicorn server with the serve CLI's connection layer over the instant stub
+  engine: the transport rules need no model."""
+  from gensar_jax.serving import protocol
+  port = free_port()
+  server = protocol.server(create_app(SlowEngine(0.0), max_wait_ms=1.0, api_key=api_key),
+                           "127.0.0.1", port, log_level="warning", **limits)
+  thread = threading.Thread(target=server.run, daemon=True)
+  thread.start()
+  wait_until_ready(f"http://127.0.0.1:{port}", 30)
+  try:
+    yield port
+  finally:
+    server.should_exit = True
+    thread.join(timeout=30)
+
+
+def test_unparsable_content_length_gets_the_json_error_shape():
+  with stub_server() as port:
+    for length in ("abc", "9" * 40):
+      with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(request_bytes("POST", "/recommend", b"{}",
+                                [f"Content-Length: {length}"]))
+        status, headers, body, closed = read_response(s)
+      assert status == 400 and headers["content-type"] == "application/json", body
+      assert json.loads(body)["error"].startswith("invalid HTTP request"), body
+      assert closed
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
+      assert http.post("/recommend", json={"history": []}).status_code == 200
+
+
+def test_a_request_dribbled_past_the_read_timeout_gets_408_and_is_closed():
+  with stub_server(read_timeout_s=1.0) as port:
+    body = json.dumps({"history": []}).encode()
+    for name, first, rest in [
+        ("body", request_bytes("POST", "/recommend", body)[:-5], None),
+        ("headers", b"POST /recommend HTTP/1.1\r\nHost: te", b"st\r\n"),
+        ("nothing", b"", None)]:
+      with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        started = time.perf_counter()
+        s.sendall(first)
+        if rest:  # a byte now and then does not extend the deadline
+          time.sleep(0.5)
+          s.sendall(rest)
+        status, headers, payload, closed = read_response(s)
+        waited = time.perf_counter() - started
+      assert status == 408, (name, payload)
+      assert "not received within 1 s" in json.loads(payload)["error"], name
+      assert closed and 0.9 < waited < 5, (name, waited)
+    # A request sent whole is unaffected, also after the deadline of an earlier one.
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+      for _ in range(2):
+        s.sendall(request_bytes("POST", "/recommend", body))
+        assert read_response(s, check_closed=False)[0] == 200
+        time.sleep(0.6)
+
+
+def test_connections_beyond_the_cap_get_503_and_are_closed():
+  with stub_server(max_connections=4) as port:
+    held = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(4)]
+    try:
+      time.sleep(0.2)
+      with socket.create_connection(("127.0.0.1", port), timeout=10) as extra:
+        extra.sendall(request_bytes("GET", "/healthz"))
+        status, headers, body, closed = read_response(extra)
+      assert status == 503 and headers["retry-after"] == "1" and closed
+      assert "4 open connections, its limit" in json.loads(body)["error"]
+    finally:
+      for s in held:
+        s.close()
+    time.sleep(0.3)
+    assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10).status_code == 200
+
+
+def test_metrics_count_every_response_and_json_needs_no_content_type():
+  key = {"Authorization": "Bearer k3y"}
+  with stub_server(api_key="k3y") as port, \
+      httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
+    # curl -d sends a form content type; the body is read as JSON all the same.
+    form = {"content-type": "application/x-www-form-urlencoded", **key}
+    assert http.post("/recommend", content=b'{"history": [], "k": 1}',
+                     headers=form).status_code == 200
+    assert http.post("/recommend", content=b'{"history": []}', headers=key).status_code == 200
+    assert http.post("/recommend", content=b"history=x", headers=form).status_code == 422
+    assert http.post("/recommend", json={"history": []}).status_code == 401
+    assert http.get("/nowhere", headers=key).status_code == 404
+    assert http.get("/search", headers=key).status_code == 405
+    for length, status in ((2 << 20, 413), ("abc", 400)):   # refused before any body
+      with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(request_bytes("POST", "/search", b"", [f"Content-Length: {length}",
+                                                         f"Authorization: {key['Authorization']}"]))
+        assert read_response(s)[0] == status
+    text = http.get("/metrics", headers=key).text
+  for endpoint, status, count in [("recommend", 200, 2), ("recommend", 422, 1),
+                                  ("recommend", 401, 1), ("other", 404, 1),
+                                  ("search", 405, 1), ("search", 413, 1), ("http", 400, 1),
+                                  ("readyz", 200, 1)]:
+    line = f'gensar_requests_total{{endpoint="{endpoint}",status="{status}"}} {count}'
+    assert line in text, (line, text)
+
+
+def test_a_blank_api_key_is_refused(tmp_path):
+  for value in ("", "   "):
+    env = dict(os.environ, GENSAR_API_KEY=value)
+    result = subprocess.run([sys.executable, "-m", "gensar_jax.serve",
+                             f"--artifact={tmp_path / 'unused'}", f"--port={free_port()}"],
+                            capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == ("error: GENSAR_API_KEY is set but empty; set a key, or "
+                                     "unset it to serve without auth")

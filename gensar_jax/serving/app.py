@@ -12,6 +12,11 @@ used, as in training. Every error, from validation, routing or the server, has o
 {"error": "<what and where>"}; a bad request never reaches the device and never takes the
 server down.
 
+The two POST routes read their body as JSON whatever its Content-Type says: `curl -d` sends
+`application/x-www-form-urlencoded` unless told otherwise, and a JSON API has no other body
+to read. /metrics counts every response, the framework's and the connection layer's
+(gensar_jax/serving/protocol.py) included.
+
 Facing real traffic: at most `max_queue` requests wait per endpoint, beyond that a request
 gets 503 with `Retry-After` at once (so admitted requests keep a bounded latency instead of
 every request slowing down with load); a request that has not been answered within
@@ -237,6 +242,64 @@ class BodyLimit:
     return await self.app(scope, replay, send)
 
 
+JSON_ROUTES = ("/search", "/recommend")
+# The metrics label of each route; any other path (404s from scanners) is "other", so a
+# scan cannot grow /metrics without bound.
+ENDPOINTS = {"/search": "search", "/recommend": "recommend", "/healthz": "healthz",
+             "/readyz": "readyz", "/metrics": "metrics", "/docs": "docs",
+             "/openapi.json": "openapi"}
+
+
+class JSONBody:
+  """ASGI middleware: the POST routes' body is JSON, whatever Content-Type the client sent.
+
+  curl's `-d` sends `application/x-www-form-urlencoded`; FastAPI would then read the JSON
+  text as a form and answer 422. The routes take nothing but JSON, so the header is set to
+  what the body must be; a body that is not JSON still gets 422 "JSON decode error".
+  """
+
+  def __init__(self, app):
+    self.app = app
+
+  async def __call__(self, scope, receive, send):
+    if (scope["type"] == "http" and scope.get("method") == "POST"
+        and scope.get("path") in JSON_ROUTES):
+      headers = [(k, v) for k, v in scope.get("headers") or [] if k != b"content-type"]
+      scope = dict(scope, headers=headers + [(b"content-type", b"application/json")])
+    return await self.app(scope, receive, send)
+
+
+class CountResponses:
+  """ASGI middleware, outermost: counts every response by endpoint and status in /metrics,
+  whoever gave it (a route, validation's 422, routing's 404/405, BodyLimit's 413,
+  BearerAuth's 401), and times it."""
+
+  def __init__(self, app, metrics: ServerMetrics):
+    self.app = app
+    self.metrics = metrics
+
+  async def __call__(self, scope, receive, send):
+    if scope["type"] != "http":
+      return await self.app(scope, receive, send)
+    endpoint = ENDPOINTS.get(scope.get("path"), "other")
+    start = time.perf_counter()
+    counted = False
+
+    async def counting_send(message):
+      nonlocal counted
+      if message["type"] == "http.response.start" and not counted:
+        counted = True
+        self.metrics.record(endpoint, int(message["status"]), time.perf_counter() - start)
+      await send(message)
+
+    try:
+      await self.app(scope, receive, counting_send)
+    except BaseException:
+      if not counted:  # the server answers 500 for an app that raised before answering
+        self.metrics.record(endpoint, 500, time.perf_counter() - start)
+      raise
+
+
 def create_app(engine: Engine, max_wait_ms: float = 5.0,
                max_body_bytes: int = MAX_BODY_BYTES, max_queue: int = DEFAULT_MAX_QUEUE,
                request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
@@ -279,9 +342,12 @@ def create_app(engine: Engine, max_wait_ms: float = 5.0,
     executor.shutdown(wait=False)
 
   app = fastapi.FastAPI(title="gensar-jax", lifespan=lifespan)
+  app.state.metrics = metrics   # the connection layer counts its own answers here too
+  app.add_middleware(JSONBody)
   app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
   if api_key:
-    app.add_middleware(BearerAuth, api_key=api_key)  # added last: runs first
+    app.add_middleware(BearerAuth, api_key=api_key)
+  app.add_middleware(CountResponses, metrics=metrics)  # added last: runs first
 
   @app.exception_handler(starlette.exceptions.HTTPException)
   async def http_error(request, exc):  # 404, 405 ...: the same shape as every other error
@@ -296,13 +362,6 @@ def create_app(engine: Engine, max_wait_ms: float = 5.0,
     return _error(422, "; ".join(parts) or "invalid request")
 
   async def answer(kind: str, request: RecommendRequest, query: Optional[str]):
-    start = time.perf_counter()
-    response = await _answer(kind, request, query)
-    status = response.status_code if isinstance(response, responses.Response) else 200
-    metrics.record(kind, status, time.perf_counter() - start)
-    return response
-
-  async def _answer(kind: str, request: RecommendRequest, query: Optional[str]):
     if not state["ready"]:
       why = state["warm_up_error"] or "the model is still loading"
       return _error(503, why)

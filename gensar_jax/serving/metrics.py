@@ -1,7 +1,12 @@
 """The server's Prometheus metrics, in the text exposition format (`GET /metrics`).
 
-  gensar_requests_total{endpoint, status}         counter: answered requests by HTTP status
-  gensar_request_seconds{endpoint}                histogram: wall time of answered requests
+  gensar_requests_total{endpoint, status}         counter: every response by HTTP status
+  gensar_request_seconds{endpoint}                histogram: wall time of search and recommend
+
+`endpoint` is the route ("search", "recommend", "healthz", "readyz", "metrics", "docs",
+"openapi"), "other" for any other path, and "http" for what the connection layer answers
+before a route is read (an unparsable request, a read timeout, the connection cap, the
+drain: gensar_jax/serving/protocol.py).
   gensar_queue_depth{endpoint}                    gauge: requests waiting for a batch
   gensar_batch_size{endpoint}                     histogram: requests per device call
   gensar_batch_retries_total{endpoint}            counter: failed batches rerun one by one
@@ -56,7 +61,7 @@ class ServerMetrics:
         self._latency[endpoint].observe(seconds)
 
   def render(self, batchers: Mapping[str, object]) -> str:
-    lines = ["# HELP gensar_requests_total Answered requests by endpoint and HTTP status.",
+    lines = ["# HELP gensar_requests_total Every response by endpoint and HTTP status.",
              "# TYPE gensar_requests_total counter"]
     with self._lock:
       for (endpoint, status), count in sorted(self._requests.items()):
