@@ -16,7 +16,7 @@ export TF_CPP_MIN_LOG_LEVEL := 2
 export HF_HUB_OFFLINE := 1
 export TFDS_DISABLE_GCS := 1
 
-.PHONY: demo ablations learning-curves bench test test-fast install clean constraints
+.PHONY: demo ablations learning-curves bench bench-scale test test-fast install clean constraints
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,12 @@ learning-curves: $(STAMP)
 # (launch/bench_all.py; BENCH_ARGS="--full" or "--torch_python PATH" for more).
 bench: $(STAMP)
 	$(PY) launch/bench_all.py $(BENCH_ARGS)
+
+# Every stage on seeded synthetic logs up to Amazon-Electronics size (62,671 items, 192,000
+# users, 1.62M interactions): time, peak memory, output size per stage and size, as
+# runs/bench_scale/<time>/scale.{json,md,png} (docs/scale.md; SCALE_ARGS="--scales 0.01,0.03").
+bench-scale: $(STAMP)
+	$(PY) launch/bench/bench_scale.py $(SCALE_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
