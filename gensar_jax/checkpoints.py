@@ -25,6 +25,14 @@ steps are then moved aside into `<directory>.corrupt/` (never deleted: a person 
 to look), because training on from the older step will want to save those step numbers
 again. If checkpoints exist but none restores, `CheckpointError` says so and nothing is
 moved, so a run never silently starts over.
+
+Several hosts restore one step. Each host reading the bucket for itself could see another
+listing (a step still being committed) or meet a transient read error the others do not,
+and then train on from a different step than its peers, and wait at a move-aside barrier
+the others never reach. So process 0's listing of the steps is broadcast, every host tries
+the steps in that order, and after each try the hosts share whether it failed anywhere: a
+step is used only if it restored on every host, and every newer step that failed on any
+host is moved aside by process 0 (then one barrier). All hosts end on the same step.
 """
 from __future__ import annotations
 
@@ -37,6 +45,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import gin
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from gensar_jax import io_utils
@@ -150,6 +159,16 @@ class TrainCheckpoints:
   def step_path(self, step: int) -> str:
     return os.path.join(self.directory, str(step))
 
+  def complete_steps_on_disk(self) -> List[int]:
+    """Steps whose save was finalised, read from the directory itself (not the manager's
+    cache), so it can be asked after a failed save: orbax writes a step under a temporary
+    name and gives it its number only once complete."""
+    try:
+      names = io_utils.listdir(self.directory)
+    except OSError:
+      return []
+    return sorted(int(name) for name in names if name.isdigit())
+
   # ------------------------------------------------------------------------ save
 
   def save(self, step: int, state: Any, data_position: Mapping[str, Any],
@@ -189,19 +208,26 @@ class TrainCheckpoints:
     """
     self.wait_until_finished()
     self._manager.reload()
-    steps = self.all_steps()
+    steps = _steps_of_process_0(self.all_steps())
     failures: List[Tuple[int, str]] = []
     for step in reversed(steps):
+      reason = None
       try:
         restored = self.restore(step, target)
       except Exception as e:  # pylint: disable=broad-except  # any failure means "broken"
         reason = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
         logger.warning("checkpoint at step %d (%s) cannot be restored (%s); falling back "
                        "to an earlier checkpoint", step, self.step_path(step), reason)
+      failed_on = _processes_where(reason is not None)
+      if failed_on:
+        if reason is None:
+          reason = f"failed to restore on process(es) {failed_on}"
+          logger.warning("checkpoint at step %d (%s) restored here but not on process(es) "
+                         "%s; all processes fall back to an earlier checkpoint", step,
+                         self.step_path(step), failed_on)
         failures.append((step, reason))
         continue
-      for bad_step, _ in failures:
-        self._move_aside(bad_step)
+      self._move_aside([bad_step for bad_step, _ in failures])
       if failures:
         self._manager.reload()
         logger.warning("resumed from step %d; broken newer checkpoints %s moved to %s",
@@ -218,12 +244,39 @@ class TrainCheckpoints:
   def _corrupt_dir(self) -> str:
     return f"{self.directory}.corrupt"
 
-  def _move_aside(self, step: int) -> None:
-    """Moves a broken step out of the managed directory (kept for inspection)."""
+  def _move_aside(self, steps: List[int]) -> None:
+    """Moves broken steps out of the managed directory (kept for inspection): process 0
+    moves, every process then waits at one barrier (every process has the same `steps`)."""
+    if not steps:
+      return
     if jax.process_index() == 0:
-      destination = io_utils.join(self._corrupt_dir(), f"{step}-{int(time.time())}")
-      io_utils.move(self.step_path(step), destination)
+      for step in steps:
+        destination = io_utils.join(self._corrupt_dir(), f"{step}-{int(time.time())}")
+        io_utils.move(self.step_path(step), destination)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-      multihost_utils.sync_global_devices(f"checkpoints_move_aside_{step}")
+      multihost_utils.sync_global_devices("checkpoints_move_aside_" + "_".join(map(str, steps)))
+
+
+def _steps_of_process_0(steps: List[int]) -> List[int]:
+  """Process 0's list of steps, on every process (the list itself on a single one)."""
+  if jax.process_count() == 1:
+    return list(steps)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  count = int(multihost_utils.broadcast_one_to_all(np.int32(len(steps))))
+  if count == 0:
+    return []
+  mine = np.zeros((count,), np.int32)
+  if jax.process_index() == 0:
+    mine[:] = steps
+  return [int(s) for s in multihost_utils.broadcast_one_to_all(mine)]
+
+
+def _processes_where(flag: bool) -> List[int]:
+  """The indices of the processes on which `flag` is True (every process calls it)."""
+  if jax.process_count() == 1:
+    return [0] if flag else []
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  flags = np.asarray(multihost_utils.process_allgather(np.int32(flag))).reshape(-1)
+  return [int(i) for i in np.flatnonzero(flags)]
 

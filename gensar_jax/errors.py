@@ -19,3 +19,15 @@ class DataError(GensarError):
 class CheckpointError(DataError):
   """A checkpoint (of a run, a sentence encoder or pretrained weights) that cannot be used
   or does not fit the run, with the path and the reason."""
+
+
+# The trainer's exit code after a preemption (SIGTERM, or JAX's preemption notice on a
+# pod): the current step is saved and complete, so the launcher should recreate the slice
+# if it is gone and rerun the same command, which resumes from that step. 75 is EX_TEMPFAIL
+# of sysexits.h ("temporary failure; the user is invited to retry"): no other exit of the
+# trainer uses it, and it is not 128 + a signal, so it cannot be mistaken for a kill.
+PREEMPTED_EXIT_CODE = 75
+
+
+class DiskFullError(GensarError):
+  """MODEL_DIR's disk (or bucket quota) is full: the message says what was kept."""

@@ -22,23 +22,30 @@ lock is taken by writing the owner record, waiting `settle_s`, and reading it ba
 trainers that start within the same moment, only the one whose record survived goes on
 (object writes are last-writer-wins). That is best effort, not a consensus protocol; it
 catches the cases that happen (a relaunch while the old job runs, a second launch).
+
+`refuse_early` is the same judgement made before the trainer imports anything heavy
+(TensorFlow, SeqIO, Flax: twenty seconds and more): the CLI reads MODEL_DIR from its gin
+flags and stops with exit code 2 if a live trainer holds the directory. It only looks; the
+lock is still taken, race-free, by `RunLock.acquire` once training starts.
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
 import json
 import logging
 import os
+import re
 import socket
 import threading
 import time
 import uuid
-from typing import Optional
+from typing import List, Mapping, Optional, Sequence
 
 import gin
 
 from gensar_jax import io_utils
-from gensar_jax.data.schema import DataError
+from gensar_jax.errors import DataError  # not gensar_jax.data: that imports pandas
 
 logger = logging.getLogger(__name__)
 
@@ -118,6 +125,18 @@ class RunLock:
       return f"its owner {owner.describe()} stopped its heartbeat"
     return None
 
+  def busy_reason(self) -> Optional[str]:
+    """Who holds the lock, when a live trainer does; None when it is free or stale."""
+    if not io_utils.exists(self.path):
+      return None
+    current = read_owner(self.path)
+    if self._stale_reason(current) is not None:
+      return None
+    held_by = current.describe() if current else "an unreadable lock file"
+    return (f"{os.path.dirname(self.path)} is in use by another trainer: {held_by}. "
+            f"Stop that run first, or train into another MODEL_DIR; if no trainer is "
+            f"running, remove {self.path}")
+
   def _record(self, owner: LockOwner) -> str:
     return json.dumps(dataclasses.asdict(owner)) + "\n"
 
@@ -133,11 +152,8 @@ class RunLock:
       current = read_owner(self.path)
       reason = self._stale_reason(current)
       if reason is None or attempt:
-        held_by = current.describe() if current else "an unreadable lock file"
-        raise RunInUseError(
-            f"{os.path.dirname(self.path)} is in use by another trainer: {held_by}. "
-            f"Stop that run first, or train into another MODEL_DIR; if no trainer is "
-            f"running, remove {self.path}")
+        raise RunInUseError(self.busy_reason() or
+                            f"{os.path.dirname(self.path)} is in use by another trainer")
       logger.warning("taking over the lock %s: %s", self.path, reason)
       io_utils.remove(self.path)
     self.owner = owner
@@ -200,3 +216,84 @@ class RunLock:
 
   def __exit__(self, *exc) -> None:
     self.release()
+
+
+# ---------------------------------------------------------------------- before imports
+
+
+def _gin_value(text: str) -> Optional[str]:
+  try:
+    value = ast.literal_eval(text.strip())
+  except (ValueError, SyntaxError):
+    return None
+  return value if isinstance(value, str) else None
+
+
+def model_dir_from_flags(argv: Sequence[str], root: str = ".") -> Optional[str]:
+  """MODEL_DIR as the gin flags set it (gin files in order, then bindings; later wins),
+  read without gin or the trainer's modules; None when it cannot be told this way."""
+  model_dir: Optional[str] = None
+  files: List[str] = []
+  bindings: List[str] = []
+  args = list(argv)
+  for i, arg in enumerate(args):
+    name, eq, value = arg.partition("=")
+    if not eq and name in ("--gin_file", "--gin_bindings") and i + 1 < len(args):
+      value = args[i + 1]
+    if name == "--gin_file":
+      files.append(value)
+    elif name == "--gin_bindings":
+      bindings.append(value)
+    elif name == "--gin.MODEL_DIR":
+      bindings.append(f"MODEL_DIR = {value}")
+  for path in files:
+    for base in ("", root):
+      full = os.path.join(base, path)
+      if os.path.isfile(full):
+        with open(full, encoding="utf-8") as f:
+          for line in f:
+            match = re.match(r"\s*MODEL_DIR\s*=\s*(.+?)\s*(#.*)?$", line)
+            if match and _gin_value(match.group(1)) is not None:
+              model_dir = _gin_value(match.group(1))
+        break
+  for binding in bindings:
+    match = re.match(r"\s*MODEL_DIR\s*=\s*(.+?)\s*$", binding)
+    if match:
+      model_dir = _gin_value(match.group(1))
+  return model_dir or None
+
+
+def _is_process_0(environ: Mapping[str, str]) -> bool:
+  """Whether this process will be process 0, as far as the environment tells before JAX
+  starts; a host of a multi-host job that cannot tell says False (and leaves the check
+  to RunLock.acquire): its own job's process 0 may already hold the lock."""
+  from gensar_jax import distributed  # pylint: disable=g-import-not-at-top  # light: gin only
+  try:
+    multi, _ = distributed.should_initialize(None, environ)
+  except ValueError:
+    return False
+  if not multi:
+    return True
+  for name in (distributed.ENV_PROCESS_ID, "TPU_WORKER_ID", "CLOUD_TPU_TASK_ID"):
+    if environ.get(name, "").strip():
+      return environ[name].strip() == "0"
+  return False
+
+
+def refuse_early(argv: Sequence[str], root: str = ".",
+                 environ: Optional[Mapping[str, str]] = None) -> None:
+  """Raises RunInUseError when the MODEL_DIR of these flags is held by a live trainer.
+
+  Called by the train CLI before its heavy imports, so a second trainer is refused in a
+  second, not after building a model. Default staleness settings: gin is not parsed yet.
+  """
+  environ = os.environ if environ is None else environ
+  model_dir = model_dir_from_flags(argv, root)
+  if not model_dir or not _is_process_0(environ):
+    return
+  try:
+    reason = RunLock(model_dir).busy_reason()
+  except OSError:
+    return  # unreadable here: RunLock.acquire will say what is wrong
+  if reason is not None:
+    raise RunInUseError(reason)

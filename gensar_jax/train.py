@@ -30,13 +30,31 @@ training prints them as a table and writes them to param_movement.json.
 """
 from __future__ import annotations
 
+if __name__ == "__main__" or __import__("sys").argv[:1] == ["gensar train"]:
+  # A second trainer on a busy MODEL_DIR stops here, in a second, before the heavy imports
+  # below (run_lock.refuse_early). `gensar train` (commands.py) sets argv[0] to that name;
+  # its import runs with stderr silenced (gin_utils._import_quietly), so the line is
+  # printed at exit, once stderr is back.
+  import atexit as _atexit
+  import os as _os
+  import sys as _sys
+  from gensar_jax import run_lock as _run_lock
+  try:
+    _run_lock.refuse_early(_sys.argv[1:], root=_os.path.dirname(_os.path.dirname(
+        _os.path.abspath(__file__))))
+  except _run_lock.RunInUseError as _error:
+    _atexit.register(print, f"error: {_error}", file=_sys.stderr, flush=True)
+    raise SystemExit(2) from None
+
 if __name__ == "__main__":  # one gin registration: run as the importable module
   import gensar_jax.gin_utils as _gin_utils
   _gin_utils.run_module("gensar_jax.train")
 
 import dataclasses
+import errno
 import logging
 import os
+import sys
 import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol
 
@@ -51,11 +69,13 @@ from gensar_jax import io_utils
 from gensar_jax import optimizers as optimizers_lib
 from gensar_jax import param_movement
 from gensar_jax import partitioning as partitioning_lib
+from gensar_jax import preemption
 from gensar_jax import run_lock
 from gensar_jax import train_inputs
 from gensar_jax import train_logging
 from gensar_jax import trainer as trainer_lib
 from gensar_jax.data.schema import DataError
+from gensar_jax.errors import PREEMPTED_EXIT_CODE, DiskFullError
 from gensar_jax.models import encoder_decoder
 from gensar_jax.restore import CHECKPOINTS_SUBDIR, TRAINED_CONFIG
 import gensar_tasks  # noqa: F401  # pylint: disable=unused-import  # registers gensar_mixture with gin
@@ -87,6 +107,9 @@ class TrainSummary:
   checkpoint_steps: List[int]       # kept after the run
   # param_movement.json's record (MovementTracker.report); {} when not reported.
   param_movement: Dict[str, Any] = dataclasses.field(default_factory=dict)
+  # True when the run stopped at final_step because of a preemption (SIGTERM, or JAX's
+  # preemption notice on a pod) after saving that step; the CLI exits PREEMPTED_EXIT_CODE.
+  preempted: bool = False
 
 
 def _required(value: Any, macro: str, kind: type) -> Any:
@@ -341,17 +364,17 @@ def train(model_dir: str = gin.REQUIRED,
       input_shards, "INPUT_SHARDS")
 
   provider = train_inputs.get_provider(mixture_or_task_name)
-  model = build_model_fn(provider.output_features["targets"].vocabulary)
-  partitioner = partitioner or partitioning_lib.Partitioner()
-  optimizer = optimizer or optimizers_lib.create_optimizer()
-  trainer = trainer_lib.Trainer(model=model, partitioner=partitioner, optimizer=optimizer)
-  logger.info("training %s on %s", mixture_or_task_name, partitioner.describe())
-
   io_utils.makedirs(model_dir)
-  # Before the checkpoint manager, which cleans up unfinished saves it finds: another
-  # trainer's, if one were running here.
+  # Before any heavy set-up (the model, the mesh, the input pipeline), so that a second
+  # trainer on a busy directory is refused at once; and before the checkpoint manager,
+  # which cleans up unfinished saves it finds: another trainer's, if one were running here.
   lock = _lock_run(model_dir)
   try:
+    model = build_model_fn(provider.output_features["targets"].vocabulary)
+    partitioner = partitioner or partitioning_lib.Partitioner()
+    optimizer = optimizer or optimizers_lib.create_optimizer()
+    trainer = trainer_lib.Trainer(model=model, partitioner=partitioner, optimizer=optimizer)
+    logger.info("training %s on %s", mixture_or_task_name, partitioner.describe())
     checkpoints = checkpoints_lib.TrainCheckpoints(
         os.path.join(model_dir, CHECKPOINTS_SUBDIR), keep_last=keep_checkpoints)
   except BaseException:
@@ -365,7 +388,12 @@ def train(model_dir: str = gin.REQUIRED,
                    "pack_lengths": pack_lengths, "target_buckets": target_buckets,
                    "input_shards": input_shards}
   writer = None
+  # Installed before the (long) restore and input set-up, so that a SIGTERM arriving then
+  # is not the default kill: the first step trained is saved and the run stops.
+  watch = preemption.PreemptionWatch()
+  finished = False
   try:
+    watch.__enter__()
     state, examples_consumed, restored_step, position = _restore_or_init(
         trainer, checkpoints, input_shapes, data_identity, initialise_params)
     # Older checkpoints did not count examples apart from rows (one per row, unpacked).
@@ -403,6 +431,7 @@ def train(model_dir: str = gin.REQUIRED,
     if report_param_movement and final_step > start_step:
       tracker = _movement_tracker(state.params, restored_step, model.vocabulary, partitioner)
     trained_step = start_step
+    preempted = False
     for step in range(start_step + 1, train_steps + 1):
       if stopper.stopped:
         break
@@ -414,8 +443,11 @@ def train(model_dir: str = gin.REQUIRED,
       pending.append(metrics)
       progress.update(1)
       last = step == train_steps
+      # Asked at every step on every process (JAX's sync point requires it); at the last
+      # step the run ends and saves anyway, so a preemption then is an ordinary finish.
+      preempted = watch.reached(step) and not last
 
-      if step % log_period == 0 or last:
+      if step % log_period == 0 or last or preempted:
         if lock is not None:
           lock.assert_held()
         fetched = jax.device_get(pending)
@@ -441,7 +473,8 @@ def train(model_dir: str = gin.REQUIRED,
         pending, last_log_time = [], now
 
       evaluated = None
-      if eval_period and (step % eval_period == 0 or last):
+      # Not on a preemption: the grace period before the VM goes is for the save.
+      if eval_period and (step % eval_period == 0 or last) and not preempted:
         if eval_data is None:
           eval_data = train_inputs.eval_batches(mixture_or_task_name, task_feature_lengths,
                                                 batch_size, host_rows, eval_batches,
@@ -462,30 +495,88 @@ def train(model_dir: str = gin.REQUIRED,
         last_log_time = time.time()  # evaluation time is not training throughput
 
       tracks_best = evaluated is not None and checkpoints.best_metric is not None
-      if step % checkpoint_period == 0 or last or tracks_best or stopper.stopped:
+      if (step % checkpoint_period == 0 or last or tracks_best or stopper.stopped
+          or preempted):
         checkpoints.save(step, state, {**data_identity, "examples_consumed": examples_consumed,
                                        "examples_seen": examples_seen + pending_examples,
                                        **stopper.state()},
                          metrics=evaluated)
+      if preempted:
+        logger.warning("preemption (%s) at step %d: saving it and stopping; rerun the same "
+                       "command to resume", watch.signal_name or watch.mechanism, step)
+        final_step = step
+        break
     progress.close()
     movement = {}
-    if tracker is not None and trained_step > start_step:
+    if tracker is not None and trained_step > start_step and not preempted:
       movement = _final_movement(tracker, state.params, trained_step, model_dir)
-    checkpoints.wait_until_finished()
+    checkpoints.wait_until_finished()  # a preempted run exits only once its step is saved
     _write_config(model_dir)
-    return TrainSummary(start_step=start_step, final_step=final_step,
-                        train_metrics=train_metrics, eval_metrics=eval_metrics,
-                        checkpoint_steps=checkpoints.all_steps(), param_movement=movement)
+    summary = TrainSummary(start_step=start_step, final_step=final_step,
+                           train_metrics=train_metrics, eval_metrics=eval_metrics,
+                           checkpoint_steps=checkpoints.all_steps(), param_movement=movement,
+                           preempted=preempted)
+    finished = True
+    return summary
+  except Exception as e:  # pylint: disable=broad-except
+    if _disk_full(e):
+      raise DiskFullError(_disk_full_message(model_dir, checkpoints)) from None
+    raise
   finally:
-    checkpoints.close()
+    watch.__exit__()
+    _close_quietly(checkpoints.close, finished)
     if writer is not None:
-      writer.close()
+      _close_quietly(writer.close, finished)
     if lock is not None:
       lock.release()
 
 
+def _disk_full(error: BaseException) -> bool:
+  """Whether `error`, or an error it was raised from, is a full disk (ENOSPC). Orbax and
+  TensorStore re-raise a failed background write as their own exception types, with the
+  operating system's words in the message, so both the errno and the words count."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+      return True
+    if "No space left on device" in str(error) or "ENOSPC" in str(error):
+      return True
+    error = error.__cause__ or error.__context__
+  return False
+
+
+def _disk_full_message(model_dir: str, checkpoints: checkpoints_lib.TrainCheckpoints) -> str:
+  """One line: what happened, what was kept, what to do."""
+  kept = checkpoints.complete_steps_on_disk()
+  if kept:
+    what = (f"kept: the checkpoint of step {kept[-1]} ({checkpoints.step_path(kept[-1])}), "
+            "the last complete one")
+  else:
+    what = "no checkpoint was completed"
+  return (f"{model_dir}: no space left on device; {what}. Free space (or move MODEL_DIR to "
+          "a larger disk) and rerun the same command to resume")
+
+
+def _close_quietly(close: Callable[[], None], raise_errors: bool) -> None:
+  """Closes a writer; while another error is on its way out, a second one from closing
+  (orbax re-raising the same failed save) is logged in one line instead of replacing it."""
+  try:
+    close()
+  except Exception as e:  # pylint: disable=broad-except
+    if raise_errors:
+      raise
+    logger.warning("while stopping: %s: %s", type(e).__name__, str(e).splitlines()[0]
+                   if str(e) else "")
+
+
 def main() -> None:
   summary = train()
+  if summary.preempted:
+    print(f"preempted: saved step {summary.final_step} (trained steps "
+          f"{summary.start_step + 1}-{summary.final_step}); exit {PREEMPTED_EXIT_CODE}: rerun "
+          "the same command to resume from it", file=sys.stderr, flush=True)
+    raise SystemExit(PREEMPTED_EXIT_CODE)
   if summary.start_step >= summary.final_step:
     print(f"nothing to do: the run is already at step {summary.start_step}")
     return

@@ -80,3 +80,70 @@ def test_a_lock_taken_over_stops_its_old_holder(tmp_path):
     lock.assert_held()
   lock.release()
   assert run_lock.read_owner(str(tmp_path / LOCK_NAME)).token == "usurper"  # not removed
+
+
+# ------------------------------------------------- refused before the trainer's imports
+
+_HEAVY = ("jax", "tensorflow", "seqio", "flax", "orbax.checkpoint", "gensar_jax.models")
+_CLI_CHILD = """
+import json, runpy, sys
+entry, argv = sys.argv[1], sys.argv[2:]
+code = None
+try:
+  if entry == "module":
+    sys.argv = ["gensar_jax/train.py", *argv]
+    runpy.run_module("gensar_jax.train", run_name="__main__", alter_sys=True)
+  else:
+    from gensar_jax import commands
+    commands.main(["train", *argv])
+except SystemExit as e:
+  code = e.code
+print(json.dumps({"code": code, "heavy": [m for m in %r if m in sys.modules]}))
+""" % (_HEAVY,)
+
+
+@pytest.mark.parametrize("entry", ["module", "gensar"])
+def test_a_busy_model_dir_is_refused_before_the_trainers_heavy_imports(tmp_path, entry):
+  """`python -m gensar_jax.train` and `gensar train`: exit 2 and one line, with none of
+  JAX, TensorFlow, SeqIO, Flax, orbax or the model imported (they took 20 s before)."""
+  model_dir = str(tmp_path / "run")
+  _write_lock(model_dir)  # this test process: alive, on this host, fresh heartbeat
+  env = {k: v for k, v in os.environ.items()
+         if not k.startswith(("GENSAR_", "JAX_COORDINATOR", "TPU_"))}
+  env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(
+      os.path.abspath(__file__))), env.get("PYTHONPATH", "")])
+  done = subprocess.run([sys.executable, "-c", _CLI_CHILD, entry,
+                         "--gin_file=gin/runs/train.gin", f"--gin.MODEL_DIR='{model_dir}'",
+                         "--gin.TRAIN_STEPS=5"], capture_output=True, text=True, env=env,
+                        timeout=300)
+  result = json.loads(done.stdout.strip().splitlines()[-1])
+  assert result == {"code": 2, "heavy": []}, (result, done.stderr[-2000:])
+  lines = [line for line in done.stderr.splitlines() if line.strip()]
+  assert len(lines) == 1 and lines[0].startswith(f"error: {model_dir} is in use by another "
+                                                 f"trainer: pid {os.getpid()}"), done.stderr
+
+
+def test_model_dir_is_read_from_flags_and_gin_files_in_gin_order(tmp_path):
+  config = tmp_path / "run.gin"
+  config.write_text("MODEL_DIR = 'from/file'  # a comment\nTRAIN_STEPS = 3\n")
+  read = run_lock.model_dir_from_flags
+  assert read([f"--gin_file={config}"]) == "from/file"
+  assert read([f"--gin_file={config}", "--gin.MODEL_DIR='from/flag'"]) == "from/flag"
+  assert read(["--gin_file", str(config), "--gin_bindings", "MODEL_DIR = 'b'"]) == "b"
+  assert read(["--gin.MODEL_DIR=%OTHER_MACRO"]) is None  # not a literal: left to gin
+  assert read(["--gin.TRAIN_STEPS=3"]) is None
+
+
+def test_early_refusal_only_where_this_is_process_0(tmp_path):
+  """A worker of a multi-host job that cannot tell its index must not refuse: the lock it
+  sees may be its own job's process 0's."""
+  _write_lock(str(tmp_path))
+  flags = [f"--gin.MODEL_DIR='{tmp_path}'"]
+  with pytest.raises(RunInUseError):
+    run_lock.refuse_early(flags, environ={})
+  with pytest.raises(RunInUseError):
+    run_lock.refuse_early(flags, environ={"GENSAR_DISTRIBUTED": "1", "GENSAR_PROCESS_ID": "0"})
+  run_lock.refuse_early(flags, environ={"GENSAR_DISTRIBUTED": "1", "GENSAR_PROCESS_ID": "1"})
+  run_lock.refuse_early(flags, environ={"GENSAR_DISTRIBUTED": "1"})
+  _write_lock(str(tmp_path), pid=_dead_pid())  # stale: left to RunLock.acquire to take over
+  run_lock.refuse_early(flags, environ={})

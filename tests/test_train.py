@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -29,6 +30,7 @@ from gensar_jax import train_inputs
 from gensar_jax import train_logging
 from gensar_jax import trainer as trainer_lib
 from gensar_jax.data.schema import DataError
+from gensar_jax.errors import PREEMPTED_EXIT_CODE
 from gensar_jax.partitioning import Partitioner, create_mesh
 
 from task_world import LENGTHS, build_world
@@ -207,6 +209,87 @@ def test_resume_after_kill_reproduces_every_loss(reference, world, tmp_path, mon
   references = {r["step"]: r["movement/reference_step"]
                 for r in train_logging.read_jsonl_metrics(model_dir, "train")}
   assert references == {step: 0 if step <= 10 else 10 for step in range(1, STEPS + 1)}
+
+
+class SimulatedTermination(Exception):
+  """What SIGTERM does to a trainer that does not handle it: the process ends mid-run."""
+
+
+def test_sigterm_saves_the_current_step_and_exits_75_then_resumes(reference, world, tmp_path,
+                                                                   monkeypatch, capsys, caplog):
+  """A real SIGTERM to this process after step 17 (checkpoint period 5): the trainer saves
+  step 17, waits for it, and exits with PREEMPTED_EXIT_CODE; the rerun resumes from 17 and
+  logs the same losses as the uninterrupted run. Without a handler of the trainer's own,
+  the test's (standing in for the default kill) would end the run with nothing saved."""
+  model_dir = str(tmp_path / "terminated")
+  real_step = trainer_lib.Trainer.train_step
+  calls = {"n": 0}
+
+  def sigterm_after_17_steps(self, state, batch):
+    out = real_step(self, state, batch)
+    calls["n"] += 1
+    if calls["n"] == 17:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return out
+
+  def default_kill(signum, frame):
+    raise SimulatedTermination()
+
+  previous = signal.signal(signal.SIGTERM, default_kill)
+  try:
+    monkeypatch.setattr(trainer_lib.Trainer, "train_step", sigterm_after_17_steps)
+    with pytest.raises(SystemExit) as e:
+      run_cli(cli_args(world, model_dir))
+    assert signal.getsignal(signal.SIGTERM) is default_kill  # the trainer's handler is gone
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+  monkeypatch.setattr(trainer_lib.Trainer, "train_step", real_step)
+  assert e.value.code == PREEMPTED_EXIT_CODE == 75
+  assert calls["n"] == 17  # stopped at once, not at the end
+  assert "preempted: saved step 17" in capsys.readouterr().err
+  assert max(checkpoint_steps(model_dir)) == 17 and 15 in checkpoint_steps(model_dir)
+  assert not os.path.exists(os.path.join(model_dir, "trainer.lock"))
+  assert [r["step"] for r in train_logging.read_jsonl_metrics(model_dir, "train")] == list(
+      range(1, 18))
+
+  with caplog.at_level(logging.INFO, logger="gensar_jax.train"):
+    run_cli(cli_args(world, model_dir))
+  assert any("resuming from step 17" in r.getMessage() for r in caplog.records)
+  np.testing.assert_allclose(train_losses(model_dir), train_losses(reference),
+                             rtol=1e-6, atol=1e-7)
+
+
+def test_a_full_disk_exits_2_with_one_line_naming_the_step_kept(world, tmp_path, monkeypatch,
+                                                                 capsys):
+  """ENOSPC from orbax's background write of the step-10 checkpoint (the first, step 5,
+  was written): exit 2 and one line that says so and names step 5 as what was kept, where
+  it was a traceback per failed write (issue 30, row 8)."""
+  import errno
+  from orbax.checkpoint._src.handlers import json_checkpoint_handler
+  model_dir = str(tmp_path / "full")
+  real_save = json_checkpoint_handler.JsonCheckpointHandler._save_fn
+  writes = {"n": 0}
+
+  async def disk_fills_after_the_first_checkpoint(self, x, directory):
+    writes["n"] += 1
+    if writes["n"] > 1:
+      raise OSError(errno.ENOSPC, "No space left on device", str(directory))
+    return await real_save(self, x, directory)
+
+  monkeypatch.setattr(json_checkpoint_handler.JsonCheckpointHandler, "_save_fn",
+                      disk_fills_after_the_first_checkpoint)
+  with pytest.raises(SystemExit) as e:
+    run_cli(cli_args(world, model_dir, "--gin.EVAL_PERIOD=0"))
+  assert e.value.code == 2
+  err = capsys.readouterr().err
+  lines = [line for line in err.split("error: ")[1:]]  # progress bars share stderr
+  assert len(lines) == 1 and "Traceback" not in err, err
+  assert "error: " + lines[0].strip() == (
+      f"error: {model_dir}: no space left on device; kept: the checkpoint of step 5 "
+      f"({os.path.join(model_dir, 'checkpoints', '5')}), the last complete one. Free space "
+      "(or move MODEL_DIR to a larger disk) and rerun the same command to resume"), err
+  assert checkpoint_steps(model_dir) == [5]
+  assert not os.path.exists(os.path.join(model_dir, "trainer.lock"))
 
 
 def test_truncated_latest_checkpoint_falls_back_to_previous(reference, world, tmp_path,
