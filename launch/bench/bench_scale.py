@@ -156,27 +156,32 @@ def write_table(result: Dict, path: str) -> None:
   lines = [f"# Scale benchmark ({m['date_utc']} UTC, commit {m['commit']})", "",
            f"{m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB; Python {m['python']}.",
            f"Command: `{result['command']}`", ""]
-  lines += ["| size | items | users | events | stage | wall s | in-stage s | per unit s "
-            "| peak RSS MB | output MB |", "|---|---|---|---|---|---|---|---|---|---|"]
+  lines += ["| size | items | users | events | stage | wall s | CPU s | in-stage s "
+            "| per unit s | peak RSS MB | output MB |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     for stage, s in r["stages"].items():
       unit = s.get("per_unit")
       lines.append(
           f"| {r['scale']} | {r['items']:,} | {r['users']:,} | {r['events']:,} | {stage} "
-          f"| {s['seconds']:,.1f} | {s.get('stage_seconds') or ''} "
+          f"| {s['seconds']:,.1f} | {s.get('cpu_seconds', 0):,.1f} "
+          f"| {s.get('stage_seconds') or ''} "
           f"| {'' if unit is None else f'{unit:.3f}'} | {s['peak_rss_mb']:,.0f} "
           f"| {_mb(s.get('output_bytes'))} |" + (" FAILED" if s["returncode"] else ""))
     data_total = sum(r["stages"][s]["seconds"] for s in DATA_STAGES[1:]
                      if s in r["stages"])
     lines.append(f"| {r['scale']} | | | | prepare..baselines total | {data_total:,.1f} "
-                 "| | | | |")
-  lines += ["", "Growth exponent of wall time between consecutive sizes (d log t / d log "
-            "events; 1.0 = linear; train/evaluate: per step / per example, 0 = flat):", ""]
+                 "| | | | | |")
+  lines += ["", "Growth exponent between consecutive sizes (d log t / d log events; 1.0 = "
+            "linear; train/evaluate: per step / per example, 0 = flat), of wall time and of "
+            "CPU time (user + system, less sensitive to other load on the machine):", ""]
   for stage in ("generate",) + PIPELINE_STAGES:
     key = "per_unit" if stage in ("train", "evaluate") else "seconds"
-    g = growth(rows, stage, key)
+    g, c = growth(rows, stage, key), growth(rows, stage, "cpu_seconds")
     if g:
-      lines.append(f"- {stage}: {', '.join(str(x) for x in g)}")
+      lines.append(f"- {stage}: wall {', '.join(str(x) for x in g)}"
+                   + ("" if stage in ("train", "evaluate")
+                      else f"; CPU {', '.join(str(x) for x in c)}"))
   with open(path, "w", encoding="utf-8") as f:
     f.write("\n".join(lines) + "\n")
 
