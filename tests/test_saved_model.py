@@ -185,3 +185,17 @@ def test_cli_refuses_an_existing_saved_model(artifact):
                         timeout=120)
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert "already exists" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_metadata_that_disagrees_with_the_compiled_functions_is_refused(artifact, tmp_path):
+  import shutil
+  from gensar_jax.serving import artifact as artifact_lib
+  broken = tmp_path / "broken"
+  shutil.copytree(artifact, broken,
+                  ignore=shutil.ignore_patterns(saved_model_lib.SAVED_MODEL_DIR))
+  path = broken / artifact_lib.METADATA_FILE
+  metadata = json.loads(path.read_text())
+  metadata["num_beams"] = BEAMS - 1
+  path.write_text(json.dumps(metadata))
+  with pytest.raises(artifact_lib.ArtifactError, match=f"num_beams {BEAMS - 1}"):
+    saved_model_lib.ServingModule(artifact_lib.read_artifact(str(broken)))

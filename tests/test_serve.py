@@ -5,6 +5,7 @@ of launch/load_test.py."""
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -609,3 +610,38 @@ def test_a_blank_api_key_is_refused(tmp_path):
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip() == ("error: GENSAR_API_KEY is set but empty; set a key, or "
                                      "unset it to serve without auth")
+
+
+def _with_metadata(source, target, **changes):
+  """A copy of the artifact at `source` whose metadata.json says `changes`."""
+  from gensar_jax.serving import artifact as artifact_lib
+  shutil.copytree(source, target)
+  path = os.path.join(target, artifact_lib.METADATA_FILE)
+  with open(path, encoding="utf-8") as f:
+    metadata = json.load(f)
+  metadata.update(changes)
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(metadata, f)
+  return str(target)
+
+
+def test_metadata_that_disagrees_with_the_compiled_functions_is_refused_at_load(engine,
+                                                                                 tmp_path):
+  """Issue 30, row 9: such an artifact used to load, answer /healthz and fail every query
+  with an internal shape error; now it is one line at load time, and exit 2 from serve."""
+  from gensar_jax.serving import artifact as artifact_lib
+  lengths = dict(engine.metadata["feature_lengths"], inputs=engine.input_length + 16)
+  cases = {"beams": ({"num_beams": BEAMS + 2}, f"num_beams {BEAMS + 2}"),
+           "inputs": ({"feature_lengths": lengths},
+                      f"compiled for int32[1, {engine.input_length}] at tokens")}
+  for name, (changes, message) in cases.items():
+    broken = _with_metadata(engine.directory, tmp_path / name, **changes)
+    with pytest.raises(artifact_lib.ArtifactError, match=re.escape(message)) as e:
+      ServingEngine(broken)
+    assert "fn_search_b1.jaxexport" in str(e.value) and "\n" not in str(e.value)
+  result = subprocess.run([sys.executable, "-m", "gensar_jax.serve",
+                           f"--artifact={tmp_path / 'beams'}", f"--port={free_port()}"],
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 2, result.stderr[-2000:]
+  (line,) = result.stderr.strip().splitlines()
+  assert line.startswith("error: ") and f"num_beams {BEAMS + 2}" in line

@@ -160,6 +160,42 @@ class Artifact:
     return int(self.metadata["num_beams"])
 
 
+def check_function(exported, where: str, art: "Artifact", task: str, bucket: int) -> None:
+  """Raises ArtifactError unless a deserialised `jax.export` function fits its artifact.
+
+  The metadata says what the server feeds a function and reads back (tokens [bucket,
+  input length], beams per request); the function's own signature says what it was
+  compiled for. An artifact whose files disagree (an edited or mixed-up metadata.json, a
+  function file from another export) would load, answer /healthz, and then fail every
+  query with a shape error, so it is refused at load time, naming the first difference.
+  """
+  import jax
+  input_length = int(art.metadata["feature_lengths"]["inputs"])
+  tokens = jax.ShapeDtypeStruct((bucket, input_length), np.int32)
+  expected = ((art.params, list(art.trie_leaves[task]), tokens), {})
+  fix = "; re-export the artifact"
+  if exported.in_tree != jax.tree.structure(expected):
+    raise ArtifactError(f"{where}: does not take (params, trie leaves, tokens) of this "
+                        f"artifact ({PARAMS_FILE} or {TRIES_FILE} has a different "
+                        f"structure){fix}")
+  names = {0: PARAMS_FILE, 1: TRIES_FILE, 2: f"{METADATA_FILE} (tokens [batch bucket "
+                                               "{bucket}, feature_lengths.inputs])"}
+  for (path, leaf), aval in zip(jax.tree_util.tree_flatten_with_path(expected[0])[0],
+                                exported.in_avals):
+    shape, dtype = tuple(np.shape(leaf)), np.dtype(leaf.dtype)
+    if shape != tuple(aval.shape) or dtype != np.dtype(aval.dtype):
+      name = names[path[0].idx].format(bucket=bucket)
+      raise ArtifactError(f"{where}: compiled for {aval.dtype}{list(aval.shape)} at "
+                          f"{jax.tree_util.keystr(path[1:]) or 'tokens'}, but {name} gives "
+                          f"{dtype}{list(shape)}{fix}")
+  beams = art.num_beams
+  for aval in exported.out_avals:
+    if tuple(aval.shape) != (bucket, beams):
+      raise ArtifactError(f"{where}: returns {list(aval.shape)} (batch, beams), but "
+                          f"{METADATA_FILE} says batch bucket {bucket} and num_beams "
+                          f"{beams}{fix}")
+
+
 def _need(directory: str, name: str) -> str:
   path = os.path.join(directory, name)
   if not os.path.isfile(path):

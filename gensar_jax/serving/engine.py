@@ -84,6 +84,7 @@ class ServingEngine:
       path = os.path.join(art.directory, artifact_lib.function_file(task, bucket))
       with artifact_lib.reading(path, "a serialized JAX function"):
         exported = jax.export.deserialize(bytearray(blob))
+      artifact_lib.check_function(exported, path, art, task, bucket)
       self._functions[(task, bucket)] = jax.jit(exported.call)
     # One device call at a time, whoever calls (batcher threads, warm-up, tests).
     self._lock = threading.Lock()

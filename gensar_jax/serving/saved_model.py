@@ -160,10 +160,7 @@ class ServingModule(tf.Module):
     for (task, bucket), blob in art.functions.items():
       where = os.path.join(art.directory, artifact_lib.function_file(task, bucket))
       fn = XlaFunction(blob, where)
-      if fn.exported.in_tree != jax.tree.structure(((art.params, art.trie_leaves[task], 0),
-                                                     {})):
-        raise ArtifactError(f"{where}: does not take (params, trie leaves, tokens) of this "
-                            "artifact; re-export it")
+      artifact_lib.check_function(fn.exported, where, art, task, bucket)
       self._functions[(task, bucket)] = fn
     item_ids = [str(row["item_id"]) for row in art.items]
     self._no_item = len(item_ids)
