@@ -10,8 +10,11 @@ process standing in for a worker's 4 chips, and a local MODEL_DIR in place of th
 Each worker reads only its own input shard (one of 2; INPUT_SHARDS defaults to the
 process count). Against a 1-process run on 8 local devices with the same flags, reading
 both shards: the same 8-device mesh,
-the same loss at every step, one metrics file and one set of checkpoints; killed after a
-checkpoint and relaunched, the pair resumes and still logs the same losses.
+the same loss at every step, one metrics file and one set of checkpoints. Preempted after
+the step-6 checkpoint (SIGTERM to both workers, as a spot preemption sends), the pair saves
+the step it is at (JAX's preemption sync point: the same step on both), exits with
+PREEMPTED_EXIT_CODE, and relaunched with the same command resumes from that step, not from
+the periodic checkpoint, and still logs the same losses.
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ import numpy as np
 import pytest
 
 from gensar_jax import train_logging
+from gensar_jax.errors import PREEMPTED_EXIT_CODE
 
 from task_world import LENGTHS, build_world
 
@@ -176,27 +180,43 @@ def reference(world, tmp_path_factory):
 
 
 @pytest.mark.timeout(3 * TIMEOUT_S)
+def logged_steps(model_dir):
+  try:
+    return [r["step"] for r in train_logging.read_jsonl_metrics(model_dir, "train")]
+  except (OSError, ValueError):  # not written yet, or a line being written
+    return []
+
+
 def test_two_hosts_train_one_model_like_one_host_and_resume(world, reference, tmp_path):
   model_dir = str(tmp_path / "run")
   log_dir = str(tmp_path)
-  # First attempt: killed (both workers, as a preemption would) once step 6 is saved.
+  # First attempt: SIGTERM to both workers (a spot preemption) once step 6 is saved.
   procs = start_pod(world, model_dir, log_dir, 0)
   deadline = time.time() + TIMEOUT_S
-  while 6 not in checkpoint_steps(model_dir):
+  while 6 not in checkpoint_steps(model_dir) or max(logged_steps(model_dir)) < 7:
     assert all(p.poll() is None for p, _ in procs), _log(log_dir, "attempt0_process0.log")
     assert time.time() < deadline, "no step-6 checkpoint in time"
-    time.sleep(0.5)
-  kill_all(procs)
+    time.sleep(0.05)
+  for proc, _ in procs:
+    proc.send_signal(signal.SIGTERM)
+  codes = wait_all(procs)
+  assert codes == [PREEMPTED_EXIT_CODE] * 2, _log(log_dir, "attempt0_process0.log")[-3000:]
   for index in range(2):
     text = _log(log_dir, f"attempt0_process{index}.log")
     assert f"process {index} of 2 (distributed): 4 local / 8 global cpu devices" in text
-  # Relaunched with the same command: resumes from step 6 and finishes.
+  # Both saved the step they were at together, past the periodic checkpoint of step 6.
+  preempted_at = max(checkpoint_steps(model_dir))
+  assert 6 < preempted_at < STEPS and logged_steps(model_dir)[-1] == preempted_at
+  assert f"preempted: saved step {preempted_at}" in _log(log_dir, "attempt0_process0.log")
+  assert not os.path.exists(os.path.join(model_dir, "trainer.lock"))
+  # Relaunched with the same command: resumes from that step and finishes.
   codes = wait_all(start_pod(world, model_dir, log_dir, 1))
   assert codes == [0, 0], _log(log_dir, "attempt1_process0.log")[-3000:]
-  assert f"trained steps 7-{STEPS}" in _log(log_dir, "attempt1_process0.log")
+  assert f"trained steps {preempted_at + 1}-{STEPS}" in _log(log_dir, "attempt1_process0.log")
   # One model: one metrics file whose losses are the 1-process run's, one checkpoint set.
   np.testing.assert_allclose(losses(model_dir), losses(reference), rtol=2e-5)
-  assert checkpoint_steps(model_dir) == checkpoint_steps(reference) == [6, 12]
+  assert checkpoint_steps(reference) == [6, 12]
+  assert checkpoint_steps(model_dir) == sorted({6, preempted_at, 12})
   assert sorted(os.listdir(model_dir)) == sorted(os.listdir(reference))
   # Parameter movement, measured on arrays spread over both processes, agrees with the
   # 1-process run while both count from step 0, then counts from the restored step 6.
@@ -204,8 +224,9 @@ def test_two_hosts_train_one_model_like_one_host_and_resume(world, reference, tm
     return {r["step"]: {k: v for k, v in r.items() if k.startswith("movement/")}
             for r in train_logging.read_jsonl_metrics(run, "train")}
   pod, single = movement(model_dir), movement(reference)
-  for step in range(1, 7):
+  for step in range(1, preempted_at + 1):
     assert pod[step].keys() == single[step].keys() and "movement/encoder/mlp" in pod[step]
     for name, value in single[step].items():
       np.testing.assert_allclose(pod[step][name], value, rtol=1e-3, err_msg=f"{step} {name}")
-  assert {pod[step]["movement/reference_step"] for step in range(7, STEPS + 1)} == {6}
+  assert {pod[step]["movement/reference_step"]
+          for step in range(preempted_at + 1, STEPS + 1)} == {preempted_at}
