@@ -1,4 +1,5 @@
-"""Two real processes on loopback form one mesh and train like one process does.
+"""Two real processes on loopback form one mesh and train like one process does, and
+restore one checkpoint step together.
 
 Each process has 2 simulated CPU devices; the 2 x 2 mesh puts 'data' across the processes
 (each loads only its half of every global batch via per_host_batch_slice + shard_batch)
@@ -81,3 +82,38 @@ def test_two_processes_train_like_one(tmp_path):
   np.testing.assert_allclose(results[0]["losses"], results[1]["losses"], rtol=0, atol=0)
   np.testing.assert_allclose(results[0]["losses"], reference["losses"], rtol=1e-5)
   assert reference["losses"][-1] < reference["losses"][0]
+
+
+@pytest.mark.timeout(TIMEOUT_S + 30)
+def test_two_processes_restore_one_step_past_a_corrupt_and_a_one_host_failure(tmp_path):
+  """Newest checkpoint (3) corrupt on disk, the next (2) failing on process 1 only: both
+  processes restore step 1, and process 0 moves 2 and 3 aside. Restoring per host would
+  leave process 0 on step 2 and process 1 on step 1 (and each waiting at its own barrier)."""
+  port = _free_port()
+  directory = str(tmp_path / "checkpoints")
+  outputs = [str(tmp_path / f"restore_{i}.json") for i in range(2)]
+  procs = [subprocess.Popen([sys.executable, WORKER, "restore", str(i), "2", str(port),
+                             outputs[i], directory], env=_env(2), cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(2)]
+  logs = []
+  try:
+    for proc in procs:
+      out, _ = proc.communicate(timeout=120)
+      logs.append(out)
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+  for proc, log in zip(procs, logs):
+    assert proc.returncode == 0, log[-3000:]
+  results = []
+  for path in outputs:
+    with open(path) as f:
+      results.append(json.load(f))
+  for result in results:
+    assert result["step"] == 1 and result["data_position"] == {"examples_consumed": 8}
+    assert result["local_values"] == [1.0, 1.0]  # this host's shards, of step 1
+    assert result["skipped"] == [3, 2] and result["steps_after"] == [1]
+    assert [name.split("-")[0] for name in result["corrupt"]] == ["2", "3"]
+  assert "restored here but not on process(es) [1]" in logs[0]
