@@ -51,9 +51,9 @@ learning-curves: $(STAMP)
 	$(PY) -m gensar_jax.ablations --gin_file=gin/experiments/ml100k_learning_curves.gin
 
 # Every benchmark script at quick sizes, one runs/bench/<time>/bench.json and bench.md
-# (launch/bench_all.py; BENCH_ARGS="--full" or "--torch_python PATH" for more).
+# (launch/bench/bench_all.py; BENCH_ARGS="--full" or "--torch_python PATH" for more).
 bench: $(STAMP)
-	$(PY) launch/bench_all.py $(BENCH_ARGS)
+	$(PY) -m launch.bench.bench_all $(BENCH_ARGS)
 
 # Every stage on seeded synthetic logs up to Amazon-Electronics size (62,671 items, 192,000
 # users, 1.62M interactions): time, peak memory, output size per stage and size, as

@@ -16,7 +16,7 @@ Target-length buckets. GenSAR's identifier targets are 6 tokens, but the few tex
 for 32. With `target_buckets` (e.g. [8]) each example goes to the shortest bucket that
 holds its target, batches are formed per bucket (`group_by_window`), and a batch's target
 features are cut to its bucket's length: a second compiled shape, and about 1.7x the
-examples/s of the mini model on 2 CPU cores (README, launch/bench_train_mixture.py).
+examples/s of the mini model on 2 CPU cores (README, launch/bench/bench_train_mixture.py).
 Batches then hold one bucket each (on ML-100K about 98% of examples share the short
 one); the resume position is counted in whole batches of the bucketed stream.
 

@@ -1,7 +1,11 @@
-"""launch/bench_all.py: one JSON and one markdown table for every benchmark; the decode FLOPs."""
+"""launch/bench/bench_all.py: one JSON and one markdown table for every benchmark; the decode FLOPs.
+
+The scripts are imported and run the way a person runs them: as modules of launch.bench from
+the repository root (pytest.ini puts the root on sys.path).
+"""
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import os
 import subprocess
@@ -10,15 +14,12 @@ import sys
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LAUNCH = os.path.join(REPO, "launch")
 BENCHMARKS = ("bench_train", "bench_train_mixture", "bench_decode", "bench_identifiers")
 
 
 def load(name):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(LAUNCH, f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  """launch/bench/<name>.py (peers/<name>.py as "peers.<name>"), imported as a module."""
+  return importlib.import_module(f"launch.bench.{name}")
 
 
 def test_decode_flops_of_the_benchmark_shape():
@@ -77,7 +78,7 @@ def test_decode_flops_agree_with_xla_cost_analysis():
 
 @pytest.mark.slow
 def test_bench_all_tiny_writes_one_json_and_one_table(tmp_path):
-  out = subprocess.run([sys.executable, os.path.join(LAUNCH, "bench_all.py"), "--tiny",
+  out = subprocess.run([sys.executable, "-m", "launch.bench.bench_all", "--tiny",
                         "--train_rounds", "2", "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True,
                        timeout=600)
   assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -157,7 +158,7 @@ def test_profile_parts_follow_the_op_names():
 
 def test_profile_train_step_runs_on_a_tiny_model(tmp_path):
   out = subprocess.run(
-      [sys.executable, os.path.join(LAUNCH, "profile_train_step.py"),
+      [sys.executable, "-m", "launch.bench.profile_train_step",
        "--gin_file=gin/models/tiny.gin", "--batch_size", "4", "--input_length", "16",
        "--target_length", "4", "--vocab_size", "256", "--warmup_steps", "1", "--steps", "2",
        "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=600)
@@ -219,10 +220,7 @@ def test_static_peer_reads_bench_decodes_catalogues_and_sets_ratios_beside_ours(
 def test_static_peer_model_feeds_each_step_its_own_logits():
   import jax.numpy as jnp
   import numpy as np
-  spec = importlib.util.spec_from_file_location(
-      "bench_static", os.path.join(LAUNCH, "peers", "bench_static.py"))
-  bench_static = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(bench_static)
+  bench_static = load("peers.bench_static")
   logits = jnp.arange(3 * 4 * 5, dtype=jnp.float32).reshape(3, 4, 5)  # [steps, rows, vocab]
   model = bench_static.precomputed_logits_model(logits)
   first, key = model(jnp.zeros((2, 1), jnp.int32), jnp.int32(0))  # step 0: batch rows only

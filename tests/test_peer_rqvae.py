@@ -1,4 +1,4 @@
-"""launch/peers/bench_torch_rqvae.py: the PyTorch peer of bench_identifiers' RQ-VAE epochs.
+"""launch/bench/peers/bench_torch_rqvae.py: the PyTorch peer of bench_identifiers' RQ-VAE epochs.
 
 The project never depends on torch, so the flag and import checks read the scripts' source
 with `ast`; the end-to-end run needs a Python with torch: this one, or the interpreter named
@@ -15,8 +15,8 @@ import sys
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OURS = os.path.join(REPO, "launch", "bench_identifiers.py")
-PEER = os.path.join(REPO, "launch", "peers", "bench_torch_rqvae.py")
+OURS = os.path.join(REPO, "launch", "bench", "bench_identifiers.py")
+PEER = os.path.join(REPO, "launch", "bench", "peers", "bench_torch_rqvae.py")
 
 
 def parse(path):
@@ -50,21 +50,33 @@ def test_peer_takes_every_bench_identifiers_flag_with_the_same_default():
     assert peer[match[0]] == spec, f"{sorted(names)}: ours {spec}, peer {peer[match[0]]}"
 
 
+def imports(tree, top_level_only=False):
+  """{module name: ImportFrom node or None} of every import (of the module body only)."""
+  out = {}
+  for node in (tree.body if top_level_only else ast.walk(tree)):
+    if isinstance(node, ast.Import):
+      out.update((a.name, None) for a in node.names)
+    elif isinstance(node, ast.ImportFrom):
+      out[node.module] = node
+  return out
+
+
 def test_peer_runs_without_the_project_and_trains_on_bench_identifiers_tables():
-  """It must start in a torch-only environment: no gensar_jax, no JAX; and the data are
-  bench_identifiers' own synthetic_tables (imported, not a copy that could drift)."""
+  """It must start in a torch-only environment: no gensar_jax, no JAX, from the repository
+  root as `python -m launch.bench.peers.bench_torch_rqvae` (launch/ is found there, not
+  installed); and the data are bench_identifiers' own synthetic_tables (imported, not a copy
+  that could drift), which imports nothing of the project at module level."""
   tree = parse(PEER)
   assert ast.get_docstring(tree)
-  imported = set()
-  for node in ast.walk(tree):
-    if isinstance(node, ast.Import):
-      imported |= {a.name.split(".")[0] for a in node.names}
-    elif isinstance(node, ast.ImportFrom):
-      imported.add(node.module.split(".")[0])
-      if node.module == "bench_identifiers":
-        assert [a.name for a in node.names] == ["synthetic_tables"]
-  assert "bench_identifiers" in imported and "torch" in imported
-  assert not imported & {"gensar_jax", "jax", "flax", "optax", "gin"}
+  imported = imports(tree)
+  ours = imported.get("launch.bench.bench_identifiers")
+  assert ours is not None and [a.name for a in ours.names] == ["synthetic_tables"]
+  project = {"gensar_jax", "gensar_tasks", "jax", "flax", "optax", "gin", "seqio"}
+  roots = {name.split(".")[0] for name in imported}
+  assert "torch" in roots and not roots & project
+  assert [m for m in imported if m.split(".")[0] == "launch"] == [
+      "launch.bench.bench_identifiers"]
+  assert not {name.split(".")[0] for name in imports(parse(OURS), top_level_only=True)} & project
   defined = {n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
   assert "synthetic_tables" not in defined
 
@@ -80,10 +92,11 @@ def test_peer_end_to_end_at_a_tiny_size(tmp_path):
   python = torch_python()
   out = tmp_path / "peer.json"
   proc = subprocess.run(
-      [python, PEER, "--sizes", "300,512", "--semantic-dim", "48", "--collaborative-dim",
-       "16", "--codebook-size", "8", "--batch-size", "128", "--epochs", "2", "--threads", "1",
-       "--device", "cpu", "--json_out", str(out)],
-      capture_output=True, text=True, timeout=300, check=True)
+      [python, "-m", "launch.bench.peers.bench_torch_rqvae", "--sizes", "300,512",
+       "--semantic-dim", "48", "--collaborative-dim", "16", "--codebook-size", "8",
+       "--batch-size", "128", "--epochs", "2", "--threads", "1", "--device", "cpu",
+       "--json_out", str(out)],
+      cwd=REPO, capture_output=True, text=True, timeout=300, check=True)
   result = json.loads(proc.stdout.strip().splitlines()[-1])
   assert json.loads(out.read_text()) == result
   assert result["threads"] == 1 and result["torch"] and result["device"] == "cpu"

@@ -340,7 +340,7 @@ def decode_compiler_options() -> Optional[dict]:
   On CPU, XLA's concurrency-optimised scheduler orders a decode step so that independent
   matmuls run side by side, each on part of the thread pool; with the default
   memory-minimising order each gets every core in turn, and the t5-small constrained decode
-  of launch/bench_decode.py ran about 5% faster (0.85 against 0.89 s per batch of 8,
+  of launch/bench/bench_decode.py ran about 5% faster (0.85 against 0.89 s per batch of 8,
   alternating runs on 2 cores). The train step runs equally fast either way. Other
   backends keep their defaults.
   """

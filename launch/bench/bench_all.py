@@ -1,34 +1,37 @@
 """Every benchmark in one command: one JSON and one markdown table under runs/bench/<time>/.
 
-  make bench                                                   # = the next line
-  .venv/bin/python launch/bench_all.py                         # --quick sizes (default)
-  .venv/bin/python launch/bench_all.py --full                  # each script's own defaults
-  .venv/bin/python launch/bench_all.py --torch_python /tmp/hfvenv/bin/python   # + PyTorch peer
-  .venv/bin/python launch/bench_all.py --static_path /tmp/static   # + the STATIC peer
-  .venv/bin/python launch/bench_all.py --tiny --out /tmp/b     # seconds-sized smoke run
-  .venv/bin/python launch/bench_all.py --only bench_train --torch_python /tmp/hfvenv/bin/python \
-      --train_rounds 5                                         # train vs PyTorch, 5 alternating rounds
+Run from the repository root (the scripts are modules of the `launch.bench` namespace):
 
-How the scripts are run: each benchmark is its own subprocess, `python launch/<script>.py
-... --json_out PATH`, and bench_all reads that JSON; nothing is imported in-process. A
+  make bench                                               # = the next line
+  .venv/bin/python -m launch.bench.bench_all               # --quick sizes (default)
+  .venv/bin/python -m launch.bench.bench_all --full        # each script's own defaults
+  .venv/bin/python -m launch.bench.bench_all --torch_python /tmp/hfvenv/bin/python  # + PyTorch
+  .venv/bin/python -m launch.bench.bench_all --static_path /tmp/static  # + the STATIC peer
+  .venv/bin/python -m launch.bench.bench_all --tiny --out /tmp/b        # seconds-sized smoke run
+  .venv/bin/python -m launch.bench.bench_all --only bench_train \
+      --torch_python /tmp/hfvenv/bin/python --train_rounds 5  # train vs PyTorch, 5 rounds each
+
+How the scripts are run: each benchmark is its own subprocess, `python -m
+launch.bench.<script> ... --json_out PATH` from the repository root (the peers too, with
+their own Python), and bench_all reads that JSON; nothing is imported in-process. A
 subprocess per script keeps gin's global configuration, XLA's compilation caches, the
 accelerator's memory (JAX preallocates most of a GPU) and peak RSS each script's own, and
 it keeps every script's CLI exactly the one a person runs (the full output of each run is
 in logs/<name>.log beside the results). bench_all itself never imports JAX.
 
-Run in order: the machine description and its measured matmul peak (launch/bench_machine.py),
-launch/bench_train.py (T5.1.1-small shape, random tokens), launch/bench_train_mixture.py
-(the quickstart mixture; skipped, with the reason recorded, until `make demo` has prepared
-runs/ml100k_quickstart), launch/bench_decode.py (constrained beam decode with its FLOP
-ceiling, catalogue tries), launch/bench_identifiers.py (RQ-VAE epoch, ID assignment), and
-with --torch_python the PyTorch peer launch/peers/bench_torch_t5.py at the same shapes, its
-train step right after bench_train and its constrained `generate` (unless
---no_peer_decode) right after bench_decode, and the PyTorch RQ-VAE of the same architecture
-launch/peers/bench_torch_rqvae.py right after bench_identifiers, with its flags; with
---static_path the STATIC peer
-launch/peers/bench_static.py (run with this Python: its JAX code needs nothing else) on
-bench_decode's catalogues, right after bench_decode. launch/load_test.py is
-not run: it needs an exported model artifact and a server, not a fixed synthetic shape.
+Run in order (all in launch/bench/): the machine description and its measured matmul peak
+(bench_machine.py), bench_train.py (T5.1.1-small shape, random tokens),
+bench_train_mixture.py (the quickstart mixture; skipped, with the reason recorded, until
+`make demo` has prepared runs/ml100k_quickstart), bench_decode.py (constrained beam decode
+with its FLOP ceiling, catalogue tries), bench_identifiers.py (RQ-VAE epoch, ID
+assignment), and with --torch_python the PyTorch peer peers/bench_torch_t5.py at the same
+shapes, its train step right after bench_train and its constrained `generate` (unless
+--no_peer_decode) right after bench_decode, and the PyTorch RQ-VAE of the same
+architecture peers/bench_torch_rqvae.py right after bench_identifiers, with its flags;
+with --static_path the STATIC peer peers/bench_static.py (run with this Python: its JAX
+code needs nothing else) on bench_decode's catalogues, right after bench_decode.
+bench_serving.py is not run: it needs an exported model artifact and a server, not a fixed
+synthetic shape.
 
 Sizes: --quick (default) times each shape briefly (10 train steps, one decode batch of 8,
 one 100k catalogue, 10k items): about 3 minutes on an idle 2-core CPU with the peers (6-8
@@ -38,9 +41,9 @@ for decoding (ACCELERATOR_QUICK), well under 8 minutes; --full uses each script'
 
 Peaks: throughput is set beside the measured fp32 matmul peak of the device (the CPU's
 only ceiling) and, on a known accelerator, the data-sheet bf16 peak of
-launch/bench_machine.py's table (MFU of the bf16 train step). The peak is measured at the
+bench_machine.py's table (MFU of the bf16 train step). The peak is measured at the
 start and again inside bench_decode just before its timing, which divides it by the decode
-FLOPs per example (launch/decode_flops.py) for its ceiling; the table's other rows use the
+FLOPs per example (decode_flops.py) for its ceiling; the table's other rows use the
 better of the two (on a shared machine either can come out low).
 
 Writes bench.json (machine, peaks, one entry per benchmark: command, status, wall time,
@@ -58,8 +61,8 @@ import sys
 import time
 from typing import Dict, List, Optional
 
-LAUNCH = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(LAUNCH)
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PACKAGE = "launch.bench"  # every script is run as `python -m launch.bench.<name>` from REPO
 MIXTURE_DATA = os.path.join(REPO, "runs", "ml100k_quickstart", "data")
 
 TINY_MODEL = ["--gin_file=gin/models/tiny.gin"]
@@ -118,14 +121,19 @@ PEER_SIZES = {
 # ------------------------------------------------------------------------------ running
 
 
+def module(name: str) -> List[str]:
+  """The arguments after the Python that run launch/bench/<name>.py (dots for peers/)."""
+  return ["-m", f"{PACKAGE}.{name}"]
+
+
 def run_script(name: str, command: List[str], out_dir: str, timeout_s: float) -> Dict:
-  """Runs one command with `--json_out`, its output to logs/<name>.log; the entry."""
+  """Runs one command with `--json_out` in REPO, its output to logs/<name>.log; the entry."""
   json_path = os.path.join(out_dir, "raw", f"{name}.json")
   log_path = os.path.join(out_dir, "logs", f"{name}.log")
   command = command + ["--json_out", json_path]
   entry = {"name": name, "command": " ".join(command), "log": os.path.relpath(log_path, out_dir)}
   print(f"[bench_all] {name}: {' '.join(command[1:])}", flush=True)
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=REPO)
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
   start = time.perf_counter()
   with open(log_path, "w", encoding="utf-8") as log:
     try:
@@ -267,7 +275,7 @@ def _ratio(ours: Optional[float], peer: Optional[Dict]) -> List[str]:
 
 def static_rows_against(ours: Dict, theirs: Dict, args: Dict) -> List[List[str]]:
   """Two table rows setting a bench_decode catalogue row beside STATIC's on the same
-  sequences (launch/peers/bench_static.py): our catalogue at vocab 2,048, and STATIC's own
+  sequences (peers/bench_static.py): our catalogue at vocab 2,048, and STATIC's own
   4-level setting. Ratios are how many times faster / smaller ours is."""
   def times(peer: float, own: float) -> str:
     return f"**{peer / own:.1f}x**" if own else "n/a"
@@ -477,8 +485,8 @@ def main(argv: Optional[List[str]] = None) -> int:
   python = sys.executable
   start = time.perf_counter()
 
-  machine_entry = run_script("machine", [python, os.path.join(LAUNCH, "bench_machine.py")],
-                             out_dir, args.timeout_s)
+  machine_entry = run_script("machine", [python, *module("bench_machine")], out_dir,
+                             args.timeout_s)
   if machine_entry["status"] != "ok":
     print(machine_entry["log_tail"], file=sys.stderr)
     return 1
@@ -502,9 +510,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                      and not (mode == "decode" and args.no_peer_decode))
     if script_args is None or name in entries:
       continue
-    ours_command = [python, os.path.join(LAUNCH, f"{name}.py")] + script_args
-    peer_command = ([args.torch_python, os.path.join(LAUNCH, "peers", "bench_torch_t5.py"),
-                     mode] + peer_sizes[mode]) if with_peer else None
+    ours_command = [python, *module(name)] + script_args
+    peer_command = ([args.torch_python, *module("peers.bench_torch_t5"), mode]
+                    + peer_sizes[mode]) if with_peer else None
     rounds = args.train_rounds if name == "bench_train" else 1
     if rounds == 1:
       entries[name] = run_script(name, ours_command, out_dir, args.timeout_s)
@@ -515,11 +523,10 @@ def main(argv: Optional[List[str]] = None) -> int:
       if name == "bench_identifiers" and args.torch_python:
         # The PyTorch RQ-VAE of the same architecture takes bench_identifiers' own flags.
         entries["peer_identifiers"] = run_script(
-            "peer_identifiers", [args.torch_python, os.path.join(LAUNCH, "peers",
-                                                                 "bench_torch_rqvae.py")]
+            "peer_identifiers", [args.torch_python, *module("peers.bench_torch_rqvae")]
             + script_args, out_dir, args.timeout_s)
       if name == "bench_decode" and args.static_path:
-        static_command = [python, os.path.join(LAUNCH, "peers", "bench_static.py"),
+        static_command = [python, *module("peers.bench_static"),
                           "--static_path", os.path.abspath(args.static_path),
                           "--catalogue_sizes", *catalogue_sizes(script_args)]
         entries["peer_static"] = run_script("peer_static", static_command, out_dir,

@@ -10,25 +10,23 @@ Prints two tables:
    (random logits, every level, top-70 each step): the figure to set beside STATIC's
    per-decode latency, at this vocabulary and at STATIC's benchmark vocabulary (2,048; most
    of a decode is the log-softmax normaliser over the vocabulary).
-The model table also states the decode ceiling: FLOPs per example (launch/decode_flops.py
-derives them), the device's measured fp32 matmul peak (launch/bench_machine.py), ceiling
+The model table also states the decode ceiling: FLOPs per example (launch/bench/decode_flops.py
+derives them), the device's measured fp32 matmul peak (launch/bench/bench_machine.py), ceiling
 examples/s = peak / FLOPs per example, and each batch's examples/s as a share of it; and a
 second, shape-aware limit: the same decode's dense matmuls timed alone at their own shapes
 (`matmuls_alone_seconds`; a decoder step's 240-row products read ~120 MB of weights that
 no cache holds, so they run well below the square-matmul peak), with each batch's
 examples/s as a share of that.
-`--json_out PATH` also writes both tables and the ceiling as JSON (launch/bench_all.py).
+`--json_out PATH` also writes both tables and the ceiling as JSON (launch/bench/bench_all.py).
 
-  .venv/bin/python launch/bench_decode.py                       # full run (minutes on CPU)
-  .venv/bin/python launch/bench_decode.py --batches 8 --catalogue_sizes 100000 --model tiny
+  .venv/bin/python -m launch.bench.bench_decode                 # full run (minutes on CPU)
+  .venv/bin/python -m launch.bench.bench_decode --batches 8 --catalogue_sizes 100000 --model tiny
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
-import sys
 import time
 
 import jax
@@ -40,10 +38,7 @@ from flax.core import meta
 from gensar_jax.decoding import beam_search as bs
 from gensar_jax.decoding import candidate_tries, trie as trie_lib
 from gensar_jax.models import encoder_decoder, t5, t5_config
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench_machine  # noqa: E402  (launch/, next to this file)
-import decode_flops  # noqa: E402
+from launch.bench import bench_machine, decode_flops
 
 EOS, SRC_ITEM, REC_ITEM = 1, 3, 4
 CODE_BASE = 10  # level l's codes are CODE_BASE + l * codebook + code
@@ -69,7 +64,7 @@ def random_identifiers(rng, n: int, codebook: int, behaviour: int) -> np.ndarray
 def catalogue_sequences(n: int) -> np.ndarray:
   """The catalogue of an n-item benchmark: n random SIDs under <src_item> and n CIDs under
   <rec_item> (4 levels x 256 codes each), the same for every run and for the STATIC peer
-  (launch/peers/bench_static.py), which builds its index from exactly these sequences."""
+  (launch/bench/peers/bench_static.py), which builds its index from exactly these sequences."""
   rng = np.random.default_rng((1, n))
   return np.concatenate([random_identifiers(rng, n, 256, SRC_ITEM),
                          random_identifiers(rng, n, 256, REC_ITEM)])  # [~2n, 6]

@@ -4,8 +4,8 @@ Each size runs in its own process so that peak memory (ru_maxrss) belongs to tha
 alone. Data are synthetic and clustered (L2-normalised, like sentence embeddings): a
 semantic table (default 768-d, BGE-base width) and a collaborative one (default 64-d).
 
-  python launch/bench_identifiers.py                 # 10k, 100k, 1M
-  python launch/bench_identifiers.py --sizes 10000   # quick
+  python -m launch.bench.bench_identifiers                 # 10k, 100k, 1M
+  python -m launch.bench.bench_identifiers --sizes 10000   # quick
 
 Targets on a 2-core CPU: 1M items assigned in under 5 minutes; one epoch at 1M items in
 under a minute.
@@ -21,6 +21,9 @@ import sys
 import time
 
 import numpy as np
+
+# The workers run as `python -m launch.bench.bench_identifiers` from here.
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def synthetic_tables(n: int, semantic_dim: int, collaborative_dim: int, seed: int = 0):
@@ -119,13 +122,13 @@ def main(argv=None) -> None:
     return
   rows = []
   for n in (int(s) for s in args.sizes.split(",")):
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", str(n),
+    cmd = [sys.executable, "-m", "launch.bench.bench_identifiers", "--worker", str(n),
            "--semantic-dim", str(args.semantic_dim),
            "--collaborative-dim", str(args.collaborative_dim), "--epochs", str(args.epochs),
            "--codebook-size", str(args.codebook_size), "--batch-size", str(args.batch_size)]
     print(f"# {n} items ({args.semantic_dim}-d semantic, {args.collaborative_dim}-d "
           f"collaborative) ...", flush=True)
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=REPO).stdout
     row = json.loads(next(l for l in out.splitlines() if l.startswith("RESULT "))[7:])
     print(f"#   compile {row['compile_s']:.1f}s, epoch {row['epoch_s']:.1f}s, "
           f"assign {row['assign_s']:.1f}s", flush=True)

@@ -5,7 +5,7 @@ peaks: the data-sheet dense bf16 peak of a known accelerator (for MFU), and the 
 fp32 matmul peak of whatever device JAX sees (the only honest ceiling on a CPU, where no
 data sheet applies and XLA's kernels, not the silicon, set the limit).
 
-  .venv/bin/python launch/bench_machine.py [--json_out PATH]   # the description, the peak
+  .venv/bin/python -m launch.bench.bench_machine [--json_out PATH]   # the description, the peak
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from typing import Dict, Optional
 import jax
 import jax.numpy as jnp
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # Peak dense (no sparsity) bf16 FLOP/s per chip, from the vendors' data sheets:
 #   H100 SXM5 989.4 TFLOP/s, H200 SXM 989 TFLOP/s (NVIDIA H100 / H200 Tensor Core GPU

@@ -1,7 +1,8 @@
-"""Loopback load test of the search/recommend server: throughput, latency, errors.
+"""Serving benchmark: a loopback load test of the search/recommend server (throughput, latency,
+errors). Run from the repository root:
 
-  .venv/bin/python launch/load_test.py --artifact=runs/tiny/export          # starts a server
-  .venv/bin/python launch/load_test.py --artifact=DIR --url=http://127.0.0.1:8000
+  .venv/bin/python -m launch.bench.bench_serving --artifact=runs/tiny/export    # starts a server
+  .venv/bin/python -m launch.bench.bench_serving --artifact=DIR --url=http://127.0.0.1:8000
 
 N concurrent httpx clients send a seeded mix of /search and /recommend requests (histories
 of real catalogue items, queries made from item titles) until `--requests` have been sent

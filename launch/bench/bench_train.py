@@ -1,7 +1,7 @@
 """Training throughput of the sharded train step, and model FLOPs utilisation on accelerators.
 
-  .venv/bin/python launch/bench_train.py                                  # t5-small, CPU
-  .venv/bin/python launch/bench_train.py --batch_size 256 --gin.ACTIVATION_DTYPE="'bfloat16'"
+  .venv/bin/python -m launch.bench.bench_train                            # t5-small, CPU
+  .venv/bin/python -m launch.bench.bench_train --batch_size 256 --gin.ACTIVATION_DTYPE="'bfloat16'"
 
 Random tokens through the real Trainer (same jit, shardings and donation as training) for
 the T5.1.1-small shape of gin/models/small.gin with a vocabulary of 32128 (the T5 size)
@@ -20,14 +20,13 @@ attention counts QK^T and AV (2 x 2 x Lq x Lk x H x D forward) in every self- an
 cross-attention block, the causal mask not discounted. MFU = model FLOPs per second /
 (peak dense bf16 FLOP/s per chip x chips); remat or padding work is not credited. XLA's own
 FLOP count of the compiled step is printed beside it as a cross-check. `--json_out PATH`
-also writes the figures as JSON (launch/bench_all.py reads it).
+also writes the figures as JSON (launch/bench/bench_all.py reads it).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from typing import Any, Dict
@@ -43,9 +42,7 @@ from gensar_jax import partitioning
 from gensar_jax import trainer as trainer_lib
 from gensar_jax.models import encoder_decoder
 from gensar_jax.models.t5_config import T5Config
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_machine import peak_flops_per_chip  # noqa: E402  (launch/, next to this file)
+from launch.bench.bench_machine import peak_flops_per_chip
 
 
 def _count(tree: Any) -> int:

@@ -1,10 +1,10 @@
 """Training throughput on the real GenSAR mixture: padded rows against packed rows.
 
-  .venv/bin/python launch/bench_train_mixture.py                      # quickstart, mini
-  .venv/bin/python launch/bench_train_mixture.py --gin_file=gin/models/small.gin
-  .venv/bin/python launch/bench_train_mixture.py --configs "144,32,none,32" "144,32,432,40,32"
+  .venv/bin/python -m launch.bench.bench_train_mixture                # quickstart, mini
+  .venv/bin/python -m launch.bench.bench_train_mixture --gin_file=gin/models/small.gin
+  .venv/bin/python -m launch.bench.bench_train_mixture --configs "144,32,none,32" "144,32,432,40,32"
 
-Unlike launch/bench_train.py (random tokens), this reads the mixture a training run reads:
+Unlike launch/bench/bench_train.py (random tokens), this reads the mixture a training run reads:
 the prepared data, identifier table and vocabulary of the quickstart (run `make demo`, or
 at least its prepare/identify/vocab/doc2query stages, first), through the same SeqIO
 pipeline, feature converter, Trainer and shardings as `python -m gensar_jax.train`. Each
@@ -32,15 +32,14 @@ import gin
 import jax
 import numpy as np
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+from gensar_jax import gin_utils
+from gensar_jax import optimizers
+from gensar_jax import partitioning
+from gensar_jax import train_inputs
+from gensar_jax import trainer as trainer_lib
+from gensar_jax.models import encoder_decoder
 
-from gensar_jax import gin_utils  # noqa: E402
-from gensar_jax import optimizers  # noqa: E402
-from gensar_jax import partitioning  # noqa: E402
-from gensar_jax import train_inputs  # noqa: E402
-from gensar_jax import trainer as trainer_lib  # noqa: E402
-from gensar_jax.models import encoder_decoder  # noqa: E402
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 DEFAULT_GIN = ["--gin_file=gin/experiments/ml100k_quickstart.gin"]
 # The quickstart's rows before target buckets (padded 144 + 32, batch 32), with target

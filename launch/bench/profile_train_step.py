@@ -1,9 +1,9 @@
 """Where the benchmarked train step spends its time: a jax.profiler trace, summed per part.
 
-  .venv/bin/python launch/profile_train_step.py                      # t5-small step, CPU
-  .venv/bin/python launch/profile_train_step.py --steps 3 --gin.DROPOUT_RATE=0.0
+  .venv/bin/python -m launch.bench.profile_train_step                # t5-small step, CPU
+  .venv/bin/python -m launch.bench.profile_train_step --steps 3 --gin.DROPOUT_RATE=0.0
 
-The step is launch/bench_train.py's (same flags, same Trainer, jit, shardings and donation).
+The step is launch/bench/bench_train.py's (same flags, same Trainer, jit, shardings and donation).
 After warm-up, `--steps` steps run under `jax.profiler.trace` with a Perfetto trace; every
 complete event whose name is an instruction of the compiled step (XLA CPU runs one thunk
 per fusion, named after it) is matched to that instruction's `op_name` metadata, i.e. the
@@ -14,7 +14,7 @@ stays in trace/ for Perfetto or TensorBoard.
 
 Thunks can run concurrently (XLA's CPU runtime executes independent thunks on its thread
 pool), so the summed time can exceed the step's wall time; compare shares between
-profiles, and confirm a change with the wall time of launch/bench_train.py.
+profiles, and confirm a change with the wall time of launch/bench/bench_train.py.
 """
 from __future__ import annotations
 
@@ -32,11 +32,10 @@ from typing import Dict, List, Tuple
 
 import jax
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench_train  # noqa: E402  (launch/, next to this file)
-from bench_all import write_atomic  # noqa: E402
+from launch.bench import bench_train
+from launch.bench.bench_all import write_atomic
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # (part, test on the op_name metadata), first match wins. Forward and backward fall in the
 # same part; XLA's op_name says which (`transpose(jvp(...))` is the backward pass).

@@ -1,13 +1,13 @@
 """The STATIC peer: its catalogue index and constrained decode over our benchmark catalogue.
 
 STATIC (youtube/static-constraint-decoding) is the JAX constrained-decoding library that
-launch/bench_decode.py's catalogue table is set beside. It is not on the package index, so
+launch/bench/bench_decode.py's catalogue table is set beside. It is not on the package index, so
 it is never a dependency: point `--static_path` at a checkout of it (the folder holding
 `static_decoding/`). Its JAX code needs only jax and numpy, so the project's own Python runs
-it; launch/bench_all.py does so with `--static_path DIR`, right after bench_decode:
+it; launch/bench/bench_all.py does so with `--static_path DIR`, right after bench_decode:
 
   git clone https://github.com/youtube/static-constraint-decoding /tmp/static
-  .venv/bin/python launch/peers/bench_static.py --static_path /tmp/static
+  .venv/bin/python -m launch.bench.peers.bench_static --static_path /tmp/static
 
 For each catalogue size it takes exactly the sequences bench_decode builds its trie from
 (`bench_decode.catalogue_sequences`: SIDs + CIDs, each a behaviour token, 4 codes of 256
@@ -33,19 +33,17 @@ Prints one JSON object (the last line of stdout); `--json_out PATH` also writes 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-LAUNCH = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, LAUNCH)
-import bench_decode  # noqa: E402  (the catalogue both sides are built from)
+from launch.bench import bench_decode  # the catalogue both sides are built from
 
 
 def precomputed_logits_model(logits: jax.Array):
@@ -112,6 +110,16 @@ def bench_size(args, n: int, csr_utils, decoding_jax) -> dict:
           "native_bytes_per_identifier": native_bytes / len(native)}
 
 
+def load_file(path: str):
+  """The module of one file of the STATIC checkout, loaded by its path (nothing is added to
+  sys.path); csr_utils and decoding_jax import nothing of their own package."""
+  name = "static_decoding." + os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -130,8 +138,8 @@ def main(argv=None) -> None:
   if not os.path.isfile(os.path.join(package, "decoding_jax.py")):
     raise SystemExit(f"bench_static: no static_decoding/decoding_jax.py under "
                      f"{args.static_path!r}; clone youtube/static-constraint-decoding there")
-  sys.path.insert(0, os.path.abspath(args.static_path))
-  from static_decoding import csr_utils, decoding_jax  # noqa: E402  (the peer's checkout)
+  csr_utils, decoding_jax = (load_file(os.path.join(package, f"{name}.py"))
+                             for name in ("csr_utils", "decoding_jax"))
 
   rows = [bench_size(args, n, csr_utils, decoding_jax) for n in args.catalogue_sizes]
   for row in rows:

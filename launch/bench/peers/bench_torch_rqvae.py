@@ -1,13 +1,14 @@
-"""The PyTorch peer of launch/bench_identifiers.py: RQ-VAE training epochs, same model and data.
+"""The PyTorch peer of launch/bench/bench_identifiers.py: RQ-VAE training epochs, same model, data.
 
 Runs under its own environment (PyTorch + numpy), never the project's and never imported by
-it. It takes bench_identifiers' flags with the same defaults, so one set of arguments runs
-both sides and their epoch times can be set side by side:
+it (run as a module from the repository root, it finds launch/ there: gensar_jax need not be
+installed). It takes bench_identifiers' flags with the same defaults, so one set of arguments
+runs both sides and their epoch times can be set side by side:
 
-  /tmp/hfvenv/bin/python launch/peers/bench_torch_rqvae.py --sizes 10000
-  .venv/bin/python launch/bench_identifiers.py --sizes 10000
+  /tmp/hfvenv/bin/python -m launch.bench.peers.bench_torch_rqvae --sizes 10000
+  .venv/bin/python -m launch.bench.bench_identifiers --sizes 10000
 
-Data: `synthetic_tables` imported from launch/bench_identifiers.py (numpy only), so both
+Data: `synthetic_tables` imported from launch/bench/bench_identifiers.py (numpy only), so both
 sides train on the same clustered, L2-normalised tables (768-d semantic, 64-d collaborative).
 
 Model: the default RQVAEConfig in "dual" mode, as gensar_jax/identifiers/rqvae_model.py.
@@ -59,8 +60,7 @@ import numpy as np
 import torch
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench_identifiers import synthetic_tables  # noqa: E402  (numpy only)
+from launch.bench.bench_identifiers import synthetic_tables  # numpy only
 
 HIDDEN_DIMS = (512, 256, 128, 64)
 LATENT_DIM = 32

@@ -1,19 +1,20 @@
 """The PyTorch peer: Hugging Face T5 train step and constrained `generate`, same shapes as ours.
 
 Runs under its own environment (PyTorch + transformers), never the project's and never
-imported by it; launch/bench_all.py runs it with `--torch_python PATH` and sets its
-examples/s beside launch/bench_train.py's and launch/bench_decode.py's:
+imported by it; launch/bench/bench_all.py runs it with `--torch_python PATH` and sets its
+examples/s beside launch/bench/bench_train.py's and launch/bench/bench_decode.py's. From the
+repository root:
 
-  /tmp/hfvenv/bin/python launch/peers/bench_torch_t5.py train    # T5.1.1-small, batch 16
-  /tmp/hfvenv/bin/python launch/peers/bench_torch_t5.py decode --batch_size 4
+  /tmp/hfvenv/bin/python -m launch.bench.peers.bench_torch_t5 train    # T5.1.1-small, batch 16
+  /tmp/hfvenv/bin/python -m launch.bench.peers.bench_torch_t5 decode --batch_size 4
 
 train: `T5ForConditionalGeneration(T5Config(feed_forward_proj="gated-gelu"))` with random
-weights, the shape of launch/bench_train.py's default (8 + 8 layers, 512 wide, 8 heads of
+weights, the shape of launch/bench/bench_train.py's default (8 + 8 layers, 512 wide, 8 heads of
 64, gated-GELU 1024, untied output layer, dropout 0.1 like gin/models/small.gin), AdamW,
 random tokens: batch 16 x (input 128 + target 8), vocabulary 32128. One step is forward
 with labels, backward, optimizer step, zero_grad. Warm-up steps are not timed.
 
-decode: the shape of launch/bench_decode.py's model table (vocabulary 8320, input 128, beam
+decode: the shape of launch/bench/bench_decode.py's model table (vocabulary 8320, input 128, beam
 30 over 100 random candidate identifiers per example: behaviour token, 4 codes, EOS), with
 `generate(num_beams=30, prefix_allowed_tokens_fn=...)` walking a per-example prefix dict,
 the way the published GenSAR code constrains beams. All 30 beams are returned.
@@ -34,7 +35,7 @@ import numpy as np
 import torch
 import transformers
 
-EOS, SRC_ITEM, CODE_BASE = 1, 3, 10  # as launch/bench_decode.py
+EOS, SRC_ITEM, CODE_BASE = 1, 3, 10  # as launch/bench/bench_decode.py
 
 
 def build_model(args) -> transformers.T5ForConditionalGeneration:
