@@ -10,11 +10,12 @@ others by paths relative to the repository root or the current directory.
 from __future__ import annotations
 
 import difflib
+import inspect
 import os
 import re
 import sys
 import traceback
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import gin
 
@@ -67,6 +68,12 @@ def parse_gin(argv: Sequence[str], skip_unknown: bool = False) -> None:
     _parse_retrying(files, bindings, skip_unknown)
   except SyntaxError as e:
     raise FlagError(_syntax_error_line(e, bindings)) from None
+  except ValueError as e:
+    message = _unknown_name_line(e, bindings)
+    if message is None:
+      raise
+    raise FlagError(message) from None
+  _check_binding_types(bindings)
 
 
 def _parse_retrying(files: Sequence[str], bindings: Sequence[str], skip_unknown: bool) -> None:
@@ -99,6 +106,182 @@ def _syntax_error_line(error: SyntaxError, bindings: Sequence[str]) -> str:
       continue
   first = str(error).strip().splitlines()[-1] if str(error).strip() else "syntax error"
   return f"gin syntax error{f' in {where}' if where and where != '<string>' else ''}: {first}"
+
+
+_UNKNOWN_PARAMETER = re.compile(r"Configurable '([\w.]+)' doesn't have a parameter named "
+                                r"'(\w+)'")
+_UNKNOWN_CONFIGURABLE = re.compile(r"No configurable matching '([\w.]+)'")
+
+
+def _flag(binding: str) -> str:
+  """The command-line spelling of a binding: --gin.NAME=VALUE."""
+  name, _, value = binding.partition(" = ")
+  return f"--gin.{name.strip()}={value.strip()}"
+
+
+def _unknown_name_line(error: ValueError, bindings: Sequence[str]) -> Optional[str]:
+  """One line for gin's "no such configurable / parameter" parse errors (a typo such as
+  --gin.train.stepz=5), naming the flag or the gin file line and the nearest real name;
+  None for any other error."""
+  text = str(error)
+  parameter = _UNKNOWN_PARAMETER.search(text)
+  configurable = _UNKNOWN_CONFIGURABLE.search(text)
+  if not parameter and not configurable:
+    return None
+  source = text.strip().splitlines()[-1].strip()   # gin ends with the offending line
+  flag = next((_flag(b) for b in bindings if b.strip() == source), None)
+  where = flag or " ".join(line.strip() for line in text.splitlines()[1:2]) or "gin"
+  if parameter:
+    name, param = parameter.groups()
+    try:
+      fn = gin.config._REGISTRY.get_match(name).wrapped  # pylint: disable=protected-access
+      known = list(inspect.signature(fn).parameters)
+    except Exception:  # pylint: disable=broad-except  # a suggestion is optional
+      known = []
+    close = difflib.get_close_matches(param, known, n=1, cutoff=0.5)
+    hint = f"; did you mean {name}.{close[0]}?" if close else ""
+    return f"{where}: {name} has no parameter {param!r}{hint}"
+  name = configurable.group(1)
+  return f"{where}: no configurable named {name!r} (a typo, or its module is not imported)"
+
+
+def _macro_targets() -> Dict[str, List[Tuple[str, str]]]:
+  """{macro name: [(configurable selector, parameter)]} for every parameter whose bound
+  value is `%MACRO` itself, through chains of macros (`X = %TRAIN_STEPS`).
+
+  Reads gin's binding table, which gin 0.5 (pinned in setup.py) keeps in
+  `gin.config._CONFIG` as {(scope, selector): {parameter: value}}; macros are the selector
+  "gin.macro" with the parameter "value".
+  """
+  direct: Dict[str, List[Tuple[str, str]]] = {}
+  for (scope, selector), parameters in gin.config._CONFIG.items():  # pylint: disable=protected-access
+    for parameter, value in parameters.items():
+      if isinstance(value, gin.config.ConfigurableReference) and \
+          value.configurable.selector == "gin.macro":
+        macro = value.scoped_selector.split("/")[0]
+        target = (f"%{scope}", "") if selector == "gin.macro" else (selector, parameter)
+        direct.setdefault(macro, []).append(target)
+  resolved: Dict[str, List[Tuple[str, str]]] = {}
+
+  def resolve(macro: str, seen: frozenset) -> List[Tuple[str, str]]:
+    out = []
+    for selector, parameter in direct.get(macro, []):
+      if selector.startswith("%"):
+        if selector[1:] not in seen:
+          out += resolve(selector[1:], seen | {selector[1:]})
+      else:
+        out.append((selector, parameter))
+    return out
+
+  for macro in direct:
+    resolved[macro] = resolve(macro, frozenset([macro]))
+  return resolved
+
+
+def binding_targets(bindings: Sequence[str]) -> Dict[str, Tuple[object, List[Tuple[str, str]]]]:
+  """{flag: (its parsed value, [(configurable selector, parameter) it sets])} for the
+  command-line bindings, after parsing: which parameters a flag's value reaches, directly
+  (--gin.train.train_steps=5) or through macros (--gin.TRAIN_STEPS=5)."""
+  macros = _macro_targets()
+  config = gin.config._CONFIG  # pylint: disable=protected-access
+  out = {}
+  last = {b.partition(" = ")[0].strip(): b for b in bindings}  # a later flag overrides
+  for binding in last.values():
+    name = binding.partition(" = ")[0].strip()
+    if "." in name:
+      scoped, _, parameter = name.rpartition(".")
+      scope, _, selector = scoped.rpartition("/")
+      try:
+        selector = gin.config._REGISTRY.get_match(selector).selector  # pylint: disable=protected-access
+      except Exception:  # pylint: disable=broad-except
+        continue
+      value = config.get((scope, selector), {}).get(parameter)
+      out[_flag(binding)] = (value, [(selector, parameter)])
+    elif (name, "gin.macro") in config:
+      out[_flag(binding)] = (config[(name, "gin.macro")]["value"], macros.get(name, []))
+  return out
+
+
+def _accepts(value, hint) -> bool:
+  """Whether a gin value can be the annotated type. Only the plain kinds a flag sets are
+  judged (numbers, strings, booleans, mappings, sequences, Optional/Union/Literal of
+  them); anything else (callables, classes, references) passes."""
+  import collections.abc
+  import typing
+  if isinstance(value, gin.config.ConfigurableReference):
+    return True
+  origin, args = typing.get_origin(hint), typing.get_args(hint)
+  if origin is typing.Union:
+    return any(_accepts(value, a) for a in args)
+  if origin is typing.Literal:
+    return value in args
+  if hint is type(None):
+    return value is None
+  if hint is bool:
+    return isinstance(value, bool)
+  if hint is int:
+    return isinstance(value, int) and not isinstance(value, bool)
+  if hint is float:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+  if hint is str:
+    return isinstance(value, str)
+  base = origin or hint
+  if base in (dict, collections.abc.Mapping, collections.abc.MutableMapping):
+    return isinstance(value, collections.abc.Mapping)
+  if base in (list, tuple):
+    return isinstance(value, (list, tuple))
+  if base is collections.abc.Sequence:   # a string is a sequence too
+    return isinstance(value, (list, tuple, str))
+  return True
+
+
+def _type_name(hint) -> str:
+  """`int`, `Optional[str]`, `Mapping[str, int]`: the annotation as written."""
+  if isinstance(hint, type):
+    return hint.__name__
+  return str(hint).replace("typing.", "").replace("collections.abc.", "")
+
+
+def _check_binding_types(bindings: Sequence[str]) -> None:
+  """A flag's value must fit the annotation of every parameter it sets: a string where
+  an int belongs (--gin.TRAIN_STEPS='abc') would otherwise fail deep inside a configurable
+  with a TypeError traceback, or not at all."""
+  import typing
+  for flag, (value, targets) in binding_targets(bindings).items():
+    for selector, parameter in targets:
+      try:
+        fn = gin.config._REGISTRY.get_match(selector).wrapped  # pylint: disable=protected-access
+        hints = typing.get_type_hints(fn.__init__ if inspect.isclass(fn) else fn)
+      except Exception:  # pylint: disable=broad-except  # unresolvable annotations: not judged
+        continue
+      hint = hints.get(parameter)
+      if hint is not None and not _accepts(value, hint):
+        short = selector.rsplit(".", 1)[-1]
+        raise FlagError(f"{flag}: {short}.{parameter} takes {_type_name(hint)}, not "
+                        f"{type(value).__name__} {value!r}")
+
+
+def flag_of_failure(error: Exception, targets) -> Optional[str]:
+  """The command-line flag behind a ValueError that a configurable raised itself while
+  checking its arguments (`decay_steps=-5 must be >= 1` from --gin.TRAIN_STEPS=-5), else
+  None. Only an error raised in the configurable's own body counts: one from deeper down
+  is a bug and keeps its traceback."""
+  match = re.search(r"In call to configurable '([\w.]+)'", str(error))
+  if not match or not isinstance(error, ValueError):
+    return None
+  try:
+    fn = gin.config._REGISTRY.get_match(match.group(1)).wrapped  # pylint: disable=protected-access
+  except Exception:  # pylint: disable=broad-except
+    return None
+  fn = inspect.unwrap(fn.__init__ if inspect.isclass(fn) else fn)
+  tb = error.__traceback__
+  while tb is not None and tb.tb_next is not None:
+    tb = tb.tb_next
+  if tb is None or tb.tb_frame.f_code is not getattr(fn, "__code__", None):
+    return None
+  selector = gin.config._REGISTRY.get_match(match.group(1)).selector  # pylint: disable=protected-access
+  return next((flag for flag, (_, reached) in targets.items()
+               if any(s == selector for s, _ in reached)), None)
 
 
 def _gin_texts(files: Sequence[str]) -> List[str]:
@@ -184,8 +367,10 @@ def run(main: Callable[[], object], argv: Optional[Sequence[str]] = None,
   if any(a in ("-h", "--help") for a in argv):
     print(_help_text(main))
     raise SystemExit(0)
+  targets = {}
   try:
     parse_gin(argv)
+    targets = binding_targets(parse_gin_flags(argv)[1])
     if devices:
       distributed.initialize_distributed()
     main()
@@ -195,7 +380,10 @@ def run(main: Callable[[], object], argv: Optional[Sequence[str]] = None,
   except (ValueError, RuntimeError) as e:
     message = missing_binding_message(e)
     if message is None:
-      raise
+      flag = flag_of_failure(e, targets)
+      if flag is None:
+        raise
+      message = f"{flag}: {user_message(e)}"
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(2) from None
 
