@@ -7,10 +7,13 @@
       --gin.MODEL_DIR="'gs://my-bucket/gensar/small'" --dry_run
 
 It describes the slice and creates it if missing, ships a `git archive` of this repository to
-every worker and installs it there (with `jax[tpu]`), then starts the same training command
-on all workers at once; jax.distributed.initialize() on each of them finds the pod. With
---watch, a spot/preemptible slice that was preempted is deleted, recreated and the same
-command rerun: the trainer resumes from the latest checkpoint in MODEL_DIR. Every command
+every worker and installs it there (Python 3.12, constraints-py312.txt, an exact `jax[tpu]`
+pin), then starts the same training command on all workers at once, detached from ssh, and
+polls until every worker has finished; jax.distributed.initialize() on each of them finds
+the pod. With --watch, a trainer that exits with the preemption code (75: it saved the step
+it was at) or a slice that was preempted is answered by rerunning the same command, on a
+recreated slice if the old one is gone (creation retried with back-off while the zone has
+no capacity): the trainer resumes from the latest checkpoint in MODEL_DIR. Every command
 goes through one runner, so --dry_run prints exactly what a real launch runs (one
 copy-pasteable line each) and runs nothing. Only the standard library is used: this runs on
 a laptop that has gcloud, not the training dependencies.
@@ -37,8 +40,9 @@ if _HERE not in sys.path:
   sys.path.insert(0, _HERE)
 
 from gin_flags import split_gin_flags, unquote_gin_string  # noqa: E402
-from tpu_commands import (CommandRunner, LaunchSpec, create_command, gcloud_tpu,  # noqa: E402
-                          install_script, ssh_all, train_script)
+from tpu_commands import (PREEMPTED_EXIT_CODE, CommandRunner, LaunchSpec,  # noqa: E402
+                          create_command, gcloud_tpu, install_script, parse_status,
+                          ssh_all, start_script, status_script)
 from tpu_slices import MESH_GIN_FILES, LaunchError, slice_shape  # noqa: E402
 
 REPO_ROOT = os.path.dirname(_HERE)
@@ -47,6 +51,11 @@ DEAD_STATES = ("PREEMPTED", "TERMINATED")
 # States that turn into READY (or DEAD) by themselves if we wait.
 TRANSIENT_STATES = ("CREATING", "STARTING", "RESTARTING", "REPAIRING")
 SSH_FAILURE_EXIT_CODE = 255  # ssh itself lost the connection: rerun if the slice is READY
+# Words of gcloud's errors when the zone has no TPUs to give right now (spot stock-outs are
+# normal): creation is retried with back-off. Quota or permission errors are not.
+CAPACITY_ERRORS = ("resource_exhausted", "no more capacity", "stockout", "out of capacity",
+                   "insufficient capacity", "zone_resource_pool_exhausted",
+                   "not enough resources")
 
 
 def describe_state(spec: LaunchSpec, runner: CommandRunner) -> Optional[str]:
@@ -80,10 +89,42 @@ def wait_until_ready(spec: LaunchSpec, runner: CommandRunner) -> None:
   raise LaunchError(f"TPU {spec.name!r} not READY after {spec.max_wait_polls} polls")
 
 
+def is_capacity_error(text: str) -> bool:
+  lowered = text.lower()
+  return any(words in lowered for words in CAPACITY_ERRORS) and "quota" not in lowered
+
+
+def create_slice(spec: LaunchSpec, runner: CommandRunner) -> None:
+  """Creates the slice; with --watch, a capacity error is retried after a back-off that
+  doubles from `backoff_s` up to `max_backoff_s`, `max_create_attempts` times in all (a
+  failed creation that left a slice behind is deleted first)."""
+  delay = spec.backoff_s
+  for attempt in range(1, spec.max_create_attempts + 1):
+    result = runner.run(create_command(spec), capture=True)
+    if result.returncode == 0:
+      return
+    text = (result.stdout + result.stderr).strip()
+    sys.stderr.write(text + "\n" if text else "")
+    if not (spec.watch and is_capacity_error(text)):
+      raise LaunchError(f"creating the slice failed with exit code {result.returncode}: "
+                        f"{text.splitlines()[-1] if text else shlex.join(create_command(spec))}")
+    if attempt == spec.max_create_attempts:
+      break
+    runner.note(f"no capacity for {spec.shape.accelerator_type} in {spec.zone} (attempt "
+                f"{attempt} of {spec.max_create_attempts}); retrying in {delay:.0f} s")
+    if describe_state(spec, runner) is not None:
+      _checked(runner, gcloud_tpu(spec, "delete", spec.name, "--quiet"),
+               "deleting the slice a failed creation left")
+    runner.sleep(delay)
+    delay = min(delay * 2, spec.max_backoff_s)
+  raise LaunchError(f"no capacity for {spec.shape.accelerator_type} in {spec.zone} after "
+                    f"{spec.max_create_attempts} attempts; try another zone or later")
+
+
 def recreate(spec: LaunchSpec, runner: CommandRunner, state: Optional[str]) -> None:
   if state is not None:
     _checked(runner, gcloud_tpu(spec, "delete", spec.name, "--quiet"), "deleting the slice")
-  _checked(runner, create_command(spec), "creating the slice")
+  create_slice(spec, runner)
   if not runner.dry_run:
     wait_until_ready(spec, runner)
 
@@ -131,6 +172,47 @@ def install_code(spec: LaunchSpec, runner: CommandRunner) -> None:
   _checked(runner, ssh_all(spec, install_script(spec)), "installing on the workers")
 
 
+def combined_exit_code(states: Sequence[Tuple[str, str]]) -> Optional[int]:
+  """The job's exit code from every worker's state; None while any worker still runs.
+  A preempted worker (75) makes the job preempted; a lost one (no process, no exit code)
+  counts as a lost connection (255), which the launcher checks against the slice state."""
+  if any(state == "running" for _, state in states):
+    return None
+  if any(state == "lost" for _, state in states):
+    return SSH_FAILURE_EXIT_CODE
+  codes = [int(state) if state.lstrip("-").isdigit() else 1 for _, state in states]
+  if PREEMPTED_EXIT_CODE in codes:
+    return PREEMPTED_EXIT_CODE
+  return next((code for code in codes if code != 0), 0)
+
+
+def run_training(spec: LaunchSpec, runner: CommandRunner) -> int:
+  """Starts the trainer detached on every worker, then polls each `poll_seconds` until all
+  have exited; returns the job's exit code (255 when a worker could not be reached)."""
+  started = runner.run(ssh_all(spec, start_script(spec)))
+  if runner.dry_run:
+    runner.note(f"then every --poll_seconds, until every worker reports an exit code "
+                f"(training logs: ~/{spec.remote_dir}/.run/train.log on each worker):")
+    runner.run(ssh_all(spec, status_script(spec)))
+    return 0
+  if started.returncode != 0:
+    return started.returncode
+  first = True
+  while True:
+    runner.wait()
+    result = runner.run(ssh_all(spec, status_script(spec)), capture=True, quiet=not first)
+    first = False
+    if result.returncode != 0:
+      return SSH_FAILURE_EXIT_CODE
+    states = parse_status(result.stdout)
+    if len(states) < spec.shape.workers:
+      return SSH_FAILURE_EXIT_CODE
+    code = combined_exit_code(states)
+    if code is not None:
+      runner.note("training ended: " + ", ".join(f"{host} {state}" for host, state in states))
+      return code
+
+
 def launch(spec: LaunchSpec, runner: CommandRunner) -> int:
   """Slice, code, training; with --watch, again after every preemption. Exit code."""
   created = ensure_slice(spec, runner)
@@ -140,20 +222,21 @@ def launch(spec: LaunchSpec, runner: CommandRunner) -> int:
     if install or created:
       install_code(spec, runner)
     install = False
-    rc = runner.run(ssh_all(spec, train_script(spec))).returncode
+    rc = run_training(spec, runner)
     if runner.dry_run and spec.watch:
-      runner.note("--watch: if training exits non-zero and describe says PREEMPTED, "
-                  "TERMINATED or NOT_FOUND, recreate, reinstall and rerun (it resumes from "
-                  "MODEL_DIR):")
+      runner.note(f"--watch: if training exits {PREEMPTED_EXIT_CODE} (preempted, its step "
+                  "saved) or fails and describe says PREEMPTED, TERMINATED or NOT_FOUND, "
+                  "recreate (retrying on capacity errors), reinstall and rerun (it resumes "
+                  "from MODEL_DIR):")
       describe_state(spec, runner)
       recreate(spec, runner, "PREEMPTED")
       install_code(spec, runner)
-      runner.run(ssh_all(spec, train_script(spec)))
+      run_training(spec, runner)
       return 0
     if rc == 0 or not spec.watch:
       return rc
     state = describe_state(spec, runner)
-    if state == "READY" and rc != SSH_FAILURE_EXIT_CODE:
+    if state == "READY" and rc not in (SSH_FAILURE_EXIT_CODE, PREEMPTED_EXIT_CODE):
       print(f"training failed (exit {rc}) on a READY slice: not a preemption, not retrying",
             file=sys.stderr)
       return rc
@@ -251,8 +334,19 @@ def parse_args(argv: Sequence[str]) -> Tuple[LaunchSpec, bool, float]:
                  help="reuse the code already on a READY slice (a new slice always gets it)")
   p.add_argument("--git_ref", default="HEAD", help="what to ship (committed code only)")
   p.add_argument("--remote_dir", default="gensar-jax", help="checkout dir under worker $HOME")
-  p.add_argument("--python", default="python3.11", help="interpreter on the workers")
-  p.add_argument("--jax_requirement", default="jax[tpu]>=0.10,<0.12")
+  p.add_argument("--python", default="python3.12",
+                 help="interpreter on the workers (installed from the deadsnakes PPA if the "
+                 "image lacks it)")
+  p.add_argument("--constraints", default="constraints-py312.txt",
+                 help="pip constraints file of that Python, in the repository")
+  p.add_argument("--jax_requirement", default=None,
+                 help="default: jax[tpu]==<the jax version of --constraints>")
+  p.add_argument("--stop_wait_seconds", type=int, default=120,
+                 help="a stale run's time to save and exit after TERM, before KILL")
+  p.add_argument("--tpu_free_wait_seconds", type=int, default=120)
+  p.add_argument("--backoff_seconds", type=float, default=60.0,
+                 help="--watch: first wait after a capacity error (doubles, up to 30 min)")
+  p.add_argument("--max_create_attempts", type=int, default=30)
   p.add_argument("--train_module", default="gensar_jax.train")
   p.add_argument("--archive_dir", default=tempfile.gettempdir())
   p.add_argument("--dry_run", action="store_true", help="print the commands, run nothing")
@@ -261,6 +355,12 @@ def parse_args(argv: Sequence[str]) -> Tuple[LaunchSpec, bool, float]:
                  "stays) and do nothing else")
   args = p.parse_args(own)
   shape = slice_shape(args.accelerator_type)
+  if args.jax_requirement is None:
+    args.jax_requirement = f"jax[tpu]=={pinned_jax_version(args.constraints)}"
+  extra = dict(constraints=args.constraints, stop_wait_s=args.stop_wait_seconds,
+               tpu_free_wait_s=args.tpu_free_wait_seconds,
+               max_create_attempts=max(1, args.max_create_attempts),
+               backoff_s=args.backoff_seconds)
   if args.teardown:
     if gin_flags:
       raise LaunchError("--teardown deletes the slice only: drop the gin flags")
@@ -270,7 +370,7 @@ def parse_args(argv: Sequence[str]) -> Tuple[LaunchSpec, bool, float]:
         train_flags=(), train_module=args.train_module, remote_dir=args.remote_dir,
         python=args.python, jax_requirement=args.jax_requirement, archive_path="",
         git_ref=args.git_ref, install=False, watch=False, max_restarts=0,
-        max_wait_polls=args.max_wait_polls, teardown=True)
+        max_wait_polls=args.max_wait_polls, teardown=True, **extra)
     return spec, args.dry_run, args.poll_seconds
   # Checked before the slice's mesh file is added: that one alone trains nothing.
   if not any(f.startswith("--gin_file=") for f in gin_flags):
@@ -295,8 +395,22 @@ def parse_args(argv: Sequence[str]) -> Tuple[LaunchSpec, bool, float]:
       remote_dir=args.remote_dir, python=args.python, jax_requirement=args.jax_requirement,
       archive_path=os.path.join(args.archive_dir, f"gensar-jax-{args.name}.tar.gz"),
       git_ref=args.git_ref, install=not args.skip_install, watch=args.watch,
-      max_restarts=args.max_restarts, max_wait_polls=args.max_wait_polls)
+      max_restarts=args.max_restarts, max_wait_polls=args.max_wait_polls, **extra)
   return spec, args.dry_run, args.poll_seconds
+
+
+def pinned_jax_version(constraints: str) -> str:
+  """The `jax==X` of a constraints file of this repository (what the workers install)."""
+  path = os.path.join(REPO_ROOT, constraints)
+  try:
+    with open(path, encoding="utf-8") as f:
+      for line in f:
+        match = re.match(r"\s*jax==([\w.]+)\s*$", line)
+        if match:
+          return match.group(1)
+  except OSError:
+    raise LaunchError(f"--constraints={constraints}: not found under {REPO_ROOT}") from None
+  raise LaunchError(f"--constraints={constraints}: no jax==VERSION line to pin jax[tpu] to")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shlex
 import signal
 import socket
 import subprocess
@@ -86,8 +85,7 @@ def worker_command(world):
       "--name=sim", "--zone=us-central2-b", "--accelerator_type=v4-16",
       "--mesh_gin=gin/mesh/cpu_8.gin", *_run_flags(world)])
   assert spec.shape.workers == 2 and spec.shape.chips == 8
-  script = tpu_commands.train_script(spec)
-  words = shlex.split(script[script.index("exec env "):])[2:]
+  words = tpu_commands.train_command(spec)[1:]
   env = {}
   while "=" in words[0] and not words[0].startswith("-"):
     name, value = words.pop(0).split("=", 1)

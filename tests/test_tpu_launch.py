@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 import gin
 import pytest
@@ -50,6 +51,18 @@ def _commands(stdout):
 def _remote_command(argv):
   [flag] = [a for a in argv if a.startswith("--command=")]
   return flag[len("--command="):]
+
+
+def _train_words(start_script):
+  """The trainer's argv inside the worker start script (`bash -c '<train>; ...'`)."""
+  words = shlex.split(start_script)
+  wrapped = words[words.index("-c", words.index("setsid")) + 1]
+  return shlex.split(wrapped.split("; code=$?")[0])
+
+
+def _start_command(stdout):
+  return next(_remote_command(c) for c in _commands(stdout)
+              if c[0] == "gcloud" and c[4] == "ssh" and "gensar_jax.train" in _remote_command(c))
 
 
 # --- slice table ------------------------------------------------------------------------
@@ -115,9 +128,9 @@ def test_dry_run_multi_worker_prints_every_command_and_runs_none(tmp_path):
   assert not (tmp_path / "gcloud.log").exists()  # nothing was executed
   commands = _commands(done.stdout)
   verbs = [c[4] if c[0] == "gcloud" else c[0] for c in commands]
-  assert verbs == ["describe", "create", "delete", "git", "scp", "ssh", "ssh",
+  assert verbs == ["describe", "create", "delete", "git", "scp", "ssh", "ssh", "ssh",
                    # --watch: the recovery path after a preemption
-                   "describe", "delete", "create", "git", "scp", "ssh", "ssh"]
+                   "describe", "delete", "create", "git", "scp", "ssh", "ssh", "ssh"]
   create = commands[1]
   assert create[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "create", "gensar-v5p"]
   for flag in ("--accelerator-type=v5p-64", "--version=v2-alpha-tpuv5", "--zone=us-east5-a",
@@ -126,9 +139,17 @@ def test_dry_run_multi_worker_prints_every_command_and_runs_none(tmp_path):
   assert "--preemptible" not in create
   for scp_or_ssh in (c for c in commands if c[0] == "gcloud" and c[4] in ("scp", "ssh")):
     assert "--worker=all" in scp_or_ssh
-  assert "jax[tpu]" in _remote_command(commands[5])
-  train = shlex.split(_remote_command(commands[6]))
+  install = _remote_command(commands[5])
+  assert "'jax[tpu]==0.11.2'" in install and "-c constraints-py312.txt" in install
+  assert "python3.12 -m venv" in install and "ppa:deadsnakes/ppa" in install
+  assert "python3.11" not in install
+  # apt waits for the dpkg lock (unattended-upgrades on a fresh VM) at every call.
+  assert install.count("apt-get") == install.count("apt-get -o DPkg::Lock::Timeout=600") == 4
+  start = _remote_command(commands[6])
+  assert "setsid nohup bash -c" in start and ".run/train.log" in start
+  train = _train_words(start)
   assert "GENSAR_DISTRIBUTED=1" in train and "GENSAR_EXPECTED_PROCESSES=8" in train
+  assert "GENSAR_STATUS" in _remote_command(commands[7])
   flags = train[train.index("gensar_jax.train") + 1:]
   assert flags == ["--gin_file=gin/tasks.gin", "--gin_file=gin/runs/identify.gin",
                    "--gin_file=gin/mesh/v5p_64.gin", MODEL_DIR_FLAG, QUOTED_FLAG,
@@ -140,7 +161,7 @@ def test_remote_training_command_reaches_python_verbatim(tmp_path):
   """Runs the printed --command= string in a real shell, with a fake worker checkout."""
   done = _run_launcher([*V5P_ARGS, "--dry_run", *GIN_FLAGS])
   assert done.returncode == 0, done.stderr
-  remote = _remote_command(_commands(done.stdout)[-1])
+  remote = _start_command(done.stdout)
   venv_bin = tmp_path / "gensar-jax" / ".venv" / "bin"
   venv_bin.mkdir(parents=True)
   fake_python = venv_bin / "python"
@@ -152,7 +173,10 @@ def test_remote_training_command_reaches_python_verbatim(tmp_path):
                 open(os.path.join(os.path.dirname(os.getcwd()), "got.json"), "w"))
       """))
   fake_python.chmod(0o755)
-  subprocess.run(["bash", "-c", remote], cwd=tmp_path, check=True, timeout=60)
+  env = dict(os.environ, GENSAR_TPU_DEVICES=str(tmp_path / "no-such-device"))
+  subprocess.run(["bash", "-c", remote], cwd=tmp_path, check=True, timeout=60, env=env)
+  _wait_for(lambda: (tmp_path / "gensar-jax" / ".run" / "exit").exists())
+  assert (tmp_path / "gensar-jax" / ".run" / "exit").read_text().strip() == "0"
   got = json.loads((tmp_path / "got.json").read_text())
   assert got["argv"][:2] == ["-m", "gensar_jax.train"]
   assert MODEL_DIR_FLAG in got["argv"] and QUOTED_FLAG in got["argv"]
@@ -183,7 +207,7 @@ def test_single_host_allows_local_model_dir_unless_watching():
           "--gin.MODEL_DIR='runs/local'", "--dry_run"]
   done = _run_launcher(base)
   assert done.returncode == 0, done.stderr
-  train = shlex.split(_remote_command(_commands(done.stdout)[-1]))
+  train = _train_words(_start_command(done.stdout))
   assert "GENSAR_DISTRIBUTED=1" not in train and "GENSAR_EXPECTED_PROCESSES=1" in train
   assert "--gin_file=gin/mesh/v4_8.gin" in train
   watched = _run_launcher([*base, "--watch"])
@@ -218,27 +242,54 @@ def _fake_gcloud(tmp_path):
           sys.exit(1)
         print(open(state_file).read())
       elif verb == "create":
+        failures = os.path.join(d, "create_failures")
+        left = int(open(failures).read()) if os.path.exists(failures) else 0
+        if left:
+          open(failures, "w").write(str(left - 1))
+          sys.stderr.write(os.environ.get("FAKE_CREATE_ERROR", "ERROR: (gcloud) "
+                           "RESOURCE_EXHAUSTED: There is no more capacity in the zone") + "\\n")
+          sys.exit(1)
         open(state_file, "w").write("READY")
       elif verb == "delete":
         os.remove(state_file)
-      elif verb == "ssh" and any(a.startswith("--command=") and "gensar_jax.train" in a for a in args):
+      elif verb == "ssh":
+        command = next(a for a in args if a.startswith("--command="))
         runs = os.path.join(d, "train_runs")
-        n = int(open(runs).read()) + 1 if os.path.exists(runs) else 1
-        open(runs, "w").write(str(n))
-        outcome = os.environ["FAKE_TRAIN_OUTCOMES"].split(",")[n - 1]
-        if outcome == "preempted":
-          open(state_file, "w").write("PREEMPTED")
-          sys.exit(1)
-        sys.exit(int(outcome))
+        if "gensar_jax.train" in command:  # the start script: returns at once (detached)
+          n = int(open(runs).read()) + 1 if os.path.exists(runs) else 1
+          open(runs, "w").write(str(n))
+          open(os.path.join(d, "polls"), "w").write("0")
+        elif "GENSAR_STATUS" in command:  # the status poll: running once, then the outcome
+          polls = int(open(os.path.join(d, "polls")).read()) + 1
+          open(os.path.join(d, "polls"), "w").write(str(polls))
+          n = int(open(runs).read())
+          outcome = os.environ["FAKE_TRAIN_OUTCOMES"].split(",")[n - 1]
+          if polls == 1:
+            state = "running"
+          elif outcome == "preempted":  # the VMs are gone: ssh cannot connect
+            open(state_file, "w").write("PREEMPTED")
+            sys.exit(255)
+          else:
+            state = "exit " + outcome
+          for worker in range(int(os.environ.get("FAKE_WORKERS", "8"))):
+            print("GENSAR_STATUS w%d %s" % (worker, state))
       """))
   script.chmod(0o755)
   return fake_bin
 
 
-def _fake_env(tmp_path, outcomes):
+def _fake_env(tmp_path, outcomes, create_failures=0):
   fake_bin = tmp_path / "bin" if (tmp_path / "bin").exists() else _fake_gcloud(tmp_path)
+  (tmp_path / "create_failures").write_text(str(create_failures))
   return dict(os.environ, PATH=f"{fake_bin}{os.pathsep}{os.environ['PATH']}",
               FAKE_GCLOUD_DIR=str(tmp_path), FAKE_TRAIN_OUTCOMES=outcomes)
+
+
+def _wait_for(condition, timeout=30.0):
+  deadline = time.time() + timeout
+  while not condition():
+    assert time.time() < deadline, "timed out"
+    time.sleep(0.05)
 
 
 def _logged_verbs(tmp_path):
@@ -252,11 +303,12 @@ def test_watch_recreates_a_preempted_slice_and_reruns_the_same_command(tmp_path)
                         f"--archive_dir={tmp_path}", *GIN_FLAGS], env=env)
   assert done.returncode == 0, done.stderr
   verbs, calls = _logged_verbs(tmp_path)
-  assert verbs == ["describe", "create", "describe", "scp", "ssh", "ssh",
-                   "describe", "delete", "create", "describe", "scp", "ssh", "ssh"]
+  assert verbs == ["describe", "create", "describe", "scp", "ssh", "ssh", "ssh", "ssh",
+                   "describe", "delete", "create", "describe", "scp", "ssh", "ssh", "ssh",
+                   "ssh"]
   trains = [c for c in calls if c[3] == "ssh" and "gensar_jax.train" in " ".join(c)]
   assert len(trains) == 2 and trains[0] == trains[1]  # the very same command again
-  assert "--spot" in calls[1] and "--spot" in calls[8]
+  assert "--spot" in calls[1] and "--spot" in calls[10]
   assert (tmp_path / "gensar-jax-gensar-v5p.tar.gz").stat().st_size > 1000  # git archive ran
   assert "restart 1 of 20" in done.stderr
 
@@ -268,7 +320,7 @@ def test_failure_on_a_healthy_slice_is_not_retried(tmp_path):
                         f"--archive_dir={tmp_path}", *GIN_FLAGS], env=env)
   assert done.returncode == 3
   verbs, _ = _logged_verbs(tmp_path)
-  assert verbs == ["describe", "scp", "ssh", "ssh", "describe"]
+  assert verbs == ["describe", "scp", "ssh", "ssh", "ssh", "ssh", "describe"]
   assert "not a preemption" in done.stderr
 
 
@@ -277,9 +329,127 @@ def test_without_watch_a_preemption_just_returns_the_exit_code(tmp_path):
   (tmp_path / "state").write_text("READY")
   done = _run_launcher([*V5P_ARGS, "--skip_install", "--poll_seconds=0", *GIN_FLAGS],
                        env=env)
-  assert done.returncode == 1
+  assert done.returncode == 255  # the workers could not be reached
   verbs, _ = _logged_verbs(tmp_path)
-  assert verbs == ["describe", "ssh"]  # --skip_install on a READY slice: no copy
+  assert verbs == ["describe", "ssh", "ssh", "ssh"]  # --skip_install on a READY slice: no copy
+
+
+def test_preempted_exit_on_a_ready_slice_reruns_the_same_command_without_recreating(tmp_path):
+  """Exit 75: the trainer saved the step it was at (SIGTERM, e.g. a maintenance event) and
+  the slice is still READY: rerun the same command at once, which resumes from that step."""
+  env = _fake_env(tmp_path, "75,0")
+  (tmp_path / "state").write_text("READY")
+  done = _run_launcher([*V5P_ARGS, "--watch", "--skip_install", "--poll_seconds=0",
+                        *GIN_FLAGS], env=env)
+  assert done.returncode == 0, done.stderr
+  verbs, calls = _logged_verbs(tmp_path)
+  assert verbs == ["describe", "ssh", "ssh", "ssh", "describe", "ssh", "ssh", "ssh"]
+  trains = [c for c in calls if c[3] == "ssh" and "gensar_jax.train" in " ".join(c)]
+  assert len(trains) == 2 and trains[0] == trains[1]
+  assert "slice READY after exit 75: restart 1 of 20" in done.stderr
+
+
+def test_preempted_exit_without_watch_is_returned(tmp_path):
+  env = _fake_env(tmp_path, "75")
+  (tmp_path / "state").write_text("READY")
+  done = _run_launcher([*V5P_ARGS, "--skip_install", "--poll_seconds=0", *GIN_FLAGS], env=env)
+  assert done.returncode == tpu_pod.PREEMPTED_EXIT_CODE == 75
+
+
+def test_the_launchers_preemption_code_is_the_trainers():
+  from gensar_jax import errors
+  assert tpu_pod.PREEMPTED_EXIT_CODE == errors.PREEMPTED_EXIT_CODE
+
+
+def test_watch_retries_creation_with_back_off_while_the_zone_has_no_capacity(tmp_path):
+  env = _fake_env(tmp_path, "preempted,0", create_failures=0)
+  done = _run_launcher([*V5P_ARGS, "--watch", "--poll_seconds=0", "--backoff_seconds=0",
+                        f"--archive_dir={tmp_path}", *GIN_FLAGS], env=dict(env))
+  assert done.returncode == 0, done.stderr
+  # Now the preempted slice's recreation meets a stock-out twice.
+  for name in ("gcloud.log", "train_runs", "state"):
+    if (tmp_path / name).exists():
+      (tmp_path / name).unlink()
+  (tmp_path / "create_failures").write_text("2")
+  done = _run_launcher([*V5P_ARGS, "--watch", "--poll_seconds=0", "--backoff_seconds=0",
+                        f"--archive_dir={tmp_path}", *GIN_FLAGS], env=env)
+  assert done.returncode == 0, done.stderr
+  verbs, _ = _logged_verbs(tmp_path)
+  assert verbs[:6] == ["describe", "create", "describe", "create", "describe", "create"]
+  assert verbs.count("create") == 4  # 2 refused + 1 at start + 1 after the preemption
+  assert done.stderr.count("no capacity for v5p-64 in us-east5-a") == 2
+  assert "attempt 2 of 30); retrying in 0 s" in done.stderr
+
+
+@pytest.mark.parametrize("watch, error, says", [
+    (True, "ERROR: (gcloud) Quota 'TPUV5P' exceeded. RESOURCE_EXHAUSTED", "Quota"),
+    (True, "ERROR: (gcloud) PERMISSION_DENIED: tpu.nodes.create", "PERMISSION_DENIED"),
+    (False, "ERROR: (gcloud) RESOURCE_EXHAUSTED: no more capacity", "no more capacity"),
+])
+def test_other_creation_errors_and_runs_without_watch_are_not_retried(tmp_path, watch, error,
+                                                                      says):
+  env = dict(_fake_env(tmp_path, "0", create_failures=5), FAKE_CREATE_ERROR=error)
+  done = _run_launcher([*V5P_ARGS, *(["--watch"] if watch else []), "--poll_seconds=0",
+                        "--backoff_seconds=0", f"--archive_dir={tmp_path}", *GIN_FLAGS], env=env)
+  assert done.returncode == 2
+  assert says in done.stderr.splitlines()[-1] and "creating the slice failed" in done.stderr
+  verbs, _ = _logged_verbs(tmp_path)
+  assert verbs == ["describe", "create"]
+
+
+def test_the_start_script_stops_a_stale_run_term_then_kill_and_waits_for_the_tpu(tmp_path):
+  """The worker start script for real: a stale trainer that ignores TERM is killed after
+  --stop_wait_seconds, the new one starts only once no process holds the TPU device, and
+  it runs detached (the script returns while it still runs), its output in .run/train.log."""
+  done = _run_launcher([*V5P_ARGS, "--dry_run", "--stop_wait_seconds=1", *GIN_FLAGS])
+  remote = _start_command(done.stdout)
+  checkout = tmp_path / "gensar-jax"
+  (checkout / ".run").mkdir(parents=True)
+  venv_bin = checkout / ".venv" / "bin"
+  venv_bin.mkdir(parents=True)
+  (venv_bin / "python").write_text(textwrap.dedent(f"""\
+      #!/bin/bash
+      date +%s.%N > {tmp_path}/trainer_started
+      echo "trainer output"
+      sleep 1
+      exit 75
+      """))
+  (venv_bin / "python").chmod(0o755)
+  stale = subprocess.Popen(["setsid", "bash", "-c",
+                            f"trap 'echo TERM >> {tmp_path}/stale_signals' TERM; "
+                            "while true; do sleep 0.1; done"])
+  (checkout / ".run" / "pid").write_text(str(stale.pid))
+  device = tmp_path / "accel0"
+  device.write_text("")
+  holder = subprocess.Popen(["bash", "-c", f"exec 3<{device}; sleep 3; date +%s.%N > "
+                             f"{tmp_path}/device_released"])
+  try:
+    _wait_for(lambda: subprocess.run(["lsof", "-t", "-w", str(device)],
+                                     capture_output=True).stdout.strip() != b"")
+    env = dict(os.environ, GENSAR_TPU_DEVICES=str(device))
+    started = time.time()
+    out = subprocess.run(["bash", "-c", remote], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert time.time() - started < 30
+    assert stale.wait(timeout=10) == -9  # KILLed ...
+    assert (tmp_path / "stale_signals").read_text().strip() == "TERM"  # ... after a TERM
+    assert "TERM" in out.stdout and "KILL" in out.stdout
+    _wait_for(lambda: (checkout / ".run" / "exit").exists())
+  finally:
+    for proc in (stale, holder):
+      if proc.poll() is None:
+        proc.kill()
+  assert float((tmp_path / "trainer_started").read_text()) >= float(
+      (tmp_path / "device_released").read_text())
+  assert (checkout / ".run" / "exit").read_text().strip() == "75"
+  assert "trainer output" in (checkout / ".run" / "train.log").read_text()
+  # The status the launcher polls, from the same worker.
+  status_script = _remote_command(next(c for c in _commands(done.stdout)
+                                       if "GENSAR_STATUS" in " ".join(c)))
+  status = subprocess.run(["bash", "-c", status_script], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=30).stdout
+  assert status.split()[0] == "GENSAR_STATUS" and status.split()[2:] == ["exit", "75"]
 
 
 # --- gensar_jax.distributed -------------------------------------------------------------
