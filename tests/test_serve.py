@@ -1,7 +1,9 @@
 """The HTTP server over a real exported artifact (a freshly initialised tiny model): good
 answers, batching, every kind of bad request answered 4xx while the server keeps serving,
-through FastAPI's TestClient and a real uvicorn server on a loopback port; and a smoke run
-of launch/load_test.py."""
+through FastAPI's TestClient and a real uvicorn server on a loopback port; the connection
+layer of the serve CLI (gensar_jax/serving/protocol.py: read timeout, connection cap, JSON
+protocol errors, the drain) on raw sockets; artifacts whose files disagree; and a smoke run
+of launch/bench/bench_serving.py."""
 import contextlib
 import json
 import os

@@ -161,7 +161,7 @@ class LimitedH11Protocol(H11Protocol):
       self.cycle.keep_alive = False
 
   async def _draining_app(self, scope, receive, send) -> None:
-    body = json.dumps({"error": "the server is shutting down; retry on a new connection"}
+    body = json.dumps({"error": "the server is shutting down; retry on another replica"}
                       ).encode()
     self._count(503)
     await send({"type": "http.response.start", "status": 503,
