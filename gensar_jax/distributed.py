@@ -25,9 +25,11 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-from typing import Mapping, Optional, Tuple
+from typing import Callable, Mapping, Optional, Tuple, TypeVar
 
 import gin
+
+T = TypeVar("T")
 
 ENV_ENABLE = "GENSAR_DISTRIBUTED"
 ENV_NUM_PROCESSES = "GENSAR_NUM_PROCESSES"
@@ -157,3 +159,55 @@ def initialize_distributed(enabled: Optional[bool] = None,
   if verbose:
     print(f"[distributed] {topology.describe()} ({reason})", file=sys.stderr, flush=True)
   return topology
+
+
+def to_host(tree):
+  """A pytree of arrays as numpy, whole, on every process.
+
+  An array spread over the devices of several processes cannot be read by any one of
+  them; it is gathered (a collective: every process must call this). Arrays a process
+  can read whole are copied as they are.
+  """
+  import jax
+  import numpy as np
+  from jax.experimental import multihost_utils
+
+  def one(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+  return jax.tree.map(one, tree)
+
+
+def write_once(what: str, write: Callable[[], T]) -> Optional[T]:
+  """Runs `write` on process 0 only; every process returns once it is done.
+
+  Every host of a job runs the same evaluate, infer or export command and ends up holding
+  the same results. If each wrote them, on gs:// each would remove and upload the same
+  prefix under the others. So process 0 writes (and logs that it did) and the others wait:
+  the outcome is broadcast from process 0, a collective that is also the barrier, so no
+  process returns before the output is complete, and a write that fails on process 0
+  fails every process instead of leaving them waiting until the runtime times out.
+  Returns what `write` returned on process 0, None on the others.
+  """
+  import jax
+  if jax.process_count() == 1:
+    return write()
+  import numpy as np
+  from jax.experimental import multihost_utils
+  result, error = None, None
+  if jax.process_index() == 0:
+    try:
+      result = write()
+    except Exception as e:  # pylint: disable=broad-except  # re-raised after the barrier
+      error = e
+  failed = int(multihost_utils.broadcast_one_to_all(np.int32(error is not None)))
+  if error is not None:
+    raise error
+  if failed:
+    raise RuntimeError(f"process 0 failed to write {what}; its log says why")
+  if jax.process_index() == 0:
+    print(f"[distributed] process 0 of {jax.process_count()} wrote {what}", file=sys.stderr,
+          flush=True)
+  return result

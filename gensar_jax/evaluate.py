@@ -24,6 +24,7 @@ from typing import Dict, Mapping, Optional, Union
 
 import gin
 
+from gensar_jax import distributed
 from gensar_jax import evaluation
 from gensar_jax import restore
 from gensar_jax import results as results_lib
@@ -72,15 +73,20 @@ def evaluate(model_dir: str = gin.REQUIRED, output_dir: Optional[str] = None,
       rec=blocks.get("rec"), search=blocks.get("search"),
       wall_seconds=round(time.time() - start, 1))
   table = format_table(result, step)
-  with atomic_output_dir(output_dir, overwrite=overwrite) as tmp:
-    results_lib.write_result(os.path.join(tmp, results_lib.result_filename(system, seed)),
-                             result)
-    with open(os.path.join(tmp, "results.md"), "w", encoding="utf-8") as f:
-      f.write(table + "\n")
-    for task, r in ranked.items():
-      with open(os.path.join(tmp, f"predictions_{task}.jsonl"), "w", encoding="utf-8") as f:
-        for row in r.predictions:
-          f.write(json.dumps(row) + "\n")
+
+  def write() -> None:
+    with atomic_output_dir(output_dir, overwrite=overwrite) as tmp:
+      results_lib.write_result(os.path.join(tmp, results_lib.result_filename(system, seed)),
+                               result)
+      with open(os.path.join(tmp, "results.md"), "w", encoding="utf-8") as f:
+        f.write(table + "\n")
+      for task, r in ranked.items():
+        with open(os.path.join(tmp, f"predictions_{task}.jsonl"), "w", encoding="utf-8") as f:
+          for row in r.predictions:
+            f.write(json.dumps(row) + "\n")
+
+  # Every process holds the same rankings (evaluation.decode_batch); one copy is written.
+  distributed.write_once(f"evaluate results to {output_dir}", write)
   return {**result.to_json(), "checkpoint_step": step, "output_dir": output_dir,
           "table": table}
 

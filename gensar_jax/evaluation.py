@@ -20,14 +20,18 @@ from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, 
 
 import gin
 import jax
+from jax.sharding import NamedSharding, PartitionSpec
 import numpy as np
 import seqio
 import tensorflow as tf
 from tqdm import tqdm
 
+from gensar_jax import distributed
 from gensar_jax import metrics as metrics_lib
+from gensar_jax import partitioning
 from gensar_jax import vocabulary as vocab_lib
 from gensar_jax.decoding import build_candidate_tries, build_trie, decode_identifiers
+from gensar_jax.decoding import trie as trie_lib
 from gensar_jax.identifiers.table import IdentifierTable
 from gensar_tasks import prompts
 
@@ -149,6 +153,38 @@ def eval_batches(task_name: str, split: str, input_length: int, batch_size: int,
     yield flush()
 
 
+def _rows_over_data(params, tokens: np.ndarray):
+  """The batch as one global array split over the 'data' axis of the params' mesh.
+
+  Every process reads the same eval examples, so each can hand its devices their rows;
+  the search then runs once over all devices of all processes (each decodes its rows),
+  which a jit over parameters spread across processes needs in any case. Parameters not
+  placed on a mesh with a 'data' axis (a plain single-device tree) take the batch as is.
+  """
+  sharding = getattr(jax.tree_util.tree_leaves(params)[0], "sharding", None)
+  if not isinstance(sharding, NamedSharding) or \
+      partitioning.DATA_AXIS not in sharding.mesh.axis_names:
+    return tokens
+  mesh = sharding.mesh
+  spec = partitioning.fit_spec_to_shape(mesh, PartitionSpec(partitioning.DATA_AXIS),
+                                        tokens.shape, what="decode batch")
+  return jax.make_array_from_callback(tokens.shape, NamedSharding(mesh, spec),
+                                      lambda index: tokens[index])
+
+
+def decode_batch(model, params, encoder_input_tokens: np.ndarray,
+                 trie: trie_lib.TrieArrays, num_beams: int) -> Tuple[np.ndarray, np.ndarray]:
+  """(items [b, beams], scores [b, beams]) of a constrained search, on every process.
+
+  The one decode of evaluate, infer and the eval hook: rows split over the mesh's data
+  axis, results gathered, so a multi-host job decodes each example once and every host
+  ends up with all of them (the same numbers one process gets).
+  """
+  out = decode_identifiers(model, params, _rows_over_data(params, encoder_input_tokens),
+                           trie, num_beams)
+  return distributed.to_host((out.items, out.scores))
+
+
 @dataclasses.dataclass
 class RankingResult:
   candidates: Dict[str, float]
@@ -174,14 +210,14 @@ def evaluate_ranking_task(model, params, task_name: str, split: str, index: Iden
                     disable=not progress, leave=False):
     trie = build_candidate_tries(index.tokens[batch.candidate_rows])  # [b, c, L] paths
     # Compiled once per (model, beams, shape) and reused by every later evaluation.
-    out = decode_identifiers(model, params, batch.encoder_input_tokens, trie, num_beams)
-    picked = np.asarray(out.items)                                     # [b, beams]
+    picked, _ = decode_batch(model, params, batch.encoder_input_tokens, trie,
+                             num_beams)                                # [b, beams]
     ranked = np.where(picked >= 0, np.take_along_axis(
         batch.candidate_rows, np.maximum(picked, 0), axis=1), -1)      # [b, beams] rows
     ranks = metrics_lib.target_ranks(ranked, batch.target_rows)
     if catalogue:
-      cat = np.asarray(decode_identifiers(model, params, batch.encoder_input_tokens,
-                                          catalogue_trie, catalogue_beams).items)  # [b, beams]
+      cat, _ = decode_batch(model, params, batch.encoder_input_tokens, catalogue_trie,
+                            catalogue_beams)                           # [b, beams]
       cat_rank = metrics_lib.target_ranks(cat, batch.target_rows)
     for i in np.flatnonzero(batch.valid):
       cand_ranks.append(ranks[i])

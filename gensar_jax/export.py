@@ -30,6 +30,7 @@ import numpy as np
 
 from gensar_jax.decoding import build_trie, identifier_search
 from gensar_jax.decoding import trie as trie_lib
+from gensar_jax import distributed
 from gensar_jax import io_utils
 from gensar_jax.io_utils import atomic_output_dir, write_json, write_jsonl
 from gensar_jax.serving import artifact as artifact_lib
@@ -116,7 +117,7 @@ def write_serving_artifact(export_dir: str, *, model, params: Any, indices: Mapp
   if missing:
     raise ValueError(f"{len(missing)} catalogue items have no title (e.g. {missing[0]!r})")
   vocab_size = model.module.config.vocab_size
-  host_params = jax.tree.map(np.asarray, params)
+  host_params = distributed.to_host(params)  # gathered when spread over hosts
   tries, layouts, identifier_tokens, identifier_text = {}, {}, {}, {}
   sp = vocabulary.tokenizer
   for task, key in INDEX_OF_TASK.items():
@@ -153,31 +154,34 @@ def write_serving_artifact(export_dir: str, *, model, params: Any, indices: Mapp
       "functions": {task: {str(b): artifact_lib.function_file(task, b) for b in buckets}
                     for task in INDEX_OF_TASK},
   }
-  with atomic_output_dir(export_dir, overwrite=overwrite) as tmp:
-    with open(os.path.join(tmp, artifact_lib.PARAMS_FILE), "wb") as f:
-      f.write(artifact_lib.params_to_bytes(host_params))
-    shutil.copyfile(vocabulary.sentencepiece_model_file,
-                    os.path.join(tmp, artifact_lib.VOCAB_FILE))
-    write_jsonl(os.path.join(tmp, artifact_lib.ITEMS_FILE),
-                ({"item_id": item, "title": str(titles[item]),
-                  "identifiers": {task: identifier_text[task][row] for task in INDEX_OF_TASK}}
-                 for row, item in enumerate(item_ids)))
-    np.savez(os.path.join(tmp, artifact_lib.IDENTIFIERS_FILE), **identifier_tokens)
-    trie_arrays = {}
-    for task in INDEX_OF_TASK:
-      trie_arrays.update(artifact_lib.trie_arrays_dict(task, tries[task], layouts[task]))
-    np.savez(os.path.join(tmp, artifact_lib.TRIES_FILE), **trie_arrays)
-    for task in INDEX_OF_TASK:
-      fn = serving_fn(model, num_beams, layouts[task])
-      leaves = artifact_lib.trie_leaves(trie_arrays, task, layouts[task])
-      for bucket in buckets:
-        blob = export_function(fn, host_params, leaves, bucket, input_length, platforms)
-        with open(os.path.join(tmp, artifact_lib.function_file(task, bucket)), "wb") as f:
-          f.write(blob)
-    write_json(os.path.join(tmp, artifact_lib.METADATA_FILE), metadata)
-    if saved_model:  # from the files just written: the engine's very functions
-      from gensar_jax.serving import saved_model as saved_model_lib
-      saved_model_lib.write_saved_model(tmp)
+  def write() -> None:  # traced and written on process 0 only
+    with atomic_output_dir(export_dir, overwrite=overwrite) as tmp:
+      with open(os.path.join(tmp, artifact_lib.PARAMS_FILE), "wb") as f:
+        f.write(artifact_lib.params_to_bytes(host_params))
+      shutil.copyfile(vocabulary.sentencepiece_model_file,
+                      os.path.join(tmp, artifact_lib.VOCAB_FILE))
+      write_jsonl(os.path.join(tmp, artifact_lib.ITEMS_FILE),
+                  ({"item_id": item, "title": str(titles[item]),
+                    "identifiers": {task: identifier_text[task][row] for task in INDEX_OF_TASK}}
+                   for row, item in enumerate(item_ids)))
+      np.savez(os.path.join(tmp, artifact_lib.IDENTIFIERS_FILE), **identifier_tokens)
+      trie_arrays = {}
+      for task in INDEX_OF_TASK:
+        trie_arrays.update(artifact_lib.trie_arrays_dict(task, tries[task], layouts[task]))
+      np.savez(os.path.join(tmp, artifact_lib.TRIES_FILE), **trie_arrays)
+      for task in INDEX_OF_TASK:
+        fn = serving_fn(model, num_beams, layouts[task])
+        leaves = artifact_lib.trie_leaves(trie_arrays, task, layouts[task])
+        for bucket in buckets:
+          blob = export_function(fn, host_params, leaves, bucket, input_length, platforms)
+          with open(os.path.join(tmp, artifact_lib.function_file(task, bucket)), "wb") as f:
+            f.write(blob)
+      write_json(os.path.join(tmp, artifact_lib.METADATA_FILE), metadata)
+      if saved_model:  # from the files just written: the engine's very functions
+        from gensar_jax.serving import saved_model as saved_model_lib
+        saved_model_lib.write_saved_model(tmp)
+
+  distributed.write_once(f"the serving artifact to {export_dir}", write)
   return export_dir if io_utils.is_remote(export_dir) else os.path.abspath(export_dir)
 
 

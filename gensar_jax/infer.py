@@ -13,7 +13,9 @@ one item.
 
 The pieces are those of the ranking evaluation (gensar_jax/evaluation.py): the same task
 registration, identifier index and fixed-shape batches, and the compiled search of
-gensar_jax/decoding (`decode_identifiers`, compiled once per model, beams and shape).
+gensar_jax/decoding (`decode_identifiers`, compiled once per model, beams and shape),
+through `evaluation.decode_batch`, which splits a batch over the hosts of a multi-host job
+and gathers the results; only process 0 writes the file.
 
 A checkpoint that does not belong to the vocabulary or identifiers given fails before any
 decoding, with exit code 2 (CheckpointError): a model whose embedding size differs from
@@ -35,6 +37,7 @@ import numpy as np
 import seqio
 from tqdm import tqdm
 
+from gensar_jax import distributed
 from gensar_jax import evaluation
 from gensar_jax import io_utils
 from gensar_jax import restore
@@ -42,7 +45,7 @@ from gensar_jax import restore
 from gensar_jax import train as _train_configurables  # noqa: F401  # pylint: disable=unused-import
 from gensar_jax.data.prepared import load_prepared
 from gensar_jax.data.schema import DataError
-from gensar_jax.decoding import build_candidate_tries, build_trie, decode_identifiers
+from gensar_jax.decoding import build_candidate_tries, build_trie
 from gensar_tasks import prompts
 
 logger = logging.getLogger(__name__)
@@ -157,9 +160,9 @@ def infer(model_dir: str = gin.REQUIRED, prepared_dir: str = gin.REQUIRED,
                         "does); use infer.constraint='catalogue'")
       else:
         trie = build_candidate_tries(index.tokens[batch.candidate_rows])  # [b, c, L] paths
-      out = decode_identifiers(model, params, batch.encoder_input_tokens, trie, num_beams)
-      picked = np.asarray(out.items)                                     # [b, beams]
-      scores = np.asarray(out.scores, np.float64)                        # [b, beams]
+      picked, scores = evaluation.decode_batch(model, params, batch.encoder_input_tokens,
+                                               trie, num_beams)          # [b, beams] each
+      scores = scores.astype(np.float64)
       if catalogue_trie is None:                                         # -> catalogue rows
         picked = np.where(picked >= 0, np.take_along_axis(
             batch.candidate_rows, np.maximum(picked, 0), axis=1), -1)
@@ -184,7 +187,8 @@ def infer(model_dir: str = gin.REQUIRED, prepared_dir: str = gin.REQUIRED,
   collected = list(rows())
   if not collected:
     raise DataError(f"{task_name}/{split} has no examples to decode")
-  io_utils.write_jsonl(output_path, collected)
+  distributed.write_once(f"infer predictions to {output_path}",
+                         lambda: io_utils.write_jsonl(output_path, collected))
   return InferSummary(output_path=output_path, num_examples=len(collected),
                       checkpoint_step=step, task=task_name, constraint=constraint)
 

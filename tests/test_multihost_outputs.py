@@ -1,0 +1,136 @@
+"""Training with the ranking eval hook, then `evaluate`, as 2 processes x 4 CPU devices.
+
+The decode runs once over the global mesh (each process's devices decode their rows of
+every eval batch, the rankings gathered), so both processes see the metrics one process
+of 8 devices sees; only process 0 writes, behind a barrier, so the run directory holds
+one copy of every output and no process returns before it is complete.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+from jax.sharding import PartitionSpec as P
+import numpy as np
+import pytest
+
+from gensar_jax import evaluate as evaluate_lib
+from gensar_jax import evaluation
+from gensar_jax import optimizers
+from gensar_jax import partitioning
+from gensar_jax import trainer as trainer_lib
+from gensar_jax.decoding import build_candidate_tries, decode_identifiers
+from gensar_jax import train as train_lib
+from gensar_jax import train_logging
+from task_world import INPUT_LENGTH, TINY_VOCAB, build_world, input_shapes, tiny_model
+from task_world import under_gin, world_flags
+# The same loopback cluster as the training test (the worker's own directory, tests/, is on
+# its sys.path, so it finds task_world).
+from test_multiprocess_training import _env, _free_port
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKER = os.path.join(REPO, "tests", "multihost_outputs_worker.py")
+PREFIX = "tmhout"
+TIMEOUT_S = 600
+
+
+def _args(world, model_dir):
+  return ["--gin_file=gin/runs/train.gin", "--gin_file=gin/models/tiny.gin",
+          "--gin_file=gin/runs/evaluate.gin", f"--gin.MODEL_DIR='{model_dir}'",
+          *world_flags(world, PREFIX), "--gin.TRAIN_STEPS=4", "--gin.EVAL_PERIOD=4",
+          "--gin.EVAL_BATCHES=1", "--gin.CHECKPOINT_PERIOD=4", "--gin.LOG_PERIOD=4",
+          "--gin.WARMUP_STEPS=1", "--gin.LEARNING_RATE=1e-2", "--gin.NUM_BEAMS=4",
+          "--gin.SEED=1", "--gin.INPUT_SHARDS=2", "--gin.RankingEvalHook.max_examples=24",
+          "--gin.RankingEvalHook.batch_size=16", "--gin.evaluate.batch_size=16",
+          "--gin.evaluate.max_examples=24", "--gin.train.report_param_movement=False"]
+
+
+def _two_processes(tmp_path, argv):
+  args_path = str(tmp_path / "args.json")
+  with open(args_path, "w") as f:
+    json.dump(argv, f)
+  port = _free_port()
+  outputs = [str(tmp_path / f"process_{i}.json") for i in range(2)]
+  procs = [subprocess.Popen([sys.executable, WORKER, str(i), "2", str(port), args_path,
+                             outputs[i]], env=_env(4), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  logs = []
+  try:
+    for proc in procs:
+      logs.append(proc.communicate(timeout=TIMEOUT_S)[0])
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+  for proc, log in zip(procs, logs):
+    assert proc.returncode == 0, log[-4000:]
+  results = []
+  for path in outputs:
+    with open(path) as f:
+      results.append(json.load(f))
+  return results, logs
+
+
+def test_decode_batch_gives_each_device_its_rows_and_every_host_all_results():
+  """One process, 8 devices: the search runs split over 'data' (each device decodes one
+  row of 8) and returns what the same search over the whole batch on one device does."""
+  model = tiny_model()
+  partitioner = partitioning.Partitioner(partitioning.create_mesh(data=8, model=1))
+  trainer = trainer_lib.Trainer(model, partitioner, optimizers.create_optimizer(), seed=0)
+  params = trainer.init_state(input_shapes(8)).params
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(2, TINY_VOCAB, size=(8, INPUT_LENGTH)).astype(np.int32)  # [b, len]
+  candidates = rng.integers(2, TINY_VOCAB, size=(8, 5, 4))                   # [b, c, L]
+  candidates[..., -1] = 1                                                     # EOS
+  trie = build_candidate_tries(candidates)
+  placed = evaluation._rows_over_data(params, tokens)  # pylint: disable=protected-access
+  assert placed.sharding.spec == P("data")
+  assert {s.data.shape for s in placed.addressable_shards} == {(1, INPUT_LENGTH)}
+  out = decode_identifiers(model, params, placed, trie, 3)
+  assert out.items.sharding.spec[0] == "data"     # the search itself ran split by rows
+  items, scores = evaluation.decode_batch(model, params, tokens, trie, 3)
+  assert isinstance(items, np.ndarray) and items.shape == (8, 3)
+  on_one_device = jax.device_get(params)          # numpy leaves: the batch goes in whole
+  whole = decode_identifiers(model, on_one_device, tokens, trie, 3)
+  np.testing.assert_array_equal(items, np.asarray(whole.items))
+  np.testing.assert_allclose(scores, np.asarray(whole.scores), rtol=1e-5)
+
+
+@pytest.mark.slow  # end-to-end runs of minutes; `make test-fast` skips them
+@pytest.mark.timeout(TIMEOUT_S + 240)
+def test_two_processes_decode_like_one_and_write_once(tmp_path):
+  (tmp_path / "world").mkdir()
+  world = build_world(tmp_path / "world", prefix=PREFIX)
+  multi_dir, single_dir = tmp_path / "multi", tmp_path / "single"
+  results, logs = _two_processes(tmp_path, _args(world, str(multi_dir)))
+  # The reference: one process, the same 8-device mesh, the same input shards.
+  argv = _args(world, str(single_dir))
+  summary = under_gin(argv, train_lib.train)
+  reference = under_gin(argv, evaluate_lib.evaluate)
+
+  assert [r["process_index"] for r in results] == [0, 1]
+  assert all(r["process_count"] == 2 for r in results)
+  # The in-training hook: the same ranking metrics on both processes as on one.
+  for result in results:
+    hook = {k: v for k, v in result["eval_metrics"].items() if "ndcg" in k or "hr@" in k}
+    assert hook and hook == {k: summary.eval_metrics[k] for k in hook}
+  logged = train_logging.read_jsonl_metrics(str(multi_dir), "eval")
+  assert [e["step"] for e in logged] == [4]               # one metrics line, not two
+  assert logged[0]["mean_ndcg@5"] == summary.eval_metrics["eval/mean_ndcg@5"]
+  # evaluate: identical metrics and tables everywhere.
+  keys = ("rec", "search", "checkpoint_step", "table")
+  for result in results:
+    assert {k: result["evaluate"][k] for k in keys} == {k: reference[k] for k in keys}
+  # One writer: process 0 wrote the results once, and nothing was left half-renamed.
+  written = [line for log in logs for line in log.splitlines() if "wrote evaluate" in line]
+  assert len(written) == 1 and "process 0 of 2" in written[0], written
+  assert sorted(os.listdir(multi_dir)) == sorted(os.listdir(single_dir))
+  out_dir = multi_dir / "eval_test"
+  assert sorted(os.listdir(out_dir)) == sorted(os.listdir(single_dir / "eval_test"))
+  for name in os.listdir(out_dir):
+    if name.startswith("predictions_"):
+      with open(out_dir / name) as f, open(single_dir / "eval_test" / name) as g:
+        assert f.read() == g.read()
