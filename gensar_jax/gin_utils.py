@@ -251,14 +251,21 @@ def _check_binding_types(bindings: Sequence[str]) -> None:
     for selector, parameter in targets:
       try:
         fn = gin.config._REGISTRY.get_match(selector).wrapped  # pylint: disable=protected-access
-        hints = typing.get_type_hints(fn.__init__ if inspect.isclass(fn) else fn)
+        fn = fn.__init__ if inspect.isclass(fn) else fn
+        hints = typing.get_type_hints(fn)
+        default = inspect.signature(fn).parameters[parameter].default
       except Exception:  # pylint: disable=broad-except  # unresolvable annotations: not judged
         continue
       hint = hints.get(parameter)
-      if hint is not None and not _accepts(value, hint):
-        short = selector.rsplit(".", 1)[-1]
-        raise FlagError(f"{flag}: {short}.{parameter} takes {_type_name(hint)}, not "
-                        f"{type(value).__name__} {value!r}")
+      if hint is None or _accepts(value, hint) or (value is None and default is None):
+        continue
+      short = selector.rsplit(".", 1)[-1]
+      if value is None:  # how a gin value is left unset
+        name = flag[len("--gin."):].partition("=")[0]
+        raise FlagError(f"{flag}: {name} is required ({short}.{parameter} takes "
+                        f"{_type_name(hint)}, not None)")
+      raise FlagError(f"{flag}: {short}.{parameter} takes {_type_name(hint)}, not "
+                      f"{type(value).__name__} {value!r}")
 
 
 def flag_of_failure(error: Exception, targets) -> Optional[str]:

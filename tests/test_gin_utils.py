@@ -211,6 +211,8 @@ checked_schedule.decay_steps = %SCHEDULE_STEPS
     # Reaches checked_schedule through a chain of macros; the configurable refuses it.
     ("--gin.STEPS=-5", "--gin.STEPS=-5: checked_schedule: decay_steps=-5 must be >= 1"),
     ("--gin.nowhere.steps=1", "--gin.nowhere.steps=1: no configurable named 'nowhere'"),
+    ("--gin.STEPS=None", "--gin.STEPS=None: STEPS is required (annotated_run.steps takes "
+                         "int, not None)"),
 ])
 def test_an_unusable_flag_value_is_one_line_naming_the_flag(tmp_path, capsys, flag, message):
   """Issue 30, row 7: each of these was a 33-53 line gin traceback with exit code 1."""
@@ -234,6 +236,11 @@ def test_flag_values_that_fit_run_and_deeper_errors_keep_their_traceback(tmp_pat
                  "--gin.annotated_run.lengths={'inputs': 8}",
                  "--gin.checked_schedule.warmup_steps=1"])
   assert seen == [(4, 3, None, {"inputs": 8})]
+  gin.clear_config()
+  # None where the parameter's default is None is that default, whatever the annotation.
+  gin_utils.run(lambda: seen.append(annotated_run()),
+                [f"--gin_file={config}", "--gin.STEPS=4", "--gin.annotated_run.lengths=None"])
+  assert seen[-1] == (4, 4, None, None)
   gin.clear_config()
   config.write_text(RUN_GIN.replace("@checked_schedule()", "@buggy_schedule()")
                     .replace("checked_schedule.decay_steps", "buggy_schedule.decay_steps"))
