@@ -78,3 +78,15 @@ def test_importing_a_device_stage_leaves_jax_uninitialised():
   result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
                           text=True, timeout=300)
   assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
+
+
+def test_installed_command_refuses_a_mistyped_flag_in_one_line(tmp_path):
+  """`gensar <stage>` reaches gin_utils.run like `python -m`: a parameter typo (issue 30,
+  row 7) is one line and exit 2, not gin's traceback with exit 1."""
+  result = subprocess.run([_gensar(), "train", "--gin_file=gin/experiments/ml100k_quickstart.gin",
+                           f"--gin.MODEL_DIR='{tmp_path / 'run'}'", "--gin.train.stepz=5"],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert result.stderr.strip().splitlines() == [
+      "error: --gin.train.stepz=5: train has no parameter 'stepz'; did you mean "
+      "train.train_steps?"]
