@@ -392,6 +392,8 @@ def train(model_dir: str = gin.REQUIRED,
   # is not the default kill: the first step trained is saved and the run stops.
   watch = preemption.PreemptionWatch()
   finished = False
+  quiet_disk_full = _DiskFullRecords()
+  logging.getLogger("absl").addFilter(quiet_disk_full)
   try:
     watch.__enter__()
     state, examples_consumed, restored_step, position = _restore_or_init(
@@ -525,6 +527,7 @@ def train(model_dir: str = gin.REQUIRED,
   finally:
     watch.__exit__()
     _close_quietly(checkpoints.close, finished)
+    logging.getLogger("absl").removeFilter(quiet_disk_full)
     if writer is not None:
       _close_quietly(writer.close, finished)
     if lock is not None:
@@ -544,6 +547,17 @@ def _disk_full(error: BaseException) -> bool:
       return True
     error = error.__cause__ or error.__context__
   return False
+
+
+class _DiskFullRecords(logging.Filter):
+  """Drops orbax's log records of a write that failed on a full disk. Each failed save is
+  logged by several of its threads, each with the whole traceback (hundreds of lines);
+  the trainer then stops with one line that says the same and what was kept."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    error = record.exc_info[1] if record.exc_info else None
+    return not ((error is not None and _disk_full(error))
+                or "No space left on device" in record.getMessage())
 
 
 def _disk_full_message(model_dir: str, checkpoints: checkpoints_lib.TrainCheckpoints) -> str:
