@@ -6,7 +6,9 @@
       --gin.VOCAB_PATH="'runs/ml100k/vocab/gensar.model'"
 
 Run it again with the same MODEL_DIR and it resumes from the newest restorable checkpoint
-(state, step and input position), continuing exactly as if it had never stopped.
+(state, step and input position), continuing exactly as if it had never stopped. On SIGTERM
+(a spot preemption; on a pod, JAX's preemption sync point) it saves the step it is at,
+waits for the save and exits 75, so a rerun loses nothing (docs/preemption.md).
 
 MODEL_DIR afterwards:
   checkpoints/<step>/      orbax steps (the last KEEP_CHECKPOINTS, plus the best ones by
