@@ -172,3 +172,17 @@ def test_synthetic_batch_is_consistent():
   np.testing.assert_array_equal(batch["decoder_input_tokens"][:, 1:],
                                 batch["decoder_target_tokens"][:, :-1])
   assert (batch["decoder_input_tokens"][:, 0] == 0).all()
+
+
+def test_data_index_i_holds_block_i_of_the_batch_as_jax_lays_it_out():
+  """process_batch_rows (and tests/test_tpu_layouts.py) count rows by data index; this is
+  the layout JAX itself gives a P('data') batch, whatever order the devices come in."""
+  devices = list(reversed(jax.devices()))
+  grid = partitioning.device_grid(4, 2, devices)
+  assert [d.id for d in grid.flat] == [d.id for d in devices]  # one process: order kept
+  p = partitioning.Partitioner(jax.sharding.Mesh(grid, partitioning.MESH_AXES))
+  indices = p.batch_sharding((16,)).devices_indices_map((16,))
+  for (i, _), device in np.ndenumerate(grid):
+    assert (indices[device][0].start, indices[device][0].stop) == (4 * i, 4 * i + 4)
+  assert p.per_host_batch_slice(16) == slice(0, 16)
+  assert p.per_host_batch_slice(6) == slice(0, 6)   # not divisible: replicated, all rows
