@@ -19,6 +19,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import gin
 
+from gensar_jax import stages
 from gensar_jax.errors import GensarError
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -396,12 +397,11 @@ def run(main: Callable[[], object], argv: Optional[Sequence[str]] = None,
 
 
 def _help_text(main: Callable[[], object]) -> str:
-  from gensar_jax import commands  # pylint: disable=g-import-not-at-top
   module = sys.modules.get(getattr(main, "__module__", ""), None)
   doc = getattr(module, "__doc__", None)
-  for name, stage in commands.STAGES.items():
+  for name, stage in stages.STAGES.items():
     if stage.module == getattr(module, "__name__", None):
-      return commands.stage_help(name, doc, REPO_ROOT)
+      return stages.stage_help(name, doc, REPO_ROOT)
   return (doc or "").strip() or "flags: --gin_file=FILE --gin.NAME=VALUE --gin_bindings=B"
 
 
@@ -414,11 +414,10 @@ def run_module(name: str) -> None:
   ambiguous. Each entry point therefore starts with a guard that hands over to this
   function before defining anything, so only the importable copy exists; the installed
   `gensar <stage>` command (gensar_jax/commands.py) comes here too. Whether the stage joins
-  the distributed runtime, and whether it takes gin flags at all, is read from
-  `commands.STAGES`.
+  the distributed runtime, and whether it takes gin flags at all, is read from the stage
+  table (gensar_jax/stages.py).
   """
-  from gensar_jax import commands  # pylint: disable=g-import-not-at-top
-  stage = commands.stage_of_module(name)
+  stage = stages.stage_of_module(name)
   devices = bool(stage and stage.devices)
   module = _import_quietly(name)
   try:

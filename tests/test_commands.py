@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from gensar_jax import commands
+from gensar_jax import commands, stages
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -21,9 +21,9 @@ def _source(module: str) -> str:
     return f.read()
 
 
-@pytest.mark.parametrize("name", sorted(commands.STAGES))
+@pytest.mark.parametrize("name", sorted(stages.STAGES))
 def test_every_stage_module_runs_through_the_shared_runner(name):
-  stage = commands.STAGES[name]
+  stage = stages.STAGES[name]
   source = _source(stage.module)
   mains = re.findall(r'^if __name__ == "__main__":', source, flags=re.M)
   assert len(mains) == 1, f"{stage.module}: {len(mains)} __main__ blocks (one is dead)"
@@ -34,7 +34,7 @@ def test_every_stage_module_runs_through_the_shared_runner(name):
 
 
 def test_stage_help_lists_the_required_values_of_the_run_file_and_its_includes():
-  text = commands.stage_help("train", "Stage 4: train.\n\nmore", REPO)
+  text = stages.stage_help("train", "Stage 4: train.\n\nmore", REPO)
   assert text.startswith("gensar train (python -m gensar_jax.train): Stage 4: train.")
   required = text.split("required values")[1]
   for macro in ("MODEL_DIR", "TRAIN_STEPS", "PREPARED_DIR", "VOCAB_PATH"):
@@ -51,7 +51,7 @@ def _gensar():
 def test_installed_command_help_and_errors(tmp_path):
   overview = subprocess.run([_gensar(), "--help"], capture_output=True, text=True, timeout=60)
   assert overview.returncode == 0
-  assert all(name in overview.stdout for name in commands.STAGES)
+  assert all(name in overview.stdout for name in stages.STAGES)
   helped = subprocess.run([_gensar(), "prepare", "--help"], capture_output=True, text=True,
                           cwd=tmp_path, timeout=300)
   assert helped.returncode == 0, helped.stderr[-2000:]
@@ -70,7 +70,7 @@ def test_importing_a_device_stage_leaves_jax_uninitialised():
   must happen before JAX starts its backend (jax.distributed.initialize raises after). So
   importing any such stage may not start it: bm25s, for one, runs a JAX computation when
   imported, and is imported lazily for that reason."""
-  modules = [s.module for s in commands.STAGES.values() if s.devices]
+  modules = [s.module for s in stages.STAGES.values() if s.devices]
   code = ("import importlib, sys\n"
           f"for m in {modules!r}: importlib.import_module(m)\n"
           "import jax._src.xla_bridge as xb\n"
