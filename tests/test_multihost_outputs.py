@@ -1,9 +1,11 @@
-"""Training with the ranking eval hook, then `evaluate`, as 2 processes x 4 CPU devices.
+"""Decoding and outputs of a multi-host job: evaluate, infer, export and the eval hook.
 
-The decode runs once over the global mesh (each process's devices decode their rows of
-every eval batch, the rankings gathered), so both processes see the metrics one process
-of 8 devices sees; only process 0 writes, behind a barrier, so the run directory holds
-one copy of every output and no process returns before it is complete.
+`evaluation.decode_batch` splits every decode batch over the mesh's 'data' axis (each
+device decodes its rows, the rankings gathered onto every host): checked on 8 devices of
+one process. Then training with the ranking eval hook and `evaluate` as 2 processes x 4 CPU
+devices: both processes get the metrics one process of 8 devices gets, and only process 0
+writes, behind a barrier, so the run directory holds one copy of every output and no
+process returns before it is complete.
 """
 from __future__ import annotations
 
@@ -19,10 +21,13 @@ import pytest
 
 from gensar_jax import evaluate as evaluate_lib
 from gensar_jax import evaluation
+from gensar_jax import export as export_lib
+from gensar_jax import infer as infer_lib
 from gensar_jax import optimizers
 from gensar_jax import partitioning
 from gensar_jax import trainer as trainer_lib
 from gensar_jax.decoding import build_candidate_tries, decode_identifiers
+from gensar_jax.serving import artifact as artifact_lib
 from gensar_jax import train as train_lib
 from gensar_jax import train_logging
 from task_world import INPUT_LENGTH, TINY_VOCAB, build_world, input_shapes, tiny_model
@@ -39,7 +44,10 @@ TIMEOUT_S = 600
 
 def _args(world, model_dir):
   return ["--gin_file=gin/runs/train.gin", "--gin_file=gin/models/tiny.gin",
-          "--gin_file=gin/runs/evaluate.gin", f"--gin.MODEL_DIR='{model_dir}'",
+          "--gin_file=gin/runs/evaluate.gin", "--gin_file=gin/runs/infer.gin",
+          "--gin_file=gin/runs/export.gin", f"--gin.MODEL_DIR='{model_dir}'",
+          f"--gin.EXPORT_DIR='{model_dir}/export'", "--gin.export.batch_buckets=[1]",
+          "--gin.SERVING_BEAMS=4", "--gin.infer.num_beams=4", "--gin.infer.top_k=4",
           *world_flags(world, PREFIX), "--gin.TRAIN_STEPS=4", "--gin.EVAL_PERIOD=4",
           "--gin.EVAL_BATCHES=1", "--gin.CHECKPOINT_PERIOD=4", "--gin.LOG_PERIOD=4",
           "--gin.WARMUP_STEPS=1", "--gin.LEARNING_RATE=1e-2", "--gin.NUM_BEAMS=4",
@@ -110,6 +118,8 @@ def test_two_processes_decode_like_one_and_write_once(tmp_path):
   argv = _args(world, str(single_dir))
   summary = under_gin(argv, train_lib.train)
   reference = under_gin(argv, evaluate_lib.evaluate)
+  inferred = under_gin(argv, infer_lib.infer)
+  under_gin(argv, export_lib.export)
 
   assert [r["process_index"] for r in results] == [0, 1]
   assert all(r["process_count"] == 2 for r in results)
@@ -124,13 +134,31 @@ def test_two_processes_decode_like_one_and_write_once(tmp_path):
   keys = ("rec", "search", "checkpoint_step", "table")
   for result in results:
     assert {k: result["evaluate"][k] for k in keys} == {k: reference[k] for k in keys}
-  # One writer: process 0 wrote the results once, and nothing was left half-renamed.
-  written = [line for log in logs for line in log.splitlines() if "wrote evaluate" in line]
-  assert len(written) == 1 and "process 0 of 2" in written[0], written
+  assert [r["infer_examples"] for r in results] == [inferred.num_examples] * 2
+  # One writer: process 0 wrote each output once, and nothing was left half-renamed.
+  text = "\n".join(logs)
+  for what in ("evaluate results", "infer predictions", "the serving artifact"):
+    written = [line for line in text.splitlines() if f"wrote {what}" in line]
+    assert len(written) == 1 and "process 0 of 2" in written[0], (what, written)
   assert sorted(os.listdir(multi_dir)) == sorted(os.listdir(single_dir))
-  out_dir = multi_dir / "eval_test"
-  assert sorted(os.listdir(out_dir)) == sorted(os.listdir(single_dir / "eval_test"))
-  for name in os.listdir(out_dir):
-    if name.startswith("predictions_"):
-      with open(out_dir / name) as f, open(single_dir / "eval_test" / name) as g:
-        assert f.read() == g.read()
+  for name in os.listdir(multi_dir / "eval_test"):
+    if name.startswith("predictions_"):  # item ids only: equal ranks, equal rankings
+      assert (multi_dir / "eval_test" / name).read_text() == \
+          (single_dir / "eval_test" / name).read_text()
+  assert sorted(os.listdir(multi_dir / "eval_test")) == sorted(os.listdir(single_dir /
+                                                                            "eval_test"))
+  name = os.path.basename(inferred.output_path)
+  multi_rows = [json.loads(line) for line in (multi_dir / name).read_text().splitlines()]
+  single_rows = [json.loads(line) for line in (single_dir / name).read_text().splitlines()]
+  assert [[i["item_id"] for i in r["items"]] for r in multi_rows] == \
+      [[i["item_id"] for i in r["items"]] for r in single_rows]
+  np.testing.assert_allclose([i["score"] for r in multi_rows for i in r["items"]],
+                             [i["score"] for r in single_rows for i in r["items"]], rtol=1e-5)
+  assert sorted(os.listdir(multi_dir / "export")) == sorted(os.listdir(single_dir / "export"))
+  # The exported parameters, gathered from both hosts, are those one process trained.
+  multi_params, single_params = (
+      artifact_lib.params_from_bytes((d / "export" / artifact_lib.PARAMS_FILE).read_bytes())
+      for d in (multi_dir, single_dir))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+               multi_params, single_params)
+
