@@ -6,7 +6,7 @@ several seeds each, then one table and trade-off plot with every baseline. One c
 Each system is (row name, identifier mode, mixture variant):
   identifier mode   the RQ-VAE's `RQVAEConfig.mode`: dual (published), sid_only, cid_only,
                     dual_no_shared; one table per mode, built once and shared by the seeds
-  mixture variant   tasks/gensar.py MIXTURE_SUFFIXES: all (published), rec_only,
+  mixture variant   gensar_jax/prompts.py MIXTURE_SUFFIXES: all (published), rec_only,
                     search_only, no_alignment, single_id
 
 How it runs, so that a killed run resumes and nothing is done twice:
@@ -53,7 +53,7 @@ from gensar_jax import gin_utils
 from gensar_jax import learning_curves
 from gensar_jax import results as results_lib
 from gensar_jax.identifiers.rqvae import MODES
-from gensar_tasks.gensar import MIXTURE_SUFFIXES
+from gensar_jax.prompts import MIXTURE_SUFFIXES
 
 BASE_MODE = "dual"
 MIXTURES = tuple(MIXTURE_SUFFIXES) + ("single_id",)

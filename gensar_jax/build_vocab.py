@@ -31,7 +31,7 @@ import numpy as np
 
 from gensar_jax import vocabulary as vocab_lib
 from gensar_jax.identifiers.table import load_identifier_table
-from gensar_tasks.corpus import vocabulary_corpus  # also registers tasks' gin configurables
+from gensar_jax.vocab_corpus import vocabulary_corpus
 
 
 def identifier_tokens(identifier_dirs: Sequence[str], extra_levels: Sequence[str] = (),

@@ -22,7 +22,7 @@ if __name__ == "__main__":  # one gin registration: run as the importable module
 import json
 import os
 import uuid
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Sequence, Union
 
 import gin
 import jax
@@ -36,7 +36,7 @@ from gensar_jax.data.prepared import load_prepared
 from gensar_jax.decoding.beam_search import model_tokens_to_logits
 from gensar_jax.decoding.sampling import temperature_sample
 from gensar_jax.models.encoder_decoder import build_model
-from gensar_tasks.doc2query import doc2query_prompt
+from gensar_jax.prompts import doc2query_prompt
 
 
 def _normalise(text: str) -> str:

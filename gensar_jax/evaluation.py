@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import gin
 import jax
@@ -33,7 +33,7 @@ from gensar_jax import vocabulary as vocab_lib
 from gensar_jax.decoding import build_candidate_tries, build_trie, decode_identifiers
 from gensar_jax.decoding import trie as trie_lib
 from gensar_jax.identifiers.table import IdentifierTable
-from gensar_tasks import prompts
+from gensar_jax import prompts
 
 # Task key -> (results key, behaviour token).
 RANKING_TASKS = {prompts.NEXT_REC_ITEM: ("rec", vocab_lib.REC_ITEM),
@@ -281,8 +281,13 @@ class RankingSetup:
 
 @gin.configurable
 def ranking_setup(prepared_dir: str = gin.REQUIRED, identifiers_dir: str = gin.REQUIRED,
-                  variant: str = "all") -> RankingSetup:
-  """Registers the tasks (gin-bound `register_gensar`) and indexes the identifiers.
+                  variant: str = "all",
+                  register_tasks: Callable[[], Any] = gin.REQUIRED) -> RankingSetup:
+  """Registers the tasks and indexes the identifiers.
+
+  `register_tasks` registers the SeqIO tasks and returns their registration (gin:
+  `@register_gensar`, from gensar_tasks): the library reaches the tasks only through gin,
+  as T5X's does, so it never imports the tasks package.
 
   `variant` is the trained mixture variant: "single_id" evaluates the single-identifier
   tasks (both item tasks in one space); "rec_only" / "search_only" evaluate only the task
@@ -291,8 +296,7 @@ def ranking_setup(prepared_dir: str = gin.REQUIRED, identifiers_dir: str = gin.R
   """
   from gensar_jax.data.prepared import load_prepared
   from gensar_jax.identifiers.table import load_identifier_table
-  from gensar_tasks import register_gensar
-  registration = register_gensar()
+  registration = register_tasks()
   if variant == "single_id":
     if registration.single_id is None:
       raise ValueError("variant 'single_id' needs a table with both SIDs and CIDs")

@@ -73,7 +73,7 @@ def export_function(fn: Callable, params: Any, trie_leaves: Sequence[np.ndarray]
 
 def prompt_formats() -> Dict[str, str]:
   """The eval prompts (template 0) and event spellings, so a server needs no `tasks` import."""
-  from gensar_tasks import prompts
+  from gensar_jax import prompts  # pylint: disable=g-import-not-at-top
   return {
       "search": prompts.template(prompts.NEXT_SEARCH_ITEM, 0),
       "recommend": prompts.template(prompts.NEXT_REC_ITEM, 0),

@@ -46,7 +46,7 @@ from gensar_jax import train as _train_configurables  # noqa: F401  # pylint: di
 from gensar_jax.data.prepared import load_prepared
 from gensar_jax.data.schema import DataError
 from gensar_jax.decoding import build_candidate_tries, build_trie
-from gensar_tasks import prompts
+from gensar_jax import prompts
 
 logger = logging.getLogger(__name__)
 

@@ -33,6 +33,15 @@ ADHOC = "adhoc_search"
 ITEM_TO_ID = "item_to_id"
 ID_TO_ITEM = "id_to_item"
 TASK_KINDS = (NEXT_REC_ITEM, NEXT_SEARCH_ITEM, QUERY, ADHOC, ITEM_TO_ID, ID_TO_ITEM)
+# The mixture variants tasks/gensar.py registers, as `<prefix><suffix>`; the
+# ablations name the variant they train by its key.
+MIXTURE_SUFFIXES = {
+    "all": "",
+    "no_adhoc": "_no_adhoc",
+    "no_alignment": "_no_alignment",
+    "rec_only": "_rec_only",
+    "search_only": "_search_only",
+}
 
 HISTORY_SEPARATOR = "; "
 SPACE_NAMES = {"sid": "search", "cid": "recommendation"}
@@ -226,3 +235,15 @@ def _check_templates() -> None:
 
 
 _check_templates()
+
+
+# The doc2query model's prompt (tasks/doc2query.py trains on it, gensar_jax/doc2query.py
+# samples with it): item text -> a query a user might type.
+DOC2QUERY_PREFIX = "Doc2query"
+DOC2QUERY_INSTRUCTION = (
+    "Write a short search query that a user would type to find this item: {item}.")
+
+
+def doc2query_prompt(item_text: str) -> str:
+  """The doc2query input for one item (Python twin of the TF preprocessor)."""
+  return f"{DOC2QUERY_PREFIX}: " + DOC2QUERY_INSTRUCTION.format(item=item_slot(item_text))

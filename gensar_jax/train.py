@@ -80,7 +80,6 @@ from gensar_jax.data.schema import DataError
 from gensar_jax.errors import PREEMPTED_EXIT_CODE, DiskFullError
 from gensar_jax.models import encoder_decoder
 from gensar_jax.restore import CHECKPOINTS_SUBDIR, TRAINED_CONFIG
-import gensar_tasks  # noqa: F401  # pylint: disable=unused-import  # registers gensar_mixture with gin
 
 logger = logging.getLogger(__name__)
 

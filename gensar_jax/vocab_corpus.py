@@ -16,8 +16,8 @@ import random
 from typing import List, Optional
 
 from gensar_jax.data.prepared import load_prepared
-from gensar_tasks import prompts
-from gensar_tasks.sources import read_pseudo_queries
+from gensar_jax import prompts
+from gensar_jax.data.pseudo_queries import read_pseudo_queries
 
 
 def vocabulary_corpus(prepared_dir: str, pseudo_queries_path: Optional[str] = None,

@@ -9,8 +9,8 @@ split and samples one pseudo-query per item. This module registers that training
 Rows are the prepared search samples (one per search interaction, so a query that found an
 item many times is seen many times, as in the published code); the target is the plain
 query text, without `<src_query>`: the pseudo-query file stores text, and the ad-hoc task
-adds the behaviour token itself. `doc2query_prompt` renders the same prompt in Python for
-generating pseudo-queries for every catalogue item.
+adds the behaviour token itself. `gensar_jax.prompts.doc2query_prompt` renders the same
+prompt in Python for generating pseudo-queries for every catalogue item.
 """
 from __future__ import annotations
 
@@ -24,16 +24,12 @@ import tensorflow as tf
 from gensar_jax import vocabulary as vocab_lib
 from gensar_jax.data.prepared import load_prepared
 from gensar_tasks import preprocessors as pp
-from gensar_tasks import prompts
+from gensar_jax import prompts
 from gensar_tasks import sources
 
-PREFIX = "Doc2query"
-INSTRUCTION = "Write a short search query that a user would type to find this item: {item}."
+PREFIX = prompts.DOC2QUERY_PREFIX
+INSTRUCTION = prompts.DOC2QUERY_INSTRUCTION
 
-
-def doc2query_prompt(item_text: str) -> str:
-  """The doc2query input for one item (Python twin of the TF preprocessor)."""
-  return f"{PREFIX}: " + INSTRUCTION.format(item=prompts.item_slot(item_text))
 
 
 def _doc2query_preprocessor(item_ids: Sequence[str], item_texts: Sequence[str]):

@@ -51,17 +51,11 @@ from gensar_jax.identifiers.table import load_identifier_table
 from gensar_jax import vocabulary as vocab_lib
 from gensar_tasks import metrics as metrics_lib
 from gensar_tasks import preprocessors as pp
-from gensar_tasks import prompts
+from gensar_jax import prompts
 from gensar_tasks import sources
 
 EVAL_SPLITS = sources.EVAL_SPLITS
-MIXTURE_SUFFIXES = {
-    "all": "",
-    "no_adhoc": "_no_adhoc",
-    "no_alignment": "_no_alignment",
-    "rec_only": "_rec_only",
-    "search_only": "_search_only",
-}
+MIXTURE_SUFFIXES = prompts.MIXTURE_SUFFIXES
 MIXTURE_TASKS = {
     "all": prompts.TASK_KINDS,
     "no_adhoc": tuple(k for k in prompts.TASK_KINDS if k != prompts.ADHOC),

@@ -42,7 +42,7 @@ import seqio
 import tensorflow as tf
 
 from gensar_jax.vocabulary import REC_ITEM, SRC_ITEM, SRC_QUERY
-from gensar_tasks import prompts
+from gensar_jax import prompts
 from gensar_tasks.sources import SPLIT, TRAIN
 
 Preprocessor = Callable[[tf.data.Dataset], tf.data.Dataset]

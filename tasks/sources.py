@@ -18,23 +18,19 @@ Item ids are those of the prepared dataset's items.jsonl.
 """
 from __future__ import annotations
 
-import json
-import os
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, Mapping, Optional, Sequence
 
 import numpy as np
 import seqio
 import tensorflow as tf
 
 from gensar_jax.data import records
+from gensar_jax.data.pseudo_queries import (PseudoQueriesMissingError,  # noqa: F401  (re-raised to task users)
+                                             read_pseudo_queries)
 
 SPLIT = "split"  # the feature the sources add
 TRAIN = "train"
 EVAL_SPLITS = ("validation", "test")
-
-
-class PseudoQueriesMissingError(FileNotFoundError):
-  """The ad-hoc search task was selected before the doc2query stage wrote its file."""
 
 
 class PreparedExampleSource(seqio.TFExampleDataSource):
@@ -90,34 +86,6 @@ def item_rows_source(item_ids: Sequence[str], item_texts: Sequence[str],
 
   return seqio.FunctionDataSource(dataset_fn, splits=(TRAIN,),
                                   num_input_examples={TRAIN: n})
-
-
-def read_pseudo_queries(path: str) -> List[Tuple[str, str]]:
-  """(item id, pseudo-query) pairs from a doc2query file; errors name the line."""
-  if not path or not os.path.isfile(path):
-    raise PseudoQueriesMissingError(
-        f"pseudo-queries file {path!r} does not exist: the ad-hoc search task reads the "
-        "doc2query stage's output, which has not been produced yet. Run the doc2query "
-        "stage first, or train a mixture without the ad-hoc search task (e.g. the "
-        "'<prefix>_no_adhoc' mixture)")
-  pairs = []
-  with open(path, encoding="utf-8") as f:
-    for number, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-        item = str(row["item_id"])
-        queries = row["queries"] if "queries" in row else [row["query"]]
-      except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{path}:{number}: expected {{\"item_id\": ..., \"queries\": "
-                         f"[...]}} or {{\"item_id\": ..., \"query\": ...}}: {e}") from None
-      if isinstance(queries, str) or not all(isinstance(q, str) for q in queries):
-        raise ValueError(f"{path}:{number}: field 'queries' must be a list of strings")
-      pairs.extend((item, q.strip()) for q in queries if q.strip())
-  if not pairs:
-    raise PseudoQueriesMissingError(f"pseudo-queries file {path} holds no queries")
-  return pairs
 
 
 def pseudo_query_source(path: Optional[str], known_items: Sequence[str]

@@ -169,7 +169,7 @@ def test_engine_prompts_match_the_training_prompts(exported):
   """The engine's prompt text and tokens equal those of the SeqIO eval task."""
   from gensar_jax.serving.app import Event, Query
   from gensar_jax.serving.engine import ServingEngine
-  from gensar_tasks import prompts
+  from gensar_jax import prompts
   engine = ServingEngine(exported["path"])
   setup = exported["setup"]
   table = {task: setup.indices[key] for task, key in export_lib.INDEX_OF_TASK.items()}

@@ -20,7 +20,8 @@ import tensorflow as tf
 from gensar_jax import vocabulary as vocab_lib
 from gensar_jax.data import records
 from gensar_jax.data.prepared import load_prepared
-from gensar_tasks import gensar, metrics, prompts, show, sources
+from gensar_jax import prompts
+from gensar_tasks import gensar, metrics, show, sources
 
 from task_world import (CODEBOOK, DUAL_LEVELS, LENGTHS, NUM_ITEMS, NUM_NEGATIVES, REPO,
                         SID_ONLY_LEVELS, build_world, parse_and_call, write_table)
@@ -315,6 +316,7 @@ def test_ranking_setup_evaluates_only_the_task_a_single_task_model_trains(world)
   from gensar_jax import evaluation
   bindings = [f"ranking_setup.prepared_dir = '{world['prepared']}'",
               f"ranking_setup.identifiers_dir = '{world['dual']}'",
+              "ranking_setup.register_tasks = @register_gensar",
               f"register_gensar.prepared_dir = '{world['prepared']}'",
               f"register_gensar.identifiers_dir = '{world['dual']}'",
               f"register_gensar.vocab_path = '{world['vocab_path']}'",
