@@ -23,7 +23,7 @@ Per size (a multiple of Electronics: 62,671 items, 192,000 users, 1.62M interact
 Each stage is its own subprocess, so its peak resident memory is that process's
 (`os.wait4`'s ru_maxrss), and its wall time includes its imports, as a user sees it. Written
 to --out: scale.json (every measurement), scale.md (the table, with each stage's growth
-exponent between consecutive sizes: 1.0 is linear), scale.png (log-log time and memory
+exponent between consecutive sizes: 1.0 is linear), scale.png (log-log CPU time and memory
 against interactions), and per stage and size the stage's log under logs/.
 """
 from __future__ import annotations
@@ -209,7 +209,8 @@ def write_plot(result: Dict, path: str) -> None:
     pts = [(r["events"], r["stages"][stage]) for r in rows if stage in r["stages"]]
     if not pts:
       continue
-    key = "per_unit" if stage in ("train", "evaluate") else "seconds"
+    # CPU time, not wall: on a shared machine wall time says how busy it was.
+    key = "per_unit" if stage in ("train", "evaluate") else "cpu_seconds"
     label = stage + (" (per step)" if stage == "train" else " (per example)"
                      if stage == "evaluate" else "")
     ax_t.plot([p[0] for p in pts], [p[1].get(key) or float("nan") for p in pts], "o-",
@@ -218,11 +219,12 @@ def write_plot(result: Dict, path: str) -> None:
               label=stage)
   if len(rows) > 1:  # a linear reference through the first size's prepare time
     n0 = rows[0]["events"]
-    t0 = rows[0]["stages"].get("prepare", {}).get("seconds")
+    t0 = rows[0]["stages"].get("prepare", {}).get("cpu_seconds")
     if t0:
       xs = [r["events"] for r in rows]
       ax_t.plot(xs, [t0 * x / n0 for x in xs], "k--", lw=0.8, label="linear")
-  for ax, title in ((ax_t, "wall time (s)"), (ax_m, "peak RSS (GB)")):
+  for ax, title in ((ax_t, "CPU time (s); train/evaluate: wall per step/example"),
+                    (ax_m, "peak RSS (GB)")):
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("interactions")
