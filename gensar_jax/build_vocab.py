@@ -5,7 +5,7 @@
       --gin.IDENTIFIERS_DIRS="['runs/ml100k/identifiers']" \
       --gin.VOCAB_PATH="'runs/ml100k/vocab/gensar.model'"
 
-The corpus is the prepared dataset's text as the tasks render it (tasks/corpus.py). The
+The corpus is the prepared dataset's text as the tasks render it (gensar_jax/vocab_corpus.py). The
 special tokens are the three behaviour tokens plus the full token inventory (every code of
 every level) of each identifier table given, so one vocabulary can serve several tables of
 the same dataset (e.g. the dual table and its ablations). Tables not built yet can be

@@ -25,7 +25,7 @@ from typing import Dict, Mapping, Optional, Union
 import gin
 
 from gensar_jax import distributed
-from gensar_jax import evaluation
+from gensar_jax import ranking
 from gensar_jax import restore
 from gensar_jax import results as results_lib
 from gensar_jax.io_utils import atomic_output_dir
@@ -57,7 +57,7 @@ def evaluate(model_dir: str = gin.REQUIRED, output_dir: Optional[str] = None,
   start = time.time()
   run = restore.load_run(model_dir, checkpoint, "evaluate")
   setup, model, params, step = run.setup, run.model, run.params, run.step
-  ranked = evaluation.evaluate_model(model, params, setup.task_names, setup.indices, split,
+  ranked = ranking.evaluate_model(model, params, setup.task_names, setup.indices, split,
                                      int(task_feature_lengths["inputs"]),
                                      batch_size=batch_size,
                                      num_beams=num_beams, catalogue=catalogue,
@@ -85,7 +85,7 @@ def evaluate(model_dir: str = gin.REQUIRED, output_dir: Optional[str] = None,
           for row in r.predictions:
             f.write(json.dumps(row) + "\n")
 
-  # Every process holds the same rankings (evaluation.decode_batch); one copy is written.
+  # Every process holds the same rankings (ranking.decode_batch); one copy is written.
   distributed.write_once(f"evaluate results to {output_dir}", write)
   return {**result.to_json(), "checkpoint_step": step, "output_dir": output_dir,
           "table": table}

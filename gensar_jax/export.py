@@ -36,7 +36,7 @@ from gensar_jax.io_utils import atomic_output_dir, write_json, write_jsonl
 from gensar_jax.serving import artifact as artifact_lib
 from gensar_jax.vocabulary import BEHAVIOUR_TOKENS, REC_ITEM, SRC_ITEM, SRC_QUERY
 
-# Serving task -> the ranking index key of gensar_jax.evaluation (ranking_setup().indices).
+# Serving task -> the ranking index key of gensar_jax.ranking (ranking_setup().indices).
 INDEX_OF_TASK = {"search": "search", "recommend": "rec"}
 
 
@@ -101,7 +101,7 @@ def write_serving_artifact(export_dir: str, *, model, params: Any, indices: Mapp
 
   Args:
     indices: {"rec": IdentifierTokens, "search": IdentifierTokens}, rows in catalogue
-      order (gensar_jax.evaluation.ranking_setup().indices); both share `item_ids`.
+      order (gensar_jax.ranking.ranking_setup().indices); both share `item_ids`.
     titles: item id -> title shown in responses.
     rec_history, search_history: the events of each kind a prompt keeps (the prepared
       data's build_samples settings), so served prompts look like trained ones.

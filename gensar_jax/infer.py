@@ -11,10 +11,10 @@ either the whole catalogue (every item of the task's identifier space, what serv
 the example's own candidates (the evaluation protocol), so every returned beam names exactly
 one item.
 
-The pieces are those of the ranking evaluation (gensar_jax/evaluation.py): the same task
+The pieces are those of the ranking evaluation (gensar_jax/ranking.py): the same task
 registration, identifier index and fixed-shape batches, and the compiled search of
 gensar_jax/decoding (`decode_identifiers`, compiled once per model, beams and shape),
-through `evaluation.decode_batch`, which splits a batch over the hosts of a multi-host job
+through `ranking.decode_batch`, which splits a batch over the hosts of a multi-host job
 and gathers the results; only process 0 writes the file.
 
 A checkpoint that does not belong to the vocabulary or identifiers given fails before any
@@ -38,7 +38,7 @@ import seqio
 from tqdm import tqdm
 
 from gensar_jax import distributed
-from gensar_jax import evaluation
+from gensar_jax import ranking
 from gensar_jax import io_utils
 from gensar_jax import restore
 # The run's own gin files come first on the command line; gin/runs/train.gin binds `train`.
@@ -51,7 +51,7 @@ from gensar_jax import prompts
 logger = logging.getLogger(__name__)
 
 CONSTRAINTS = ("catalogue", "candidates")
-# Accepted task names -> the key evaluation.RankingSetup uses.
+# Accepted task names -> the key ranking.RankingSetup uses.
 RANKING_TASK_OF = {prompts.NEXT_REC_ITEM: "rec", prompts.NEXT_SEARCH_ITEM: "search",
                    "rec": "rec", "search": "search"}
 
@@ -73,8 +73,8 @@ class InferSummary:
 
 def _example_metadata(task_name: str, split: str, input_length: int,
                       max_examples: Optional[int]) -> Iterator[Dict[str, np.ndarray]]:
-  """The text features of the examples `evaluation.eval_batches` batches, in its order."""
-  ds = evaluation.eval_examples(task_name, split, input_length, max_examples)
+  """The text features of the examples `ranking.eval_batches` batches, in its order."""
+  ds = ranking.eval_examples(task_name, split, input_length, max_examples)
   for ex in ds.as_numpy_iterator():
     yield {k: ex[k] for k in ("inputs_pretokenized", "user_id", "target_item")}
 
@@ -83,7 +83,7 @@ def _text(value) -> str:
   return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
-def _identifier_strings(index: evaluation.IdentifierTokens,
+def _identifier_strings(index: ranking.IdentifierTokens,
                         vocabulary: seqio.Vocabulary) -> List[str]:
   """Each catalogue row's identifier as generated (behaviour + codes, EOS left out)."""
   sp = vocabulary.tokenizer
@@ -148,7 +148,7 @@ def infer(model_dir: str = gin.REQUIRED, prepared_dir: str = gin.REQUIRED,
 
   def rows() -> Iterator[Dict]:
     metadata = _example_metadata(task_name, split, input_length, max_examples)
-    batches = evaluation.eval_batches(task_name, split, input_length, batch_size, index,
+    batches = ranking.eval_batches(task_name, split, input_length, batch_size, index,
                                       max_examples)
     bar = tqdm(desc=f"infer {task_name}/{split}", unit=" ex", disable=not progress)
     number = 0
@@ -160,7 +160,7 @@ def infer(model_dir: str = gin.REQUIRED, prepared_dir: str = gin.REQUIRED,
                         "does); use infer.constraint='catalogue'")
       else:
         trie = build_candidate_tries(index.tokens[batch.candidate_rows])  # [b, c, L] paths
-      picked, scores = evaluation.decode_batch(model, params, batch.encoder_input_tokens,
+      picked, scores = ranking.decode_batch(model, params, batch.encoder_input_tokens,
                                                trie, num_beams)          # [b, beams] each
       scores = scores.astype(np.float64)
       if catalogue_trie is None:                                         # -> catalogue rows

@@ -133,10 +133,10 @@ def check_run_inputs(model_dir: str, vocab_path: str, identifiers_dir: str) -> N
 
 
 def _ranking_setup(who: str):
-  """evaluation.ranking_setup(), with its input errors reported as DataError (exit 2)."""
-  from gensar_jax import evaluation  # pylint: disable=g-import-not-at-top
+  """ranking.ranking_setup(), with its input errors reported as DataError (exit 2)."""
+  from gensar_jax import ranking  # pylint: disable=g-import-not-at-top
   try:
-    return evaluation.ranking_setup()
+    return ranking.ranking_setup()
   except DataError:
     raise
   except (ValueError, FileNotFoundError) as e:
@@ -162,7 +162,7 @@ def _load_params_checked(model_dir: str, model, checkpoint: Union[str, int], voc
 
 @dataclasses.dataclass(frozen=True)
 class LoadedRun:
-  setup: Any          # evaluation.RankingSetup
+  setup: Any          # ranking.RankingSetup
   model: Any          # the EncoderDecoderModel built from the run's vocabulary
   params: Any
   step: int

@@ -19,12 +19,12 @@ Choices (all deliberate, all tested in tests/test_vocabulary.py):
   prefix a target such as "<rec_item><m0_12><m1_201><c0_5><c1_3>" encodes to exactly its
   five tokens, the first being the behaviour token, and decoding a generated id sequence
   gives back the token strings exactly.
-* Whitespace convention of the renderers (tasks/prompts.py): a word is preceded by a space
+* Whitespace convention of the renderers (gensar_jax/prompts.py): a word is preceded by a space
   ("▁word" pieces), special tokens are glued to what precedes them when that is another
   special token or a word ("comedy<src_item><m0_1>..."). A space *before* a special token
   costs one "▁" piece; the renderers avoid it where they can.
 * Corpus: text as the model will see it (rendered prompt templates, item text, queries;
-  tasks/corpus.py), so frequent prompt words become single pieces.
+  gensar_jax/vocab_corpus.py), so frequent prompt words become single pieces.
 * BPE by default, unigram on request (`model_type`). T5 uses unigram, but on our corpus,
   which is small and templated (every item text reads "Released in ... Genres: ..."),
   SentencePiece's unigram trainer never seeds many frequent words and splits them
@@ -93,7 +93,7 @@ def train_vocabulary(sentences: Iterable[str], output_path: str,
   """Trains the SentencePiece model and writes it atomically to `output_path`.
 
   Args:
-    sentences: the training corpus, one text per element (see tasks/corpus.py).
+    sentences: the training corpus, one text per element (see gensar_jax/vocab_corpus.py).
     output_path: where the `.model` file goes (its directory is created).
     identifier_tokens: every identifier token the model must know; the behaviour tokens
       are added here.

@@ -72,7 +72,7 @@ class GensarRegistration:
 
   Attributes:
     prefix: the name prefix.
-    tasks: task key (tasks/prompts.py TASK_KINDS) -> registered task name.
+    tasks: task key (gensar_jax/prompts.py TASK_KINDS) -> registered task name.
     mixtures: mixture key ("all", "no_adhoc", ...) -> registered mixture name.
     rates: task key -> mixing rate used in the mixtures.
     rec_space, search_space: identifier space of recommendation / search targets.

@@ -10,7 +10,7 @@ Everything runs inside tf.data (no Python per example):
     per-example seed SeqIO hands to `map_over_dataset(num_seeds=1)` preprocessors (so a
     seeded `get_dataset` is reproducible, and repeated epochs draw afresh); examples of the
     validation and test splits always use template 0. The template is rendered with a
-    `tf.switch_case` over the templates of tasks/prompts.py.
+    `tf.switch_case` over the templates of gensar_jax/prompts.py.
 
 Prompt budget. Given the task's input length (SeqIO's `sequence_length`), a prompt is made
 to fit *before* it is rendered, so SeqIO's trim-from-the-end never cuts what matters most:

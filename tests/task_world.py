@@ -212,7 +212,7 @@ def random_artifact(root, prefix, num_beams, batch_buckets, **export_kwargs):
   import flax.linen as nn
   import jax
 
-  from gensar_jax import evaluation
+  from gensar_jax import ranking
   from gensar_jax import export as export_lib
   from gensar_jax.identifiers.table import load_identifier_table
   from gensar_jax.models.encoder_decoder import build_model
@@ -222,7 +222,7 @@ def random_artifact(root, prefix, num_beams, batch_buckets, **export_kwargs):
   world = build_world(root / "world", prefix=prefix)
   vocabulary = world["reg"].vocabulary
   item_ids = [str(i) for i in world["items"]["item_id"]]
-  indices = evaluation.ranking_indices(load_identifier_table(world["dual"]), vocabulary,
+  indices = ranking.ranking_indices(load_identifier_table(world["dual"]), vocabulary,
                                        item_ids, "cid", "sid")
   config = T5Config(emb_dim=32, num_heads=2, head_dim=16, mlp_dim=64, num_encoder_layers=1,
                     num_decoder_layers=1)

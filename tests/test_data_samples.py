@@ -1,7 +1,7 @@
 """Tests of event order, histories, filtering and the leave-one-out split (samples.py).
 
 Logs are built in memory. Expected histories are recomputed by brute force from the
-definition in docs/evaluation.md, "Samples and the split", not from the implementation's bookkeeping:
+definition in docs/evaluation.md#samples-and-the-split, not from the implementation's bookkeeping:
 events from interactions strictly earlier in (timestamp, file order), the last 5 rec items
 and the last 5 search sessions, merged back into time order.
 """

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from gensar_jax import evaluation, gin_utils, restore
+from gensar_jax import ranking, gin_utils, restore
 from gensar_jax import export as export_lib
 from gensar_jax import train as train_lib
 from gensar_jax.decoding import build_trie, identifier_search
@@ -50,7 +50,7 @@ def exported(tmp_path_factory):
   path = under_gin(argv, export_lib.export)
 
   def in_process():
-    setup = evaluation.ranking_setup()
+    setup = ranking.ranking_setup()
     model = build_model(setup.vocabulary)
     params, step = restore.load_params(model_dir, model, "latest")
     return setup, model, params, step

@@ -1,6 +1,6 @@
 """Decoding and outputs of a multi-host job: evaluate, infer, export and the eval hook.
 
-`evaluation.decode_batch` splits every decode batch over the mesh's 'data' axis (each
+`ranking.decode_batch` splits every decode batch over the mesh's 'data' axis (each
 device decodes its rows, the rankings gathered onto every host): checked on 8 devices of
 one process. Then training with the ranking eval hook and `evaluate` as 2 processes x 4 CPU
 devices: both processes get the metrics one process of 8 devices gets, and only process 0
@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from gensar_jax import evaluate as evaluate_lib
-from gensar_jax import evaluation
+from gensar_jax import ranking
 from gensar_jax import export as export_lib
 from gensar_jax import infer as infer_lib
 from gensar_jax import optimizers
@@ -94,12 +94,12 @@ def test_decode_batch_gives_each_device_its_rows_and_every_host_all_results():
   candidates = rng.integers(2, TINY_VOCAB, size=(8, 5, 4))                   # [b, c, L]
   candidates[..., -1] = 1                                                     # EOS
   trie = build_candidate_tries(candidates)
-  placed = evaluation._rows_over_data(params, tokens)  # pylint: disable=protected-access
+  placed = ranking._rows_over_data(params, tokens)  # pylint: disable=protected-access
   assert placed.sharding.spec == P("data")
   assert {s.data.shape for s in placed.addressable_shards} == {(1, INPUT_LENGTH)}
   out = decode_identifiers(model, params, placed, trie, 3)
   assert out.items.sharding.spec[0] == "data"     # the search itself ran split by rows
-  items, scores = evaluation.decode_batch(model, params, tokens, trie, 3)
+  items, scores = ranking.decode_batch(model, params, tokens, trie, 3)
   assert isinstance(items, np.ndarray) and items.shape == (8, 3)
   on_one_device = jax.device_get(params)          # numpy leaves: the batch goes in whole
   whole = decode_identifiers(model, on_one_device, tokens, trie, 3)

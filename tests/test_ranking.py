@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from flax.core import meta
 
-from gensar_jax import evaluation
+from gensar_jax import ranking
 from gensar_jax import metrics as metrics_lib
 from gensar_jax.identifiers.table import load_identifier_table
 from gensar_jax.models.encoder_decoder import build_model
@@ -28,7 +28,7 @@ def setup(tmp_path_factory):
   params = meta.unbox(variables["params"])
   table = load_identifier_table(world["dual"])
   item_ids = [str(i) for i in world["items"]["item_id"]]
-  indices = evaluation.ranking_indices(table, reg.vocabulary, item_ids, reg.rec_space,
+  indices = ranking.ranking_indices(table, reg.vocabulary, item_ids, reg.rec_space,
                                        reg.search_space)
   return world, model, params, indices
 
@@ -59,10 +59,10 @@ def test_beam_ranking_equals_exhaustive_scoring(setup, key):
   world, model, params, indices = setup
   index = indices[key]
   task = world["reg"].tasks[{"rec": "next_rec_item", "search": "next_search_item"}[key]]
-  result = evaluation.evaluate_ranking_task(
+  result = ranking.evaluate_ranking_task(
       model, params, task, "validation", index, INPUT_LENGTH, batch_size=4,
       num_beams=NUM_NEGATIVES + 1, catalogue=True, catalogue_beams=NUM_ITEMS, progress=False)
-  batches = list(evaluation.eval_batches(task, "validation", INPUT_LENGTH, 4, index))
+  batches = list(ranking.eval_batches(task, "validation", INPUT_LENGTH, 4, index))
   examples = [(b.encoder_input_tokens[i], b.candidate_rows[i], b.target_rows[i])
               for b in batches for i in np.flatnonzero(b.valid)]
   assert result.num_examples == len(examples) == len(result.predictions) > 0
@@ -83,10 +83,10 @@ def test_small_beam_returns_only_own_candidates(setup):
   world, model, params, indices = setup
   index = indices["search"]
   task = world["reg"].tasks["next_search_item"]
-  result = evaluation.evaluate_ranking_task(
+  result = ranking.evaluate_ranking_task(
       model, params, task, "test", index, INPUT_LENGTH, batch_size=3, num_beams=3,
       catalogue=False, progress=False)
-  batches = list(evaluation.eval_batches(task, "test", INPUT_LENGTH, 3, index))
+  batches = list(ranking.eval_batches(task, "test", INPUT_LENGTH, 3, index))
   own = [set(index.item_ids[r] for r in b.candidate_rows[i])
          for b in batches for i in np.flatnonzero(b.valid)]
   for pred, allowed in zip(result.predictions, own):
@@ -99,7 +99,7 @@ def test_identifier_tokens_reject_a_foreign_catalogue(setup):
   world, _, _, _ = setup
   table = load_identifier_table(world["dual"])
   with pytest.raises(ValueError, match="no identifier"):
-    evaluation.IdentifierTokens(table, world["reg"].vocabulary, "sid", "<src_item>",
+    ranking.IdentifierTokens(table, world["reg"].vocabulary, "sid", "<src_item>",
                                 ["I00", "not-an-item"])
 
 
@@ -114,13 +114,13 @@ def test_max_examples_scores_a_seeded_random_sample_of_users(setup):
   all_users = sorted({ex["user_id"] for ex in rec.source.get_dataset(
       "validation", shuffle=False).as_numpy_iterator()})
   assert len(all_users) == 10
-  picks = {seed: evaluation.sampled_users(rec, "validation", 4, seed) for seed in range(6)}
+  picks = {seed: ranking.sampled_users(rec, "validation", 4, seed) for seed in range(6)}
   assert all(len(p) == 4 and set(p) <= set(all_users) for p in picks.values())
   assert len({tuple(p) for p in picks.values()}) > 1          # the seed matters
   assert any(p != all_users[:4] for p in picks.values())      # not simply the first users
-  assert evaluation.sampled_users(search, "validation", 4, 0) == picks[0]
-  assert evaluation.sampled_users(rec, "validation", 10, 0) is None  # all of them: no sample
-  batches = list(evaluation.eval_batches(reg.tasks["next_rec_item"], "validation",
+  assert ranking.sampled_users(search, "validation", 4, 0) == picks[0]
+  assert ranking.sampled_users(rec, "validation", 10, 0) is None  # all of them: no sample
+  batches = list(ranking.eval_batches(reg.tasks["next_rec_item"], "validation",
                                          INPUT_LENGTH, 8, indices["rec"], max_examples=4,
                                          sample_seed=0))
   assert sum(int(b.valid.sum()) for b in batches) == 4

@@ -149,7 +149,7 @@ def check_candidates(ex, space, behaviour, forward):
 
 
 def python_prompt(key, ex, raw, forward):
-  """The same prompt rendered by tasks/prompts.py from the raw prepared example."""
+  """The same prompt rendered by gensar_jax/prompts.py from the raw prepared example."""
   history = prompts.history_text([
       (text(k), forward["cid" if text(k) == "rec" else "sid"][text(i)], text(q))
       for k, i, q in zip(raw["history_kind"], raw["history_item"], raw["history_query"])])
@@ -313,7 +313,7 @@ def test_gensar_mixture_registers_from_gin(world):
 
 
 def test_ranking_setup_evaluates_only_the_task_a_single_task_model_trains(world):
-  from gensar_jax import evaluation
+  from gensar_jax import ranking
   bindings = [f"ranking_setup.prepared_dir = '{world['prepared']}'",
               f"ranking_setup.identifiers_dir = '{world['dual']}'",
               "ranking_setup.register_tasks = @register_gensar",
@@ -324,7 +324,7 @@ def test_ranking_setup_evaluates_only_the_task_a_single_task_model_trains(world)
   tasks_by_variant = {}
   for variant in ("all", "no_alignment", "rec_only", "search_only"):
     setup = parse_and_call([], bindings + [f"ranking_setup.variant = '{variant}'"],
-                           evaluation.ranking_setup)
+                           ranking.ranking_setup)
     tasks_by_variant[variant] = setup.task_names
   assert tasks_by_variant["all"] == {"rec": "t4_setup_next_rec_item",
                                      "search": "t4_setup_next_search_item"}

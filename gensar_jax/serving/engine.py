@@ -2,7 +2,7 @@
 
 It reads only the artifact (gensar_jax/serving/artifact.py): no gin, no orbax, no Flax
 module, no TensorFlow. The prompt templates come from the artifact's metadata (written by
-the exporter from tasks/prompts.py), so a server renders exactly the prompts its model
+the exporter from gensar_jax/prompts.py), so a server renders exactly the prompts its model
 was evaluated with; tokenisation is SentencePiece on the copied model file.
 """
 from __future__ import annotations
