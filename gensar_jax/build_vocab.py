@@ -1,6 +1,6 @@
 """Stage 3a: train the model's SentencePiece vocabulary with every identifier token whole.
 
-  python -m gensar_jax.build_vocab --gin_file=gin/runs/vocab.gin \
+  python -m gensar_jax.build_vocab --gin_file=gin/runs/build_vocab.gin \
       --gin.PREPARED_DIR="'runs/ml100k/data'" \
       --gin.IDENTIFIERS_DIRS="['runs/ml100k/identifiers']" \
       --gin.VOCAB_PATH="'runs/ml100k/vocab/gensar.model'"

@@ -3,16 +3,16 @@ same configuration.
 
   python -m gensar_jax.pipeline --gin_file=gin/experiments/ml100k_quickstart.gin
 
-Stages (docs/architecture.md):
-  prepare         raw log -> prepared dataset (splits, histories, candidates)
-  identify        -> dual-purpose identifiers (+ the SASRec baseline's metrics)
-  vocab           -> SentencePiece vocabulary with every identifier token whole
-  baselines       -> popularity, SASRec, BM25, dense retrieval on the test candidates
-  doc2query       -> a text -> query model (`train` inside the gin scope "doc2query")
-  pseudo_queries  -> one sampled pseudo-query per item, for the ad-hoc search task
-  train           -> the GenSAR model; the kept checkpoint is the best mean validation NDCG@5
-  evaluate        -> test metrics of that checkpoint (candidates and whole catalogue)
-  compare         -> one table and a trade-off plot of every system
+Stages (docs/architecture.md), each named as its command (gensar_jax/stages.py):
+  prepare          raw log -> prepared dataset (splits, histories, candidates)
+  identify         -> dual-purpose identifiers (+ the SASRec baseline's metrics)
+  build_vocab      -> SentencePiece vocabulary with every identifier token whole
+  baselines        -> popularity, SASRec, BM25, dense retrieval on the test candidates
+  train_doc2query  -> a text -> query model (`train` inside the gin scope "doc2query")
+  doc2query        -> one sampled pseudo-query per item, for the ad-hoc search task
+  train            -> the GenSAR model; the kept checkpoint is the best mean validation NDCG@5
+  evaluate         -> test metrics of that checkpoint (candidates and whole catalogue)
+  comparison       -> one table and a trade-off plot of every system
 
 The run directory holds `config.gin` (the resolved config of the latest invocation) and
 `pipeline.log`: every invocation appended, with its start time, each stage's
@@ -54,8 +54,8 @@ from gensar_jax import train as train_lib
 from gensar_jax.baselines import run as baselines_lib
 from gensar_jax.data.stats import format_stats_table
 
-STAGES = ("prepare", "identify", "vocab", "baselines", "doc2query", "pseudo_queries", "train",
-          "evaluate", "compare")
+STAGES = ("prepare", "identify", "build_vocab", "baselines", "train_doc2query", "doc2query",
+          "train", "evaluate", "comparison")
 DOC2QUERY_SCOPE = "doc2query"
 
 # Configurables whose bindings change each stage's output (upstream stages chain in).
@@ -64,18 +64,18 @@ STAGE_CONFIGURABLES: Dict[str, Tuple[str, ...]] = {
                 "ItemTextConfig",
                 "load_movielens_100k", "load_amazon_2014", "load_generic"),
     "identify": ("identify", "RQVAEConfig", "SASRecConfig", "SentenceEncoder"),
-    "vocab": ("build_vocab",),
+    "build_vocab": ("build_vocab",),
     "baselines": ("run_baselines", "SentenceEncoder"),
-    "doc2query": ("train", "register_doc2query", "T5Config", "build_model", "Trainer",
+    "train_doc2query": ("train", "register_doc2query", "T5Config", "build_model", "Trainer",
                   "create_optimizer", "create_learning_rate_schedule", "Partitioner",
                   "create_mesh", "TrainCheckpoints"),
-    "pseudo_queries": ("generate_pseudo_queries",),
+    "doc2query": ("generate_pseudo_queries",),
     "train": ("train", "register_gensar", "mixture_rates", "gensar_mixture", "T5Config",
               "build_model", "Trainer", "create_optimizer", "create_learning_rate_schedule",
               "Partitioner", "create_mesh", "TrainCheckpoints", "RankingEvalHook",
               "ranking_setup", "IdentifierEmbeddingInit", "PretrainedT5Init"),
     "evaluate": ("evaluate", "ranking_setup"),
-    "compare": (),
+    "comparison": (),
 }
 # Configurables whose string arguments name input files: the stage's fingerprint covers
 # those files' contents, so a changed input file reruns the stage instead of reusing
@@ -86,8 +86,8 @@ STAGE_INPUT_FILES: Dict[str, Tuple[str, ...]] = {
 }
 _HASH_CONTENT_UP_TO = 1 << 30  # larger files count by size and modification time
 # The stages the baselines and the comparison do not depend on (they chain past them).
-_UPSTREAM = {"baselines": "identify", "doc2query": "vocab", "compare": "evaluate"}
-RESUMABLE = ("doc2query", "train")
+_UPSTREAM = {"baselines": "identify", "train_doc2query": "build_vocab", "comparison": "evaluate"}
+RESUMABLE = ("train_doc2query", "train")
 LOG_FILE = "pipeline.log"
 
 
@@ -225,8 +225,8 @@ def _stages(run_dir: str, prepared_dir: str, identifiers_dir: str, vocab_path: O
             format_stats_table),
       Stage("identify", identifiers_dir, lambda: identify_lib.identify(overwrite=True),
             identify_lib.format_identifier_stats),
-      Stage("vocab", vocab_path or "", lambda: build_vocab_lib.build_vocab(overwrite=True),
-            build_vocab_lib.format_summary),
+      Stage("build_vocab", vocab_path or "",
+            lambda: build_vocab_lib.build_vocab(overwrite=True), build_vocab_lib.format_summary),
   ]
 
   def baselines():
@@ -251,13 +251,13 @@ def _stages(run_dir: str, prepared_dir: str, identifiers_dir: str, vocab_path: O
 
   stages += [
       Stage("baselines", baselines_dir or "", baselines, lambda s: s["table"]),
-      Stage("doc2query", doc2query_dir or "", _scoped(DOC2QUERY_SCOPE, doc2query),
+      Stage("train_doc2query", doc2query_dir or "", _scoped(DOC2QUERY_SCOPE, doc2query),
             _format_train("doc2query")),
-      Stage("pseudo_queries", pseudo_queries_path or "",
+      Stage("doc2query", pseudo_queries_path or "",
             _scoped(DOC2QUERY_SCOPE, pseudo_queries), doc2query_lib.format_stats),
       Stage("train", model_dir or "", train, _format_train("GenSAR")),
       Stage("evaluate", eval_dir or "", evaluate, lambda s: s["table"]),
-      Stage("compare", comparison_dir or "", compare, lambda s: s["table"]),
+      Stage("comparison", comparison_dir or "", compare, lambda s: s["table"]),
   ]
   return stages
 
@@ -273,11 +273,12 @@ def pipeline(run_dir: str = gin.REQUIRED, prepared_dir: str = gin.REQUIRED,
   unknown = [s for s in stages if s not in STAGES]
   if unknown:
     raise ValueError(f"pipeline.stages: unknown stage(s) {unknown}; known: {list(STAGES)}")
-  outputs = {"vocab": ("vocab_path", vocab_path), "baselines": ("baselines_dir", baselines_dir),
-             "doc2query": ("doc2query_dir", doc2query_dir),
-             "pseudo_queries": ("pseudo_queries_path", pseudo_queries_path),
+  outputs = {"build_vocab": ("vocab_path", vocab_path),
+             "baselines": ("baselines_dir", baselines_dir),
+             "train_doc2query": ("doc2query_dir", doc2query_dir),
+             "doc2query": ("pseudo_queries_path", pseudo_queries_path),
              "train": ("model_dir", model_dir), "evaluate": ("eval_dir", eval_dir),
-             "compare": ("comparison_dir", comparison_dir)}
+             "comparison": ("comparison_dir", comparison_dir)}
   missing = [f"pipeline.{outputs[s][0]}" for s in stages if s in outputs and not outputs[s][1]]
   if missing:
     raise ValueError(f"the pipeline's stages {list(stages)} need {missing} to be bound")
@@ -299,7 +300,7 @@ def pipeline(run_dir: str = gin.REQUIRED, prepared_dir: str = gin.REQUIRED,
     upstream = fingerprints.get(_UPSTREAM.get(stage.name, ""), previous)
     fingerprint = stage_fingerprint(stage.name, upstream)
     fingerprints[stage.name] = fingerprint
-    if stage.name not in ("baselines", "compare"):
+    if stage.name not in ("baselines", "comparison"):
       previous = fingerprint
     if stage.name not in stages:
       continue

@@ -33,7 +33,7 @@ STAGES: Dict[str, Stage] = {
                        gin_file="gin/runs/add_items.gin"),
     "build_vocab": Stage("gensar_jax.build_vocab",
                          "the SentencePiece vocabulary with every identifier token",
-                         gin_file="gin/runs/vocab.gin"),
+                         gin_file="gin/runs/build_vocab.gin"),
     "baselines": Stage("gensar_jax.baselines.run",
                        "popularity, SASRec, BM25 and dense retrieval on the same candidates",
                        devices=True, gin_file="gin/runs/baselines.gin"),

@@ -8,7 +8,7 @@ vocabulary and registered SeqIO tasks, all built with the real stage functions.
 
 One log of 10 users x 10-13 events over 30 items (real search sessions, distinct timestamps
 per user); identifier tables are written by hand (a dual one and a SID-only one) and the
-vocabulary is built with `build_vocab` from gin/runs/vocab.gin. Shared by test modules that
+vocabulary is built with `build_vocab` from gin/runs/build_vocab.gin. Shared by test modules that
 need real tasks (tests/test_tasks.py, tests/test_train.py) and the CLI tests that train a
 tiny model on it first (test_evaluate_cli, test_infer, test_export: `world_flags`,
 `under_gin`), and the serving tests' artifact of a freshly initialised tiny model
@@ -189,7 +189,7 @@ def build_world(root, prefix="t4"):
   sid_only = write_table(str(root / "ids_sid_only"), item_ids, SID_ONLY_LEVELS)
   vocab_path = str(root / "vocab" / "gensar.model")
   summary = parse_and_call(
-      [os.path.join(REPO, "gin", "runs", "vocab.gin")],
+      [os.path.join(REPO, "gin", "runs", "build_vocab.gin")],
       [f"PREPARED_DIR = '{prepared_dir}'", f"IDENTIFIERS_DIRS = ['{dual}', '{sid_only}']",
        f"VOCAB_PATH = '{vocab_path}'", "build_vocab.vocab_size = 900",
        "build_vocab.renders_per_template = 5"],

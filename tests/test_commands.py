@@ -90,3 +90,16 @@ def test_installed_command_refuses_a_mistyped_flag_in_one_line(tmp_path):
   assert result.stderr.strip().splitlines() == [
       "error: --gin.train.stepz=5: train has no parameter 'stepz'; did you mean "
       "train.train_steps?"]
+
+
+def test_one_name_per_stage_in_the_pipeline_the_commands_and_the_run_files():
+  """A stage is called the same in `pipeline.stages`, `gensar <stage>` and gin/runs/."""
+  from gensar_jax import pipeline
+  # train_doc2query is the `train` command inside the gin scope "doc2query".
+  commands_of_pipeline = {name: ("train" if name == "train_doc2query" else name)
+                          for name in pipeline.STAGES}
+  assert set(commands_of_pipeline.values()) <= set(stages.STAGES)
+  for name, stage in stages.STAGES.items():
+    if stage.gin_file:
+      assert stage.gin_file == f"gin/runs/{name}.gin"
+      assert os.path.isfile(os.path.join(REPO, stage.gin_file))

@@ -149,7 +149,7 @@ def other_vocab(trained, tmp_path_factory):
   """A vocabulary over the same data with another size (1300 pieces -> 1408 logits)."""
   world, _ = trained
   path = str(tmp_path_factory.mktemp("vocab_other") / "other.model")
-  parse_and_call([os.path.join(REPO, "gin", "runs", "vocab.gin")],
+  parse_and_call([os.path.join(REPO, "gin", "runs", "build_vocab.gin")],
                  [f"PREPARED_DIR = '{world['prepared']}'",
                   f"IDENTIFIERS_DIRS = ['{world['dual']}']", f"VOCAB_PATH = '{path}'",
                   "build_vocab.vocab_size = 1300", "build_vocab.renders_per_template = 5"],

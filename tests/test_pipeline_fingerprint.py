@@ -44,8 +44,8 @@ def test_prepare_fingerprint_follows_the_contents_of_its_input_files(tmp_path):
   assert pipeline_lib.input_file_digests("identify") == []
 
 
-STAGE_RUN_FILES = {"prepare": "prepare.gin", "identify": "identify.gin", "vocab": "vocab.gin",
-                   "baselines": "baselines.gin", "doc2query": "doc2query.gin",
+STAGE_RUN_FILES = {"prepare": "prepare.gin", "identify": "identify.gin", "build_vocab": "build_vocab.gin",
+                   "baselines": "baselines.gin", "train_doc2query": "doc2query.gin",
                    "train": "train.gin", "evaluate": "evaluate.gin"}
 
 
@@ -64,6 +64,6 @@ def test_stage_configurables_cover_every_configurable_its_run_file_binds(stage):
   finally:
     gin.clear_config()
   covered = set(pipeline_lib.STAGE_CONFIGURABLES[stage])
-  if stage == "doc2query":  # one run file for doc2query and the pseudo-queries it samples
-    covered |= set(pipeline_lib.STAGE_CONFIGURABLES["pseudo_queries"])
+  if stage == "train_doc2query":  # one run file for the doc2query model and its sampling
+    covered |= set(pipeline_lib.STAGE_CONFIGURABLES["doc2query"])
   assert bound - covered == set(), f"{stage}: not in STAGE_CONFIGURABLES: {bound - covered}"

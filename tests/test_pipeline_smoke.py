@@ -33,7 +33,7 @@ TINY_RUN = [
 def parse(run_dir, raw):
   items, events = raw
   files = ["gin/runs/prepare.gin", "gin/data/generic.gin", "gin/runs/identify.gin",
-           "gin/runs/vocab.gin", "gin/runs/baselines.gin", "gin/runs/train.gin",
+           "gin/runs/build_vocab.gin", "gin/runs/baselines.gin", "gin/runs/train.gin",
            "gin/models/tiny.gin", "gin/runs/evaluate.gin", "gin/runs/doc2query.gin"]
   paths = {"PREPARED_DIR": "data", "IDENTIFIERS_DIR": "ids", "VOCAB_PATH": "vocab/v.model",
            "BASELINES_DIR": "baselines", "DOC2QUERY_DIR": "doc2query",

@@ -270,7 +270,7 @@ def test_a_fresh_train_run_starts_from_the_checkpoint(fx, tmp_path, monkeypatch)
   world = build_world(tmp_path / "world", prefix="tpre")
   vocab_path = str(tmp_path / "vocab" / "pretrained.model")
   summary = parse_and_call(
-      [os.path.join(REPO, "gin", "runs", "vocab.gin")],
+      [os.path.join(REPO, "gin", "runs", "build_vocab.gin")],
       [f"PREPARED_DIR = '{world['prepared']}'", f"IDENTIFIERS_DIRS = ['{world['dual']}']",
        f"VOCAB_PATH = '{vocab_path}'", f"BASE_VOCABULARY_PATH = '{fx['spiece']}'",
        "build_vocab.renders_per_template = 1"],

@@ -3,7 +3,7 @@ histories, evaluation candidates, template sampling, mixtures, ablations and the
 
 One small synthetic log (real search sessions, distinct timestamps per user) is prepared
 once per module; identifier tables are written by hand (a dual one and a SID-only one) and
-the vocabulary is built with the real CLI function from gin/runs/vocab.gin.
+the vocabulary is built with the real CLI function from gin/runs/build_vocab.gin.
 """
 import collections
 import json

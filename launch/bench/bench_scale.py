@@ -10,7 +10,7 @@ takes hours here. This runs each stage at several sizes and reports how its cost
 
 Per size (a multiple of Electronics: 62,671 items, 192,000 users, 1.62M interactions):
   generate   the seeded synthetic catalogue and log (gensar_jax/data/synthetic.py), CSV
-  prepare, identify, vocab, baselines
+  prepare, identify, build_vocab, baselines
              through the real entry point, `python -m gensar_jax.pipeline` with the
              quickstart's settings (gin/experiments/ml100k_quickstart.gin: SASRec 30 epochs,
              RQ-VAE 150 epochs) and the generic loader on the synthetic CSVs
@@ -46,8 +46,8 @@ sys.path.insert(0, REPO)
 
 from gensar_jax.data import synthetic  # noqa: E402  pylint: disable=wrong-import-position
 
-PIPELINE_STAGES = ("prepare", "identify", "vocab", "baselines", "train", "evaluate")
-DATA_STAGES = ("generate", "prepare", "identify", "vocab", "baselines")
+PIPELINE_STAGES = ("prepare", "identify", "build_vocab", "baselines", "train", "evaluate")
+DATA_STAGES = ("generate", "prepare", "identify", "build_vocab", "baselines")
 
 
 def size_gin(run_dir: str, data_dir: str, train_steps: int, eval_examples: int) -> str:
@@ -79,7 +79,7 @@ evaluate.max_examples = {eval_examples}
 
 
 def stage_output(run_dir: str, stage: str) -> str:
-  return {"prepare": "data", "identify": "identifiers", "vocab": "vocab",
+  return {"prepare": "data", "identify": "identifiers", "build_vocab": "vocab",
           "baselines": "baselines", "train": "gensar", "evaluate": "results/gensar"}[stage]
 
 
