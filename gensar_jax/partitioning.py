@@ -260,10 +260,6 @@ class Partitioner:
     return jax.tree_util.tree_map_with_path(choose, tree_shape)
 
   # ---------------------------------------------------------------- input batches
-  @property
-  def data_sharding(self) -> NamedSharding:
-    return NamedSharding(self.mesh, PartitionSpec(DATA_AXIS))
-
   def batch_sharding(self, global_shape: Sequence[int], name: str = "batch") -> NamedSharding:
     """Batch dimension over `data` (replicated if `data` does not divide it)."""
     spec = fit_spec_to_shape(self.mesh, PartitionSpec(DATA_AXIS), global_shape, what=name)

@@ -115,7 +115,6 @@ class Trainer:
     self._input_shapes: Optional[Dict[str, Tuple[int, ...]]] = None
     self._state_shape: Optional[TrainState] = None
     self._state_shardings: Optional[TrainState] = None
-    self._params_shape_boxed: Any = None
     self._init_jit: Optional[Callable] = None
     self._train_steps: Dict[Any, Callable] = {}
     self._eval_steps: Dict[Any, Callable] = {}
@@ -137,7 +136,6 @@ class Trainer:
     rng = jax.random.PRNGKey(self.seed)
     boxed_params = jax.eval_shape(
         lambda r: self.model.get_initial_variables(r, self._input_shapes)["params"], rng)
-    self._params_shape_boxed = boxed_params
     self._state_shape = jax.eval_shape(functools.partial(self._init_fn, boxed=False), rng)
     params_shardings = self.partitioner.params_shardings(boxed_params)
     opt_shardings = self.partitioner.derived_shardings(
@@ -169,12 +167,6 @@ class Trainer:
     """A TrainState of NamedSharding: where each leaf of the state lives."""
     self._require_shapes()
     return self._state_shardings
-
-  @property
-  def params_shape_boxed(self) -> Any:
-    """Abstract params with their nn.LogicallyPartitioned boxes (logical axis names)."""
-    self._require_shapes()
-    return self._params_shape_boxed
 
   def init_state(self, input_shapes: Mapping[str, Tuple[int, ...]]) -> TrainState:
     """A fresh TrainState created directly in its sharded layout.

@@ -23,13 +23,6 @@ class BM25Scorer:
       raise ValueError("BM25 needs a non-empty catalogue")
     self.num_items = len(item_texts)
     self._ranker = BM25Ranker(list(item_texts))
-    self._cache: Dict[str, np.ndarray] = {}
-
-  def catalogue_scores(self, query: str) -> np.ndarray:
-    """[num_items] BM25 score of every item (0 where no query term matches)."""
-    if query not in self._cache:
-      self._cache[query] = np.asarray(self._ranker.scores(query), np.float64)
-    return self._cache[query]
 
   def score(self, queries: Sequence[str], candidates: np.ndarray) -> np.ndarray:
     """[n, c] scores of each row's candidates for that row's query."""
@@ -45,7 +38,6 @@ class BM25Scorer:
     for row, query in enumerate(queries):
       rows_of.setdefault(query, []).append(row)
     for query, rows in rows_of.items():
-      scores = (self._cache[query] if query in self._cache
-                else np.asarray(self._ranker.scores(query), np.float64))  # [items]
+      scores = np.asarray(self._ranker.scores(query), np.float64)  # [items]
       out[rows] = scores[candidates[rows]]
     return out

@@ -133,10 +133,6 @@ class QuantizerLayout:
   def shared_dim(self) -> int:
     return len(self.spaces) * self.latent_dim
 
-  @property
-  def id_length(self) -> int:
-    return self.shared_levels + self.specific_levels
-
   def level_names(self, space: str) -> Tuple[str, ...]:
     """Token prefix per level of one space's ID, e.g. ("m0", "m1", "s0", "s1")."""
     shared = tuple(f"m{i}" for i in range(self.shared_levels))
