@@ -59,10 +59,13 @@ bench: $(STAMP)
 # users, 1.62M interactions): time, peak memory, output size per stage and size, as
 # runs/bench_scale/<time>/scale.{json,md,png} (docs/scale.md; SCALE_ARGS="--scales 0.01,0.03").
 bench-scale: $(STAMP)
-	$(PY) launch/bench/bench_scale.py $(SCALE_ARGS)
+	$(PY) -m launch.bench.bench_scale $(SCALE_ARGS)
 
+# Lint (ruff, configured in pyproject.toml), then the whole suite; the 25 slowest tests are
+# listed at the end.
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q --durations=25 tests
 
 # The suite without the tests marked slow (subprocess CLIs): a quick check while editing.
 test-fast: $(STAMP)

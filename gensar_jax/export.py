@@ -126,7 +126,8 @@ def write_serving_artifact(export_dir: str, *, model, params: Any, indices: Mapp
     largest = trie_lib.max_token(trie)
     if largest is not None and largest >= vocab_size:
       raise ValueError(f"{task} trie uses token id {largest}, the model has {vocab_size} logits")
-    tries[task], layouts[task], identifier_tokens[task] = trie, artifact_lib.trie_layout(trie), tokens
+    tries[task], identifier_tokens[task] = trie, tokens
+    layouts[task] = artifact_lib.trie_layout(trie)
     # Behaviour token and EOS stripped: the history slot spells the codes only.
     identifier_text[task] = ["".join(sp.id_to_piece(int(t)) for t in row[1:-1])
                              for row in tokens]

@@ -5,7 +5,8 @@
 
 1. semantic embeddings v_s: the sentence encoder over "title. description" of every item;
 2. collaborative embeddings v_c: the item table of a SASRec trained on each user's ordered
-   rec sequence up to their first held-out interaction (its validation HR/NDCG is the SASRec baseline, saved as sasrec_metrics.json);
+   rec sequence up to their first held-out interaction (its validation HR/NDCG is the SASRec
+   baseline, saved as sasrec_metrics.json);
 3. the joint RQ-VAE, Sinkhorn collision handling and the final de-duplication.
 
 Output directory (renamed into place only when complete):

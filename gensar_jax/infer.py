@@ -120,7 +120,8 @@ def infer(model_dir: str = gin.REQUIRED, prepared_dir: str = gin.REQUIRED,
     if not isinstance(value, str) or not value:
       raise DataError(f"infer: {macro} is required (--gin.{macro}=...)")
   if task not in RANKING_TASK_OF:
-    raise DataError(f"infer.task={task!r}: expected {prompts.NEXT_REC_ITEM!r} or {prompts.NEXT_SEARCH_ITEM!r}")
+    raise DataError(f"infer.task={task!r}: expected {prompts.NEXT_REC_ITEM!r} or "
+                    f"{prompts.NEXT_SEARCH_ITEM!r}")
   if constraint not in CONSTRAINTS:
     raise DataError(f"infer.constraint={constraint!r}: expected one of {CONSTRAINTS}")
   if not 1 <= top_k <= num_beams:

@@ -92,7 +92,8 @@ def stage_help(name: str, doc: Optional[str], root: str) -> str:
   lines = [f"gensar {name} (python -m {stage.module}): {summary}", "",
            f"usage: gensar {name} --gin_file=FILE [--gin_file=FILE ...] [--gin.NAME=VALUE ...]",
            "  --gin_file=FILE     a gin file (repository-relative or absolute); repeatable",
-           "  --gin.NAME=VALUE    a binding; strings need inner quotes: --gin.MODEL_DIR=\"'runs/x'\"",
+           "  --gin.NAME=VALUE    a binding; strings need inner quotes: "
+           "--gin.MODEL_DIR=\"'runs/x'\"",
            "  --gin_bindings=B    a binding written out (NAME = VALUE)"]
   if stage.gin_file:
     required = _required_macros(stage.gin_file, root)

@@ -33,8 +33,9 @@ count, and resume exactly whenever N is kept (see train_batches).
 
 Eval batches. A fixed number of batches from the start of each member task's validation
 split (unshuffled, packed like training when training packs), built once and kept on the
-host, so every evaluation scores the same examples. A short last batch is filled up by repeating its rows with zero loss weights,
-keeping one compiled shape without changing the loss.
+host, so every evaluation scores the same examples. A short last batch is filled up by
+repeating its rows with zero loss weights, keeping one compiled shape without changing the
+loss.
 """
 from __future__ import annotations
 

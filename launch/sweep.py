@@ -30,8 +30,8 @@ point). Files go through gensar_jax.io_utils, which reads a gs:// MODEL_DIR as i
 local one; matplotlib (the plot) is imported only when needed.
 
 This file is the command line and the run loop; the spec and its points are
-launch/sweep_spec.py, the summary launch/sweep_summary.py, and the gin-flag handling shared with tpu_pod.py
-launch/gin_flags.py.
+launch/sweep_spec.py, the summary launch/sweep_summary.py, and the gin-flag handling shared
+with tpu_pod.py launch/gin_flags.py.
 """
 from __future__ import annotations
 

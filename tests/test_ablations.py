@@ -14,7 +14,7 @@ import pytest
 
 from gensar_jax import ablations as ablations_lib
 from gensar_jax import gin_utils
-from gensar_jax import pipeline as pipeline_lib  # registers every stage's configurables
+from gensar_jax import pipeline as pipeline_lib  # noqa: F401  (registers every stage's configurables)
 from gensar_jax import results as results_lib
 
 pytestmark = pytest.mark.slow  # end-to-end runs of minutes; `make test-fast` skips them
@@ -177,8 +177,8 @@ def test_learning_curves_grid_trains_every_system_and_draws_their_curves(tmp_pat
   assert (tmp_path / "learning_curves" / "comparison" / "comparison.md").exists()
   table = (curves_dir / "curves.md").read_text()
   assert (curves_dir / "curves.png").stat().st_size > 0
-  gensar_line = next(l for l in table.splitlines() if l.startswith("| GenSAR |"))
+  gensar_line = next(ln for ln in table.splitlines() if ln.startswith("| GenSAR |"))
   assert "0.3000 (960, still rising)" in gensar_line   # rec: best at the last evaluation
   assert "0.2500 (320)" in gensar_line                 # search: best at the first
-  rec_only = next(l for l in table.splitlines() if l.startswith("| GenSAR (rec only) |"))
+  rec_only = next(ln for ln in table.splitlines() if ln.startswith("| GenSAR (rec only) |"))
   assert "—" in rec_only

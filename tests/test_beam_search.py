@@ -128,7 +128,8 @@ def test_per_example_tries_do_not_leak_and_rank_exactly():
   for b in range(batch):
     valid = items[b] >= 0
     assert valid.sum() == n and (items[b][~valid] == -1).all()
-    np.testing.assert_array_equal(np.asarray(out.sequences)[b][valid], candidates[b][items[b][valid]])
+    np.testing.assert_array_equal(np.asarray(out.sequences)[b][valid],
+                                  candidates[b][items[b][valid]])
     expected = ToyDecoder(7, vocab=192).score(candidates[b])
     np.testing.assert_array_equal(items[b][valid], np.argsort(-expected, kind="stable"))
     np.testing.assert_allclose(scores[b][valid], np.sort(expected)[::-1], atol=1e-5)

@@ -79,7 +79,8 @@ def test_decode_flops_agree_with_xla_cost_analysis():
 @pytest.mark.slow
 def test_bench_all_tiny_writes_one_json_and_one_table(tmp_path):
   out = subprocess.run([sys.executable, "-m", "launch.bench.bench_all", "--tiny",
-                        "--train_rounds", "2", "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True,
+                        "--train_rounds", "2", "--out", str(tmp_path)], cwd=REPO,
+                       capture_output=True, text=True,
                        timeout=600)
   assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
   (run,) = list(tmp_path.iterdir())

@@ -96,7 +96,8 @@ def test_io_utils_on_a_bucket(bucket_env, tmp_path):
   assert io_utils.read_text(log) == "one\ntwo\n"
   io_utils.write_json(io_utils.join(root, "a.json"), {"x": 1})
   assert io_utils.read_json_if_valid(io_utils.join(root, "a.json")) == {"x": 1}
-  assert io_utils.listdir(root) == ["a.json", "logs"] and io_utils.isdir(io_utils.join(root, "logs"))
+  assert io_utils.listdir(root) == ["a.json", "logs"]
+  assert io_utils.isdir(io_utils.join(root, "logs"))
   assert io_utils.isfile(log) and not io_utils.isfile(io_utils.join(root, "logs"))
   assert time.time() - io_utils.mtime(log) < 600
 

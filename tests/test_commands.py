@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from gensar_jax import commands, stages
+from gensar_jax import stages
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

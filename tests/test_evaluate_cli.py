@@ -51,7 +51,7 @@ def test_keep_best_by_mean_validation_ndcg5_and_evaluate(trained):
   assert result.family == "generative" and result.seed == 1 and result.split == "test"
   for task in ("rec", "search"):
     block = getattr(result, task)
-    rows = [json.loads(l) for l in open(os.path.join(out_dir, f"predictions_{task}.jsonl"))]
+    rows = [json.loads(ln) for ln in open(os.path.join(out_dir, f"predictions_{task}.jsonl"))]
     assert len(rows) == block["num_examples"] > 0
     # The stored metrics are those of the stored rankings.
     ranks = np.array([r["candidates"].index(r["target"]) if r["target"] in r["candidates"]

@@ -85,7 +85,8 @@ def test_artifact_files_and_metadata(exported):
   assert all(r["title"] == titles[r["item_id"]] for r in art.items)
   # History spellings decode to the identifier tokens without behaviour token and EOS.
   first = art.items[0]["identifiers"]["recommend"]
-  assert first == "".join(sp.id_to_piece(int(t)) for t in art.identifier_tokens["recommend"][0, 1:-1])
+  spelled = art.identifier_tokens["recommend"][0, 1:-1]
+  assert first == "".join(sp.id_to_piece(int(t)) for t in spelled)
   # The stored trie is the catalogue trie, leaf for leaf.
   rebuilt = artifact_lib.trie_from_leaves(art.trie_leaves["search"], meta["tries"]["search"])
   expected = build_trie(exported["setup"].indices["search"].tokens)

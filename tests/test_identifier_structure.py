@@ -131,7 +131,8 @@ def test_table_and_plot(catalogue, tmp_path):
       latents=np.concatenate([c["semantic"][:, :8], c["collaborative"][:, :8]], axis=1))
   text = structure.format_structure(s)
   row = next(line for line in text.splitlines() if line.strip().startswith("s0 "))
-  assert f"{s['prefixes']['s0']['semantic_cosine']:.3f} ({s['random']['semantic_cosine']:.3f})" in row
+  s0, random_pairs = s['prefixes']['s0'], s['random']
+  assert f"{s0['semantic_cosine']:.3f} ({random_pairs['semantic_cosine']:.3f})" in row
   assert "semantic / collaborative" in text
   stats = {"mode": "dual_no_shared", "num_items": N, "codebook_size": N, "structure": s}
   assert text in format_identifier_stats(stats)

@@ -183,7 +183,7 @@ def test_evaluate_and_export_share_the_run_checks(trained, other_vocab, tmp_path
   from gensar_jax import evaluate as evaluate_lib, export as export_lib
   world, model_dir = trained
   main = {"evaluate": evaluate_lib.main, "export": export_lib.main}[stage]
-  extra = ([f"--gin_file=gin/runs/evaluate.gin", f"--gin.evaluate.output_dir='{tmp_path}/e'"]
+  extra = (["--gin_file=gin/runs/evaluate.gin", f"--gin.evaluate.output_dir='{tmp_path}/e'"]
            if stage == "evaluate" else
            ["--gin_file=gin/runs/export.gin", f"--gin.EXPORT_DIR='{tmp_path}/x'"])
   gin.clear_config()

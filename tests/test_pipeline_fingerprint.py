@@ -44,8 +44,9 @@ def test_prepare_fingerprint_follows_the_contents_of_its_input_files(tmp_path):
   assert pipeline_lib.input_file_digests("identify") == []
 
 
-STAGE_RUN_FILES = {"prepare": "prepare.gin", "identify": "identify.gin", "build_vocab": "build_vocab.gin",
-                   "baselines": "baselines.gin", "train_doc2query": "doc2query.gin",
+STAGE_RUN_FILES = {"prepare": "prepare.gin", "identify": "identify.gin",
+                   "build_vocab": "build_vocab.gin", "baselines": "baselines.gin",
+                   "train_doc2query": "doc2query.gin",
                    "train": "train.gin", "evaluate": "evaluate.gin"}
 
 

@@ -71,8 +71,8 @@ def test_every_stage_produces_its_output(run):
   assert len(report) == len(pipeline_lib.STAGES)
   for stage in pipeline_lib.STAGES:
     assert os.path.exists(os.path.join(run_dir, "stages", f"{stage}.json")), stage
-  pseudo = [json.loads(l) for l in open(os.path.join(run_dir, "pseudo.jsonl"))]
-  items = [json.loads(l)["item_id"] for l in open(os.path.join(run_dir, "data", "items.jsonl"))]
+  pseudo = [json.loads(ln) for ln in open(os.path.join(run_dir, "pseudo.jsonl"))]
+  items = [json.loads(ln)["item_id"] for ln in open(os.path.join(run_dir, "data", "items.jsonl"))]
   assert {p["item_id"] for p in pseudo} <= set(items) and pseudo
   for p in pseudo:
     assert all(q and "<" not in q for q in p["queries"])  # plain text, no special tokens

@@ -419,7 +419,6 @@ def test_serve_refuses_a_port_in_use_before_loading(tmp_path):
     taken.bind(("127.0.0.1", 0))
     taken.listen(1)
     port = taken.getsockname()[1]
-    started = time.perf_counter()
     result = subprocess.run([sys.executable, "-m", "gensar_jax.serve",
                              f"--artifact={tmp_path / 'does-not-matter'}", f"--port={port}"],
                             capture_output=True, text=True, timeout=120)
@@ -476,7 +475,7 @@ def read_response(sock, check_closed=True):
   head, _, body = data.partition(b"\r\n\r\n")
   lines = head.decode("latin-1").split("\r\n")
   status = int(lines[0].split()[1])
-  headers = {k.strip().lower(): v.strip() for k, v in (l.split(":", 1) for l in lines[1:])}
+  headers = {k.strip().lower(): v.strip() for k, v in (ln.split(":", 1) for ln in lines[1:])}
   while len(body) < int(headers.get("content-length", 0)):
     chunk = sock.recv(65536)
     if not chunk:

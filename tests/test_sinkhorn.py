@@ -1,5 +1,4 @@
 """Sinkhorn assignment: balanced where argmin piles up; grouped form equals per-group runs."""
-import jax
 import numpy as np
 
 from gensar_jax.identifiers import sinkhorn as sinkhorn_lib

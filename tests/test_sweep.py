@@ -144,14 +144,14 @@ def test_second_invocation_skips_finished_points(swept, capsys):
   assert after == before
   # A changed binding for every point (TRAIN_STEPS) is new work: the dry run lists it.
   assert sweep.main(swept["argv"] + ["--gin.TRAIN_STEPS=3", "--dry_run"]) == 0
-  lines = [l for l in capsys.readouterr().out.splitlines() if "gensar_jax.train" in l]
-  assert len(lines) == 4 and all("--gin.TRAIN_STEPS=3" in l for l in lines)
+  lines = [ln for ln in capsys.readouterr().out.splitlines() if "gensar_jax.train" in ln]
+  assert len(lines) == 4 and all("--gin.TRAIN_STEPS=3" in ln for ln in lines)
 
 
 def test_tpu_launch_lines_one_per_unfinished_point(swept, tmp_path, capsys):
   # Finished points (their metrics reached TRAIN_STEPS) get no launch line.
   assert sweep.main(swept["argv"] + ["--launcher=tpu", "--gin.TRAIN_STEPS=2"]) == 0
-  assert not [l for l in capsys.readouterr().out.splitlines() if "tpu_pod.py" in l]
+  assert not [ln for ln in capsys.readouterr().out.splitlines() if "tpu_pod.py" in ln]
   # Fresh MODEL_DIRs on a bucket: four commands that the TPU launcher accepts.
   sweep_dir = str(tmp_path / "tpu")
   argv = [f"--spec={swept['spec']}", f"--sweep_dir={sweep_dir}", "--launcher=tpu",
@@ -159,7 +159,7 @@ def test_tpu_launch_lines_one_per_unfinished_point(swept, tmp_path, capsys):
           "--tpu_args=--zone=us-east5-a --accelerator_type=v5p-64 --spot",
           "--tpu_dry_run", "--gin.PREPARED_DIR='gs://bucket/data'"]
   assert sweep.main(argv) == 0
-  lines = [l for l in capsys.readouterr().out.splitlines() if "tpu_pod.py" in l]
+  lines = [ln for ln in capsys.readouterr().out.splitlines() if "tpu_pod.py" in ln]
   assert len(lines) == 4
   with open(os.path.join(sweep_dir, "tpu_commands.sh")) as f:
     assert f.read().count("launch/tpu_pod.py") == 4

@@ -5,7 +5,6 @@ One small synthetic log (real search sessions, distinct timestamps per user) is 
 once per module; identifier tables are written by hand (a dual one and a SID-only one) and
 the vocabulary is built with the real CLI function from gin/runs/build_vocab.gin.
 """
-import collections
 import json
 import math
 import os
@@ -15,10 +14,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import seqio
-import tensorflow as tf
 
 from gensar_jax import vocabulary as vocab_lib
-from gensar_jax.data import records
 from gensar_jax.data.prepared import load_prepared
 from gensar_jax import prompts
 from gensar_tasks import gensar, metrics, show, sources
@@ -77,10 +74,12 @@ def test_build_vocab_holds_every_table_token_whole(world):
 # --------------------------------------------------------------------------- shapes, tokens
 
 
-BEHAVIOUR = {prompts.NEXT_REC_ITEM: vocab_lib.REC_ITEM, prompts.NEXT_SEARCH_ITEM: vocab_lib.SRC_ITEM,
+BEHAVIOUR = {prompts.NEXT_REC_ITEM: vocab_lib.REC_ITEM,
+             prompts.NEXT_SEARCH_ITEM: vocab_lib.SRC_ITEM,
              prompts.QUERY: vocab_lib.SRC_QUERY, prompts.ADHOC: vocab_lib.SRC_ITEM}
 TASK_SPLITS = [(k, s) for k in prompts.TASK_KINDS for s in ("train", "validation")
-               if s == "train" or k in (prompts.NEXT_REC_ITEM, prompts.NEXT_SEARCH_ITEM, prompts.QUERY)]
+               if s == "train"
+               or k in (prompts.NEXT_REC_ITEM, prompts.NEXT_SEARCH_ITEM, prompts.QUERY)]
 
 
 @pytest.mark.parametrize("key,split", TASK_SPLITS)
@@ -200,7 +199,8 @@ def test_templates_sampled_in_train_fixed_in_eval(world):
   other = [int(ex["template"]) for ex in examples(t, "train", seed=4)]
   assert first == again and first != other
   assert len(set(first)) >= 5 and max(first) < prompts.num_templates(prompts.ID_TO_ITEM)
-  history = [int(ex["template"]) for ex in examples(task(world, prompts.NEXT_REC_ITEM), "train", seed=3)]
+  history = [int(ex["template"])
+             for ex in examples(task(world, prompts.NEXT_REC_ITEM), "train", seed=3)]
   assert len(set(history)) >= 5
   # (eval splits always use template 0: checked in test_history_holds_only_earlier_events)
 
@@ -283,9 +283,11 @@ def test_mixtures_and_rates(world):
   assert names("t4_rec_only") == ["t4_next_rec_item"]
   assert names("t4_search_only") == ["t4_next_search_item"]
   assert names("t4_no_alignment") == sorted(
-      reg.tasks[k] for k in (prompts.NEXT_REC_ITEM, prompts.NEXT_SEARCH_ITEM, prompts.QUERY, prompts.ADHOC))
+      reg.tasks[k] for k in (prompts.NEXT_REC_ITEM, prompts.NEXT_SEARCH_ITEM, prompts.QUERY,
+                             prompts.ADHOC))
   mixture = seqio.get_mixture_or_task("t4")
-  assert mixture.get_rate(seqio.get_mixture_or_task("t4_next_rec_item")) == reg.rates[prompts.NEXT_REC_ITEM]
+  assert (mixture.get_rate(seqio.get_mixture_or_task("t4_next_rec_item"))
+          == reg.rates[prompts.NEXT_REC_ITEM])
   ds = mixture.get_dataset(LENGTHS, split="train", seed=0, num_epochs=None)
   batch = next(seqio.EncDecFeatureConverter(pack=True)(ds, LENGTHS).batch(4)
                .as_numpy_iterator())
@@ -338,7 +340,8 @@ def test_single_identifier_ablations(world):
   single = world["reg"].single_id
   assert single.rec_space == single.search_space == "sid"
   for ex in examples(task(world, prompts.NEXT_REC_ITEM, single), "test"):
-    assert text(ex["targets_pretokenized"]) == "<rec_item>" + forward["sid"][text(ex["target_item"])]
+    expected = "<rec_item>" + forward["sid"][text(ex["target_item"])]
+    assert text(ex["targets_pretokenized"]) == expected
     assert "<c0_" not in text(ex["inputs_pretokenized"])
   assert len(examples(task(world, prompts.ITEM_TO_ID, single), "train")) == NUM_ITEMS
   # A SID-only table (RQ-VAE mode sid_only): both tasks use it, no _single_id variant.
@@ -410,7 +413,7 @@ def test_show_prints_examples_and_length_stats(world, capsys):
   assert (rec["targets"] == 6).all() and rec["inputs"].min() > 10
   # Whole 10-event prompts do not fit 48 tokens: the budget shortened some, and says so.
   assert f"prompts shortened to fit inputs={LENGTHS['inputs']}" in out
-  line = next(l for l in out.splitlines() if l.startswith("  t4_show_next_rec_item:"))
+  line = next(ln for ln in out.splitlines() if ln.startswith("  t4_show_next_rec_item:"))
   shortened, total = int(line.split()[1]), int(line.split()[3])
   assert 0 < shortened <= total == rec["inputs"].size
   assert shortened == int((rec["inputs"] > LENGTHS["inputs"]).sum())

@@ -502,7 +502,8 @@ def test_two_cpu_processes_join_one_runtime():
     port = s.getsockname()[1]
   procs = []
   for pid in range(2):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=2",
                JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", GENSAR_NUM_PROCESSES="2",
                GENSAR_PROCESS_ID=str(pid), GENSAR_EXPECTED_PROCESSES="2")
     env.pop("GENSAR_DISTRIBUTED", None)
@@ -513,7 +514,7 @@ def test_two_cpu_processes_join_one_runtime():
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-3000:]
     assert "[distributed] process" in err
-    [line] = [l for l in out.splitlines() if l.startswith("RESULT ")]
+    [line] = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
     results.append(json.loads(line[len("RESULT "):]))
   assert sorted(r["index"] for r in results) == [0, 1]
   for r in results:

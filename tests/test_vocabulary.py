@@ -2,7 +2,6 @@
 Python and in TensorFlow, atomic writes, clear errors."""
 import os
 
-import numpy as np
 import pytest
 import seqio
 import tensorflow as tf

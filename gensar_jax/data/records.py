@@ -3,7 +3,8 @@
 
 One example per sample; the splits are `train`, `validation` and `test`, each holding both
 task kinds (filter on `kind`). The train split is written in a seeded random order (so any
-window of the stream mixes users); the evaluation splits in (user, time) order. Feature spec (also in features.json beside the shards):
+window of the stream mixes users); the evaluation splits in (user, time) order. Feature
+spec (also in features.json beside the shards):
 
   user_id            text
   kind               text, "rec" or "search" -- the target's kind

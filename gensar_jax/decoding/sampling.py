@@ -51,7 +51,8 @@ def temperature_sample(tokens_to_logits: TokensToLogits, initial_cache: Any, bat
   temperature 0 picks the most likely (allowed) token: greedy decoding.
   """
   if num_samples < 1 or decode_length < 1:
-    raise ValueError(f"num_samples ({num_samples}) and decode_length ({decode_length}) must be >= 1")
+    raise ValueError(f"num_samples ({num_samples}) and decode_length ({decode_length}) "
+                     "must be >= 1")
   if constraint is not None and decode_length != constraint.num_levels:
     raise ValueError(f"decode_length {decode_length} != identifier length "
                      f"{constraint.num_levels} of the constraint trie")

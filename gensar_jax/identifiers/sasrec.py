@@ -361,7 +361,7 @@ def _score(params, model: SASRec, config: SASRecConfig, histories, candidates) -
   score = _score_fn(model.clone(dropout_rate=0.0))  # Scoring never uses dropout.
   seqs = _pad_histories(histories, config.max_len)  # [n, max_len]
   cands = (candidates + 1).astype(np.int32)  # [n, c]
-  n, bs = len(seqs), config.eval_batch_size
+  bs = config.eval_batch_size
   out = np.zeros(cands.shape, np.float32)
   # Rows grouped by the width their history needs (at least 1 column: empty histories).
   widths = width_of(np.maximum((seqs != PAD).sum(axis=1), 1), config.max_len)  # [n]

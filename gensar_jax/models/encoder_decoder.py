@@ -14,10 +14,8 @@ tokens, about 1 GFLOP per example per step).
 """
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
-import flax.linen as nn
 import gin
 import jax
 import jax.numpy as jnp
@@ -64,7 +62,8 @@ def token_cross_entropy(logits: Array, targets: Array, weights: Array, label_smo
                      + (vocab - 1) * off_value * jnp.log(off_value + 1e-20))
   log_z = jax.nn.logsumexp(logits, axis=-1)  # [batch, length]
   log_probs = logits - log_z[..., None]  # [batch, length, vocab]
-  soft_targets = jax.nn.one_hot(targets, vocab, dtype=jnp.float32) * (confidence - off_value) + off_value
+  soft_targets = (jax.nn.one_hot(targets, vocab, dtype=jnp.float32) * (confidence - off_value)
+                  + off_value)
   cross_entropy = -jnp.sum(soft_targets * log_probs, axis=-1) - target_entropy  # [batch, length]
   z_term = z_loss * jnp.square(log_z)  # [batch, length]
   correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)

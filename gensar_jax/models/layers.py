@@ -1,4 +1,5 @@
-"""Building blocks of the T5 network (T5.1.1 and T5 v1.0), each parameter tagged with logical axis names.
+"""Building blocks of the T5 network (T5.1.1 and T5 v1.0), each parameter tagged with
+logical axis names.
 
 Logical names (mapped to mesh axes by the rules table in gensar_jax/partitioning.py):
   parameters:  vocab, embed, mlp, joined_kv (= heads * head_dim, flattened), relpos_buckets,

@@ -4,10 +4,11 @@ Pre-norm residual blocks (RMSNorm -> sublayer -> dropout -> add), gated-GELU MLP
 for T5 v1.0, `T5Config.mlp_activations`), one relative position bias table per stack
 computed once and shared by its layers, a token embedding shared by encoder and decoder
 inputs, and a separate (untied) output layer `logits_dense` (T5 v1.0 instead projects on
-the embedding, `T5Config.logits_via_embedding`). No biases anywhere. The decoder supports incremental decoding with a KV
-cache (`decode=True`, 'cache' collection); see `MultiHeadAttention`. Its cross-attention
-keys/values depend only on the encoder output, so a decode loop computes them once
-(`Transformer.cross_attention_kv`) and passes them in place of `encoded` at every step.
+the embedding, `T5Config.logits_via_embedding`). No biases anywhere. The decoder supports
+incremental decoding with a KV cache (`decode=True`, 'cache' collection); see
+`MultiHeadAttention`. Its cross-attention keys/values depend only on the encoder output,
+so a decode loop computes them once (`Transformer.cross_attention_kv`) and passes them in
+place of `encoded` at every step.
 
 Packed rows (several examples per row, SeqIO's `EncDecFeatureConverter(pack=True)`) are
 honoured through the segment ids alone: attention is masked to the query's own segment,

@@ -330,7 +330,8 @@ def table_rows(entries: Dict[str, Dict], machine: Dict) -> List[List[str]]:
                f"input {r['input_length']}, target {r['target_length']}, vocab "
                f"{r['vocab_size']}")
       peak = (f"{_f(m['percent_of_matmul_peak'], '{:.0f}')}% of matmul peak" if on_cpu else
-              f"MFU {_f(m['mfu_percent'], '{:.1f}')}%, {_f(m['percent_of_matmul_peak'], '{:.0f}')}% "
+              f"MFU {_f(m['mfu_percent'], '{:.1f}')}%, "
+              f"{_f(m['percent_of_matmul_peak'], '{:.0f}')}% "
               "of matmul peak")
       rows.append(["`bench_train.py`", shape,
                    f"{m['examples_per_s']:.2f} train ex/s{_rounds_note(e)}",

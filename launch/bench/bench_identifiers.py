@@ -129,7 +129,7 @@ def main(argv=None) -> None:
     print(f"# {n} items ({args.semantic_dim}-d semantic, {args.collaborative_dim}-d "
           f"collaborative) ...", flush=True)
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=REPO).stdout
-    row = json.loads(next(l for l in out.splitlines() if l.startswith("RESULT "))[7:])
+    row = json.loads(next(ln for ln in out.splitlines() if ln.startswith("RESULT "))[7:])
     print(f"#   compile {row['compile_s']:.1f}s, epoch {row['epoch_s']:.1f}s, "
           f"assign {row['assign_s']:.1f}s", flush=True)
     rows.append(row)

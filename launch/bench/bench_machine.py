@@ -18,7 +18,6 @@ import time
 from typing import Dict, Optional
 
 import jax
-import jax.numpy as jnp
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -1,7 +1,7 @@
 """Every pipeline stage on synthetic logs of growing size, up to Amazon-Electronics size.
 
   make bench-scale                                   # sizes 0.1, 0.3, 1.0 x Electronics
-  .venv/bin/python launch/bench/bench_scale.py --scales 0.05,0.15,0.5 --out /tmp/scale/b
+  .venv/bin/python -m launch.bench.bench_scale --scales 0.05,0.15,0.5 --out /tmp/scale/b
 
 Why: users train on logs of 62k items / 192k users / 1.6M interactions and larger, while
 the stages had only ever run at MovieLens-100K size; a stage that grows faster than linear
@@ -41,10 +41,9 @@ from typing import Dict, List
 
 from tqdm import tqdm
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, REPO)
+from gensar_jax.data import synthetic
 
-from gensar_jax.data import synthetic  # noqa: E402  pylint: disable=wrong-import-position
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 PIPELINE_STAGES = ("prepare", "identify", "build_vocab", "baselines", "train", "evaluate")
 DATA_STAGES = ("generate", "prepare", "identify", "build_vocab", "baselines")
@@ -142,7 +141,7 @@ def machine() -> Dict:
   cpu = platform.processor()
   try:
     with open("/proc/cpuinfo", encoding="utf-8") as f:
-      cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
+      cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
   except OSError:
     pass
   return {"cpu": cpu, "cores": os.cpu_count(), "memory_gb": round(mem_gb or 0, 1),

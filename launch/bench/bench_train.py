@@ -26,12 +26,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from typing import Any, Dict
 
-import gin
 import jax
 import numpy as np
 import seqio

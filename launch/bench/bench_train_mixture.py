@@ -30,7 +30,6 @@ from typing import Dict, List, Optional
 
 import gin
 import jax
-import numpy as np
 
 from gensar_jax import gin_utils
 from gensar_jax import optimizers
