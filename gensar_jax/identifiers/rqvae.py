@@ -28,8 +28,8 @@ import tqdm
 
 from gensar_jax.identifiers import codebook_reset
 from gensar_jax.identifiers import kmeans as kmeans_lib
-from gensar_jax.identifiers.rqvae_config import (  # re-exported: see the module docstring
-    RQVAEConfig, validate_embeddings)
+from gensar_jax.identifiers.rqvae_config import (  # noqa: F401  (re-exported: see the docstring)
+    COLLABORATIVE, MODES, SEMANTIC, QuantizerLayout, RQVAEConfig, validate_embeddings)
 from gensar_jax.identifiers.rqvae_model import RQVAE, build_model
 
 # Per space, in layout order: (mean [d], standard deviation [d]) of its embedding table.
