@@ -61,11 +61,12 @@ bench: $(STAMP)
 bench-scale: $(STAMP)
 	$(PY) -m launch.bench.bench_scale $(SCALE_ARGS)
 
-# Lint (ruff, configured in pyproject.toml), then the whole suite; the 25 slowest tests are
-# listed at the end.
+# Lint (ruff, configured in pyproject.toml), then the whole suite on two workers (pytest-xdist;
+# each test file stays on one worker, so its module fixtures are built once); the 25 slowest
+# tests are listed at the end.
 test: $(STAMP)
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q --durations=25 tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=25 tests
 
 # The suite without the tests marked slow (subprocess CLIs): a quick check while editing.
 test-fast: $(STAMP)

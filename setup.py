@@ -55,7 +55,8 @@ INSTALL_REQUIRES = [
 
 EXTRAS_REQUIRE = {
     # gcp-storage-emulator: a GCS JSON API on loopback, for the gs:// run-directory tests.
-    "test": ["pytest>=8.0", "pytest-timeout>=2.3", "gcp-storage-emulator>=2026.7", "ruff>=0.6"],
+    "test": ["pytest>=8.0", "pytest-timeout>=2.3", "gcp-storage-emulator>=2026.7", "ruff>=0.6",
+             "pytest-xdist>=3.5"],
 }
 
 setuptools.setup(

@@ -40,7 +40,7 @@ import numpy as np
 from gensar_jax import io_utils
 from gensar_jax import train_logging
 from gensar_jax import vocabulary as vocab_lib
-from gensar_jax.optimizers import is_embedding_path
+from gensar_jax.optimizers import EMBEDDING_PATH, is_embedding_path  # noqa: F401  (re-exported)
 
 PREFIX = "movement/"
 REFERENCE_STEP = PREFIX + "reference_step"
