@@ -149,6 +149,29 @@ def test_left_padding_is_ignored():
   np.testing.assert_allclose(full, trimmed, rtol=1e-5, atol=1e-5)
 
 
+def test_validation_is_capped_to_a_fixed_sample(data):
+  """Early stopping scores a seeded sample of at most max_validation_rows held-out rows:
+  training on the whole split with a cap gives the same run, epoch by epoch, as training
+  with that sample passed explicitly."""
+  config = dataclasses.replace(CONFIG, epochs=2, max_validation_rows=30)
+  histories, candidates = data["val"]
+  keep = sasrec.validation_sample(len(histories), 30, config.seed)
+  assert len(keep) == 30 and len(set(keep.tolist())) == 30
+  np.testing.assert_array_equal(keep, sasrec.validation_sample(len(histories), 30, 0))
+  np.testing.assert_array_equal(sasrec.validation_sample(20, 30, 0), np.arange(20))
+  capped = sasrec.train_sasrec(data["train"], NUM_ITEMS, config,
+                               validation=(histories, candidates))
+  explicit = sasrec.train_sasrec(
+      data["train"], NUM_ITEMS, dataclasses.replace(config, max_validation_rows=10_000),
+      validation=([histories[i] for i in keep], candidates[keep]))
+  uncapped = sasrec.train_sasrec(
+      data["train"], NUM_ITEMS, dataclasses.replace(config, max_validation_rows=10_000),
+      validation=(histories, candidates))
+  drop = lambda history: [{k: v for k, v in h.items() if k != "seconds"} for h in history]
+  assert drop(capped.history) == drop(explicit.history)
+  assert drop(capped.history) != drop(uncapped.history)
+
+
 def test_sampled_softmax_trains(data):
   # No dropout: a cheaper compile; the dropout path is covered by the other trainings.
   config = dataclasses.replace(CONFIG, loss="sampled_softmax", num_negatives=16,

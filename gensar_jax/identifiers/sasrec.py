@@ -72,6 +72,11 @@ class SASRecConfig:
     seed: seeds parameter init, dropout, negative sampling and the shuffling order.
     patience: early stopping: stop after this many epochs without a better validation
       NDCG@10 (only when validation data is given); the best epoch's parameters are kept.
+    max_validation_rows: the per-epoch validation that drives early stopping scores at
+      most this many held-out rows, a seeded sample fixed for the whole run. Why: at
+      Amazon-Electronics size every user has a validation row (192,000), and scoring them
+      all each epoch costs about a third of the training epoch, for an NDCG@10 whose
+      standard error is already ~0.003 at 10,000 rows. Smaller logs are scored whole.
     eval_batch_size: rows per jitted scoring call.
     progress: show a tqdm bar with the running loss.
   """
@@ -89,6 +94,7 @@ class SASRecConfig:
   all_windows: bool = True
   seed: int = 0
   patience: int = 10
+  max_validation_rows: int = 10_000
   eval_batch_size: int = 256
   progress: bool = True
 
@@ -96,7 +102,7 @@ class SASRecConfig:
     if self.loss not in LOSSES:
       raise ValueError(f"loss must be one of {LOSSES}; got {self.loss!r}")
     for name in ("max_len", "embed_dim", "num_blocks", "num_heads", "batch_size", "epochs",
-                 "num_negatives", "patience", "eval_batch_size"):
+                 "num_negatives", "patience", "max_validation_rows", "eval_batch_size"):
       if getattr(self, name) < 1:
         raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
     if self.embed_dim % self.num_heads:
@@ -421,6 +427,13 @@ def evaluate_sasrec(result: SASRecResult, histories: Sequence[Sequence[int]],
   return metrics_lib.ranking_metrics(metrics_lib.ranks_from_scores(scores, target_column=0))
 
 
+def validation_sample(num_rows: int, max_rows: int, seed: int) -> np.ndarray:
+  """[min(num_rows, max_rows)] sorted row indices early stopping scores (all if it fits)."""
+  if num_rows <= max_rows:
+    return np.arange(num_rows)
+  return np.sort(np.random.default_rng(seed).choice(num_rows, max_rows, replace=False))
+
+
 def _optimizer(config: SASRecConfig) -> optax.GradientTransformation:
   # b2 = 0.98 as in the SASRec reference code: item embeddings see sparse, bursty gradients.
   return optax.adamw(config.lr, b1=0.9, b2=0.98, weight_decay=config.weight_decay)
@@ -456,7 +469,8 @@ def train_sasrec(train_sequences: Sequence[Sequence[int]], num_items: int,
     num_items: catalogue size; every index must be in [0, num_items).
     config: hyper-parameters; defaults to the gin-configured `SASRecConfig()`.
     validation: optional (histories, candidates [n, c], target in column 0). Enables
-      per-epoch metrics, early stopping on NDCG@10, and keeps the best epoch's params.
+      per-epoch metrics, early stopping on NDCG@10, and keeps the best epoch's params;
+      at most `config.max_validation_rows` of its rows are scored each epoch.
 
   Returns:
     SASRecResult with params, item_embeddings [num_items, embed_dim] and history.
@@ -474,6 +488,8 @@ def train_sasrec(train_sequences: Sequence[Sequence[int]], num_items: int,
   val = None
   if validation is not None:
     val = _check_eval_inputs(validation[0], validation[1], num_items)
+    keep = validation_sample(len(val[0]), config.max_validation_rows, config.seed)
+    val = ([val[0][i] for i in keep], val[1][keep])
 
   model = _make_model(num_items, config)
   key = jax.random.PRNGKey(config.seed)
@@ -486,6 +502,7 @@ def train_sasrec(train_sequences: Sequence[Sequence[int]], num_items: int,
   # another seed or epoch budget reuses the compiled step.
   train_step = _train_step_fn(model, dataclasses.replace(
       config, epochs=1, seed=0, patience=1, eval_batch_size=1, progress=False,
+      max_validation_rows=1,
       all_windows=True, batch_size=1))
 
   shuffle_rng = np.random.default_rng(config.seed)
