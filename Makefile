@@ -63,12 +63,10 @@ bench-scale: $(STAMP)
 
 # Lint (ruff, configured in pyproject.toml), then the whole suite on two workers (pytest-xdist;
 # each test file stays on one worker, so its module fixtures are built once); the 25 slowest
-# tests are listed at the end. tests/test_infer.py runs in a process of its own: after some
-# other test files in the same process its trained run's config check has been seen to miss.
+# tests are listed at the end.
 test: $(STAMP)
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q -n 2 --dist loadfile --durations=25 --ignore=tests/test_infer.py tests
-	$(PY) -m pytest -q tests/test_infer.py
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=25 tests
 
 # The suite without the tests marked slow (subprocess CLIs): a quick check while editing.
 test-fast: $(STAMP)

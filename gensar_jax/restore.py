@@ -12,12 +12,12 @@ restore silently and decode nonsense), the model and the chosen parameters.
 """
 from __future__ import annotations
 
-import ast
 import dataclasses
 import hashlib
 import logging
-import re
 from typing import Any, Optional, Tuple, Union
+
+from gin import config_parser
 
 from gensar_jax import checkpoints as checkpoints_lib
 from gensar_jax import io_utils
@@ -78,19 +78,35 @@ def _file_digest(path: str) -> str:
   return hashlib.sha256(io_utils.read_bytes(path)).hexdigest()
 
 
+class _LiteralsOnly(config_parser.ParserDelegate):
+  """Reads a config's values without resolving `@configurable` or `%MACRO` references."""
+
+  def configurable_reference(self, scoped_name, evaluate):
+    return None
+
+  def macro(self, name):
+    return None
+
+
 def _trained_macro(model_dir: str, macro: str) -> Optional[str]:
-  """A string macro of the run's operative config (MODEL_DIR/config.gin), if written there."""
+  """A string macro of the run's operative config (MODEL_DIR/config.gin), if written there.
+
+  Parsed with gin's own parser: gin writes a binding whose line would pass 80 columns as
+  `NAME = \\` with the value on the next line, which any long path does.
+  """
   path = io_utils.join(model_dir, TRAINED_CONFIG)
   if not io_utils.isfile(path):
     return None
-  for line in io_utils.read_text(path).splitlines():
-    match = re.match(rf"^{macro}\s*=\s*(.+?)\s*$", line)
-    if match:
-      try:
-        value = ast.literal_eval(match.group(1))
-      except (ValueError, SyntaxError):
-        return None
-      return value if isinstance(value, str) else None
+  try:
+    statements = list(config_parser.ConfigParser(io_utils.read_text(path), _LiteralsOnly()))
+  except SyntaxError as e:
+    logger.warning("%s: not a readable gin config (%s); the run's inputs are not compared",
+                   path, e)
+    return None
+  for statement in statements:
+    if (isinstance(statement, config_parser.BindingStatement) and not statement.scope
+        and statement.selector == macro and not statement.arg_name):
+      return statement.value if isinstance(statement.value, str) else None
   return None
 
 
