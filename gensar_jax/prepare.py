@@ -81,39 +81,48 @@ class _Examples:
     }
 
 
-def _event_columns(events, item_ids: np.ndarray, query_id: Dict[str, int]
-                   ) -> Dict[str, np.ndarray]:
+def _event_columns(events, item_ids: np.ndarray) -> Dict[str, np.ndarray]:
   """Per event row of `events` ([n] each): what an example reads, computed once in bulk.
 
-  `query` is the normalised query of search events ("" for rec ones), `query_id` its row in
-  queries.jsonl (-1 for rec events and for queries of users without samples).
+  `query` is the normalised query of search events ("" for rec ones). `query_id` (its row
+  in queries.jsonl) is added by `_add_query_ids` once the kept users' queries are known.
   """
   kind = events["kind"].to_numpy()
   is_search = kind == SEARCH
   query = np.full(len(events), "", dtype=object)
-  query[is_search] = events["query"].to_numpy()[is_search]
-  unique, inverse = np.unique(query[is_search].astype(str), return_inverse=True)
-  normalised = np.array([queries_lib.normalise_query(q) for q in unique], dtype=object)
-  query[is_search] = normalised[inverse]
-  ids = pd.Series(query).map(query_id).fillna(-1).to_numpy(np.int64)
-  ids[~is_search] = -1
+  codes, unique = pd.factorize(events["query"].to_numpy()[is_search], use_na_sentinel=False)
+  normalised = np.array([queries_lib.normalise_query(str(q)) for q in unique], dtype=object)
+  query[is_search] = normalised[codes]
   index = item_indices(item_ids, events["item_id"])
   return {
       "user": events["user_id"].to_numpy(), "time": events["timestamp"].to_numpy(np.int64),
       "kind": kind, "item": events["item_id"].to_numpy(), "item_index": index,
-      "query": query, "query_id": ids,
+      "query": query,
       # The list features as UTF-8 bytes, each distinct string encoded once.
       "kind_bytes": _encoded(kind), "item_bytes": _encoded(item_ids)[index],
       "query_bytes": _encoded(query),
   }
 
 
+def _add_query_ids(columns: Dict[str, np.ndarray], query_id: Dict[str, int]) -> None:
+  """columns["query_id"]: each search event's row in queries.jsonl, -1 for rec events and
+  for queries only users without samples made."""
+  ids = pd.Series(columns["query"]).map(query_id).fillna(-1).to_numpy(np.int64)
+  ids[columns["kind"] != SEARCH] = -1
+  columns["query_id"] = ids
+
+
 def _encoded(values: np.ndarray) -> np.ndarray:
-  """[n] object array of the UTF-8 bytes of `values`, encoding each distinct value once."""
-  unique, inverse = np.unique(np.asarray(values).astype(str), return_inverse=True)
+  """[n] object array of the UTF-8 bytes of `values`, encoding each distinct value once.
+
+  A hash factorisation, not `np.unique(values.astype(str))`: the fixed-width unicode copy
+  of a query column costs 4 bytes per character of the longest query for every event
+  (~0.8 GB at Amazon-Electronics size), which was prepare's peak.
+  """
+  codes, unique = pd.factorize(np.asarray(values, dtype=object), use_na_sentinel=False)
   encoded = np.empty(len(unique), dtype=object)
-  encoded[:] = [u.encode("utf-8") for u in unique]
-  return encoded[inverse.reshape(-1)]
+  encoded[:] = [str(u).encode("utf-8") for u in unique]
+  return encoded[codes]
 
 
 def item_indices(item_ids: np.ndarray, values) -> np.ndarray:
@@ -199,24 +208,24 @@ def prepare(output_dir: str = gin.REQUIRED, name: str = "dataset",
     raise DataError(f"{log.events_path}: no user has enough history to make a sample "
                     f"(filters: {samples.counts})")
 
-  item_ids = log.items["item_id"].to_numpy()
+  items = log.items
+  del log  # the loader's event table: only the time-sorted copy in `samples` is read below
+  item_ids = items["item_id"].to_numpy()
   item_index = {item: i for i, item in enumerate(item_ids)}
   events = samples.events
-  kept_users = sorted(set(events["user_id"].to_numpy()[samples.target]))
-  kept_events = events[events["user_id"].isin(set(kept_users))]
-  search_events = kept_events[kept_events["kind"] == SEARCH]
-  query_texts = search_events["query"].map(queries_lib.normalise_query)
-  query_counts = query_texts.value_counts()
+  columns = _event_columns(events, item_ids)
+  kept_users = sorted(set(columns["user"][samples.target]))
+  kept = events["user_id"].isin(set(kept_users)).to_numpy()   # [events]
+  kept_search = kept & (columns["kind"] == SEARCH)             # [events]
+  query_counts = pd.Series(columns["query"][kept_search]).value_counts()
   query_list: List[str] = sorted(query_counts.index)
   query_id = {q: i for i, q in enumerate(query_list)}
-
-  columns = _event_columns(events, item_ids, query_id)
-  kept = events["user_id"].isin(set(kept_users)).to_numpy()   # [events]
-  popularity = np.bincount(columns["item_index"][kept & (columns["kind"] == REC)],
-                           minlength=len(item_ids))
+  _add_query_ids(columns, query_id)
+  kept_rec = kept & (columns["kind"] == REC)
+  popularity = np.bincount(columns["item_index"][kept_rec], minlength=len(item_ids))
   item_ids_of_user = items_of_users(columns["user"][kept], columns["item_index"][kept])
   specs, owners = _candidate_specs(samples, columns, item_ids_of_user)
-  texts, text_counts = item_text_lib.build_item_texts(log.items)
+  texts, text_counts = item_text_lib.build_item_texts(items)
   ranker = candidates_lib.BM25Ranker(texts)
   cand = candidates_lib.make_candidates(specs, popularity, ranker, seed=seed)
   candidates = dict(zip(owners, cand))
@@ -225,10 +234,10 @@ def prepare(output_dir: str = gin.REQUIRED, name: str = "dataset",
       "name": name,
       "users": len(kept_users),
       "items": len(item_ids),
-      "items_with_interactions": int(kept_events["item_id"].nunique()),
+      "items_with_interactions": int(len(np.unique(columns["item_index"][kept]))),
       "queries": len(query_list),
-      "rec_interactions": int((kept_events["kind"] == REC).sum()),
-      "search_interactions": int(len(search_events)),
+      "rec_interactions": int(kept_rec.sum()),
+      "search_interactions": int(kept_search.sum()),
       "rows": {kind: {split: int(len(samples.select(split, kind))) for split in SPLITS}
                for kind in KINDS},
       "filtered": samples.counts,
@@ -237,7 +246,7 @@ def prepare(output_dir: str = gin.REQUIRED, name: str = "dataset",
       "held_out_items": len(held_out),
       "seed": seed,
   }
-  item_queries = queries_lib.item_queries(log.items["categories"])
+  item_queries = queries_lib.item_queries(items["categories"])
   # Examples in (user, time) order per split, the train split shuffled; built lazily.
   split_examples = {s: _Examples(samples, np.flatnonzero(samples.split == s), columns,
                                  candidates, item_ids) for s in SPLITS}
@@ -251,8 +260,8 @@ def prepare(output_dir: str = gin.REQUIRED, name: str = "dataset",
         {"index": i, "item_id": item, "title": title, "description": desc,
          "categories": cats, "queries": qs, "text": text}
         for i, (item, title, desc, cats, qs, text) in enumerate(zip(
-            item_ids, log.items["title"], log.items["description"],
-            log.items["categories"], item_queries, texts))))
+            item_ids, items["title"], items["description"],
+            items["categories"], item_queries, texts))))
     write_jsonl(os.path.join(tmp, "queries.jsonl"), (
         {"query_id": i, "text": q, "search_events": int(query_counts[q])}
         for i, q in enumerate(query_list)))
