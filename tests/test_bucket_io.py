@@ -23,6 +23,7 @@ import time
 
 import pytest
 
+from process_group import free_port
 from task_world import LENGTHS, build_world
 
 pytestmark = pytest.mark.slow  # end-to-end runs of minutes; `make test-fast` skips them
@@ -31,12 +32,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PREFIX = "tbucket"
 BUCKET = "gensar-test"
 TIMEOUT_S = 420
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 def _wait_for_port(port: int, proc: subprocess.Popen, timeout_s: float = 60.0) -> None:
@@ -60,7 +55,7 @@ def _emulator_env(url: str) -> dict:
 
 @pytest.fixture(scope="module")
 def emulator():
-  port = _free_port()
+  port = free_port()
   proc = subprocess.Popen(
       [sys.executable, os.path.join(REPO, "tests", "gcs_emulator.py"), str(port), BUCKET],
       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)

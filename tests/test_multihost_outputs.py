@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 from jax.sharding import PartitionSpec as P
@@ -34,7 +32,7 @@ from task_world import INPUT_LENGTH, TINY_VOCAB, build_world, input_shapes, tiny
 from task_world import under_gin, world_flags
 # The same loopback cluster as the training test (the worker's own directory, tests/, is on
 # its sys.path, so it finds task_world).
-from test_multiprocess_training import _env, _free_port
+from process_group import cpu_env, free_port, read_json, run_together
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(REPO, "tests", "multihost_outputs_worker.py")
@@ -60,25 +58,11 @@ def _two_processes(tmp_path, argv):
   args_path = str(tmp_path / "args.json")
   with open(args_path, "w") as f:
     json.dump(argv, f)
-  port = _free_port()
+  port = free_port()
   outputs = [str(tmp_path / f"process_{i}.json") for i in range(2)]
-  procs = [subprocess.Popen([sys.executable, WORKER, str(i), "2", str(port), args_path,
-                             outputs[i]], env=_env(4), cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True) for i in range(2)]
-  logs = []
-  try:
-    for proc in procs:
-      logs.append(proc.communicate(timeout=TIMEOUT_S)[0])
-  finally:
-    for proc in procs:
-      if proc.poll() is None:
-        proc.kill()
-  for proc, log in zip(procs, logs):
-    assert proc.returncode == 0, log[-4000:]
-  results = []
-  for path in outputs:
-    with open(path) as f:
-      results.append(json.load(f))
+  logs = run_together([[WORKER, str(i), "2", str(port), args_path, outputs[i]]
+                       for i in range(2)], [cpu_env(4)] * 2, TIMEOUT_S, log_tail=4000)
+  results = read_json(outputs)
   return results, logs
 
 

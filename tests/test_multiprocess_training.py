@@ -8,14 +8,12 @@ cross the process boundary through the gloo collectives.
 """
 from __future__ import annotations
 
-import json
 import os
-import socket
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+
+from process_group import cpu_env, free_port, read_json, run_together
 
 pytestmark = pytest.mark.slow  # end-to-end runs of minutes; `make test-fast` skips them
 
@@ -24,53 +22,18 @@ WORKER = os.path.join(REPO, "tests", "multiprocess_worker.py")
 TIMEOUT_S = 240
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-def _env(device_count: int) -> dict:
-  env = dict(os.environ)
-  # conftest.py's XLA flags (the fast compile) with this process's own device count.
-  flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
-           if not f.startswith("--xla_force_host_platform_device_count")]
-  env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={device_count}"])
-  env["JAX_PLATFORMS"] = "cpu"
-  env["PYTHONPATH"] = os.pathsep.join([REPO, env.get("PYTHONPATH", "")])
-  return env
-
-
 @pytest.mark.timeout(TIMEOUT_S + 30)
 def test_two_processes_train_like_one(tmp_path):
-  port = _free_port()
+  port = free_port()
   outputs = [str(tmp_path / f"process_{i}.json") for i in range(2)]
   reference_out = str(tmp_path / "single.json")
-  procs = [subprocess.Popen([sys.executable, WORKER, str(i), "2", str(port), outputs[i], "2",
-                             "2"], env=_env(2), cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True) for i in range(2)]
-  # The single-process reference: the same 2 x 2 mesh on 4 local devices, same batches.
-  procs.append(subprocess.Popen([sys.executable, WORKER, "-1", "1", "0", reference_out, "2",
-                                 "2"], env=_env(4), cwd=REPO, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True))
-  logs = []
-  try:
-    for proc in procs:
-      out, _ = proc.communicate(timeout=TIMEOUT_S)
-      logs.append(out)
-  finally:
-    for proc in procs:
-      if proc.poll() is None:
-        proc.kill()
-  for proc, log in zip(procs, logs):
-    assert proc.returncode == 0, log[-3000:]
-
-  results = []
-  for path in outputs:
-    with open(path) as f:
-      results.append(json.load(f))
-  with open(reference_out) as f:
-    reference = json.load(f)
+  # Two processes of 2 devices each, and the single-process reference: the same 2 x 2 mesh
+  # on 4 local devices, same batches.
+  run_together([[WORKER, str(i), "2", str(port), outputs[i], "2", "2"] for i in range(2)]
+               + [[WORKER, "-1", "1", "0", reference_out, "2", "2"]],
+               [cpu_env(2), cpu_env(2), cpu_env(4)], TIMEOUT_S)
+  results = read_json(outputs)
+  reference, = read_json([reference_out])
   for index, result in enumerate(results):
     assert result["process_index"] == index and result["process_count"] == 2
     assert result["global_devices"] == 4 and result["local_devices"] == 2
@@ -89,28 +52,12 @@ def test_two_processes_restore_one_step_past_a_corrupt_and_a_one_host_failure(tm
   """Newest checkpoint (3) corrupt on disk, the next (2) failing on process 1 only: both
   processes restore step 1, and process 0 moves 2 and 3 aside. Restoring per host would
   leave process 0 on step 2 and process 1 on step 1 (and each waiting at its own barrier)."""
-  port = _free_port()
+  port = free_port()
   directory = str(tmp_path / "checkpoints")
   outputs = [str(tmp_path / f"restore_{i}.json") for i in range(2)]
-  procs = [subprocess.Popen([sys.executable, WORKER, "restore", str(i), "2", str(port),
-                             outputs[i], directory], env=_env(2), cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-           for i in range(2)]
-  logs = []
-  try:
-    for proc in procs:
-      out, _ = proc.communicate(timeout=120)
-      logs.append(out)
-  finally:
-    for proc in procs:
-      if proc.poll() is None:
-        proc.kill()
-  for proc, log in zip(procs, logs):
-    assert proc.returncode == 0, log[-3000:]
-  results = []
-  for path in outputs:
-    with open(path) as f:
-      results.append(json.load(f))
+  logs = run_together([[WORKER, "restore", str(i), "2", str(port), outputs[i], directory]
+                       for i in range(2)], [cpu_env(2)] * 2, 120)
+  results = read_json(outputs)
   for result in results:
     assert result["step"] == 1 and result["data_position"] == {"examples_consumed": 8}
     assert result["local_values"] == [1.0, 1.0]  # this host's shards, of step 1

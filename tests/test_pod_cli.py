@@ -21,7 +21,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,6 +31,7 @@ import pytest
 from gensar_jax import train_logging
 from gensar_jax.errors import PREEMPTED_EXIT_CODE
 
+from process_group import free_port
 from task_world import LENGTHS, build_world
 
 pytestmark = pytest.mark.slow  # end-to-end runs of minutes; `make test-fast` skips them
@@ -53,12 +53,6 @@ def _launch_module(name):
 
 tpu_pod = _launch_module("tpu_pod")
 tpu_commands = sys.modules["tpu_commands"]
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +106,7 @@ def _base_env(devices):
 
 def start_pod(world, model_dir, log_dir, attempt):
   launcher_env, argv = worker_command(world)
-  port = _free_port()
+  port = free_port()
   procs = []
   for index in range(2):
     env = _base_env(4)

@@ -33,6 +33,7 @@ from gensar_jax.data.schema import DataError
 from gensar_jax.errors import PREEMPTED_EXIT_CODE
 from gensar_jax.partitioning import Partitioner, create_mesh
 
+from process_group import cpu_env
 from task_world import LENGTHS, build_world
 
 pytestmark = pytest.mark.slow  # end-to-end runs of minutes; `make test-fast` skips them
@@ -523,11 +524,7 @@ def test_early_stopping_ends_a_run_that_stopped_improving_and_stays_stopped(worl
 
 
 def _subprocess_env():
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-  env["JAX_PLATFORMS"] = "cpu"
-  env["PYTHONPATH"] = os.pathsep.join([REPO, env.get("PYTHONPATH", "")])
-  return env
+  return cpu_env(8, keep_xla_flags=False)
 
 
 def test_second_trainer_on_a_directory_in_use_exits_2_and_the_first_finishes(world, tmp_path,
