@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-from typing import Any, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 from gin import config_parser
 
@@ -88,26 +88,24 @@ class _LiteralsOnly(config_parser.ParserDelegate):
     return None
 
 
-def _trained_macro(model_dir: str, macro: str) -> Optional[str]:
-  """A string macro of the run's operative config (MODEL_DIR/config.gin), if written there.
+def _trained_macros(model_dir: str) -> Dict[str, str]:
+  """The string macros of the run's operative config (MODEL_DIR/config.gin), if written.
 
   Parsed with gin's own parser: gin writes a binding whose line would pass 80 columns as
   `NAME = \\` with the value on the next line, which any long path does.
   """
   path = io_utils.join(model_dir, TRAINED_CONFIG)
   if not io_utils.isfile(path):
-    return None
+    return {}
   try:
     statements = list(config_parser.ConfigParser(io_utils.read_text(path), _LiteralsOnly()))
   except SyntaxError as e:
     logger.warning("%s: not a readable gin config (%s); the run's inputs are not compared",
                    path, e)
-    return None
-  for statement in statements:
-    if (isinstance(statement, config_parser.BindingStatement) and not statement.scope
-        and statement.selector == macro and not statement.arg_name):
-      return statement.value if isinstance(statement.value, str) else None
-  return None
+    return {}
+  return {statement.selector: statement.value for statement in statements
+          if isinstance(statement, config_parser.BindingStatement) and not statement.scope
+          and not statement.arg_name and isinstance(statement.value, str)}
 
 
 def check_run_inputs(model_dir: str, vocab_path: str, identifiers_dir: str) -> None:
@@ -118,9 +116,10 @@ def check_run_inputs(model_dir: str, vocab_path: str, identifiers_dir: str) -> N
   used is the operative config it wrote. Paths may move between machines, so contents are
   compared, and a training-time file that is no longer there is only logged.
   """
+  macros = _trained_macros(model_dir)
   for macro, given, file_name in (("VOCAB_PATH", vocab_path, None),
                                   ("IDENTIFIERS_DIR", identifiers_dir, IDENTIFIERS_FILE)):
-    trained = _trained_macro(model_dir, macro)
+    trained = macros.get(macro)
     if trained is None:
       continue
     trained_file = io_utils.join(trained, file_name) if file_name else trained
